@@ -48,6 +48,9 @@ class EngramConfig:
     gate_norm_eps: float | None = 1e-6
     conv_norm_eps: float | None = 1e-5
     sparse_grad: bool = False
+    # Ablation: every n-gram reads its head's one shared row (the "capacity-1" control), so the
+    # memory cannot tell n-grams apart; the hash layout stays as configured.
+    single_row: bool = False
 
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so the config stays hashable and frozen.

@@ -268,34 +268,59 @@ def cmd_analyze(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep."""
+    """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, table_size,
+    knowledge_probes, entity_gates."""
+    from engram.train import experiments, probe_experiments
     from engram.train.dataset import prepare_dataset
-    from engram.train.experiments import EXPERIMENTS, run_engram_vs_moe
     from engram.train.system import tune_malloc
 
-    if args.name not in EXPERIMENTS:
-        raise UserError(f"unknown experiment {args.name!r}; known: {', '.join(EXPERIMENTS)}")
+    if args.name not in experiments.EXPERIMENTS:
+        raise UserError(f"unknown experiment {args.name!r}; known: {', '.join(experiments.EXPERIMENTS)}")
     tune_malloc()
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"
     if not args.data and not (data / "tokens.json").is_file():
         prepare_dataset(data)
-    seeds = tuple(range(args.seeds))
-    if args.name == "rho_sweep":
-        from engram.train.experiments import run_rho_sweep
+    kwargs = {"seeds": tuple(range(args.seeds))}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.name == "engram_vs_moe":
+        kwargs["rho"] = args.rho
+    module = probe_experiments if args.name in ("knowledge_probes", "entity_gates") else experiments
+    result = getattr(module, f"run_{args.name}")(out, data, **kwargs)
+    print(_experiment_summary(result))
+    print(f"results: {out / (args.name + '.json')}, plot: {out / (args.name + '.png')}")
 
-        result = run_rho_sweep(out, data, seeds=seeds, steps=args.steps)
+
+def _experiment_summary(result: dict) -> str:
+    """A few human lines of an experiment's results (the JSON has everything)."""
+    name, lines = result["experiment"], []
+    if name == "engram_vs_moe":
+        for arm, s in result["summary"].items():
+            p = result["params"][arm]
+            lines.append(f"{arm:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(result['seeds'])} "
+                         f"seeds (total {p['total']:,}, active {p['active']:,})")
+    elif name == "rho_sweep":
         for p in result["points"]:
-            print(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "
-                  f"final val loss {p['mean']:.4f} ± {p['std']:.4f}")
-        print(f"results: {out / 'rho_sweep.json'}, plot: {out / 'rho_sweep.png'}")
-        return
-    result = run_engram_vs_moe(out, data, seeds=seeds, steps=args.steps, rho=args.rho)
-    for name, s in result["summary"].items():
-        p = result["params"][name]
-        print(f"{name:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(seeds)} seeds "
-              f"(total {p['total']:,}, active {p['active']:,})")
-    print(f"results: {out / 'engram_vs_moe.json'}, plot: {out / 'engram_vs_moe.png'}")
+            lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "
+                         f"final val loss {p['mean']:.4f} ± {p['std']:.4f}")
+    elif name in ("ablations", "table_size"):
+        for arm, a in result["arms"].items():
+            delta = f", {a['delta_vs_full']:+.4f} vs full" if "delta_vs_full" in a else ""
+            lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
+                         f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,})")
+    elif name == "knowledge_probes":
+        lines.append(f"multiple-choice accuracy (chance {result['chance']:.2f}), mean ± std over seeds:")
+        for arm, conds in result["scores"].items():
+            for cond, groups in conds.items():
+                lines.append(f"{arm:9s} {cond:26s} " + "  ".join(
+                    f"{g} {v['accuracy']['mean']:.3f} ± {v['accuracy']['std']:.3f}" for g, v in groups.items()))
+    else:  # entity_gates
+        for layer, e in result["layers"].items():
+            lines.append(f"layer {layer}: mean gate, entity first tokens {e['entity_first']['mean']:.3f}, "
+                         f"later entity tokens {e['entity_rest']['mean']:.3f}, other tokens {e['other']['mean']:.3f}")
+        lines.append(f"example heatmap: {result['example']['html']}")
+    return "\n".join(lines)
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -400,11 +425,13 @@ def build_parser() -> argparse.ArgumentParser:
     an.set_defaults(func=cmd_analyze)
 
     ex = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
-    ex.add_argument("name", help="engram_vs_moe or rho_sweep")
+    ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, table_size, knowledge_probes, "
+                    "entity_gates")
     ex.add_argument("--out", default="docs/results", help="results folder (default docs/results)")
     ex.add_argument("--data", help="dataset folder (default: build wiki-en in OUT/data)")
     ex.add_argument("--seeds", type=int, default=3)
-    ex.add_argument("--steps", type=int, default=400)
+    ex.add_argument("--steps", type=int, default=None,
+                    help="training steps per run (default: 400; 2000 for knowledge_probes and entity_gates)")
     ex.add_argument("--rho", type=float, default=0.75, help="share of the inactive budget kept in experts")
     ex.set_defaults(func=cmd_experiment)
 

@@ -95,7 +95,8 @@ def count_params(config: ModelConfig) -> dict[str, int | float]:
 
         e = c.engram
         primes = reference_primes(e.layer_ids, e.max_ngram_size, e.n_head_per_ngram, e.vocab_size_per_ngram)
-        counts["engram_tables"] = sum(sum(p) for p in primes.values()) * e.head_dim
+        rows = len(e.layer_ids) * e.n_hash_heads if e.single_row else sum(sum(p) for p in primes.values())
+        counts["engram_tables"] = rows * e.head_dim
         n_out = D * (1 + M) if e.use_gate else D
         per_layer = e.memory_dim * n_out + (n_out if e.bias else 0)
         if e.use_gate:

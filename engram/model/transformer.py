@@ -67,6 +67,8 @@ class EngramLM(nn.Module):
             layout.check_matches(e, "the model's Engram config")
             self.hasher = NgramHasher.from_layout(layout)
             table_sizes = self.hasher.table_sizes
+            if e.single_row:
+                table_sizes = {layer: [1] * len(sizes) for layer, sizes in table_sizes.items()}
             self._compression_np = table
             self.register_buffer("compression", torch.empty(c.vocab_size, dtype=torch.int64, device=device))
         self.embed = nn.Embedding(c.vocab_size, D, device=device, dtype=dtype)
@@ -191,6 +193,8 @@ class EngramLM(nn.Module):
                 rows = rows if rows is not None else step_rows
             elif rows is None:
                 rows = self.hasher.hash(cids)
+            if c.engram.single_row:
+                rows = {layer: torch.zeros_like(r) for layer, r in rows.items()}
 
         if rows is not None:  # offloaded tables start fetching now, while earlier blocks compute
             for layer in self.engram_layers:

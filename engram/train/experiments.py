@@ -1,6 +1,6 @@
 """Small-scale experiments behind `engram experiment NAME`: several runs, seeds, one summary.
 
-Each run trains into its own folder under `out_dir/runs/` and is skipped when it already
+Each run trains into its own folder `out_dir/runs/ARM_STEPSsteps_seedS/` and is skipped when it already
 finished (its summary.json exists) or resumed from its newest checkpoint otherwise, so an
 interrupted experiment continues where it stopped. Results go to `out_dir/NAME.json` and a PNG.
 """
@@ -20,8 +20,9 @@ from ..model.accounting import count_params
 from ..model.planner import allocation, plan_sparsity
 from .dataset import PreparedData
 from .loop import TrainConfig, model_config_for, train
+from .tokenizer import special_ids
 
-EXPERIMENTS = ("engram_vs_moe", "rho_sweep")
+EXPERIMENTS = ("engram_vs_moe", "rho_sweep", "ablations", "table_size", "knowledge_probes", "entity_gates")
 
 
 def dense_like(moe: ModelConfig) -> ModelConfig:
@@ -44,20 +45,30 @@ def engram_vs_moe_configs(cfg: TrainConfig, data: PreparedData, rho: float = 0.7
     return {"moe": moe, "engram": planned, "dense": dense_like(moe)}
 
 
+def run_dir(out: Path, name: str, steps: int, seed: int) -> Path:
+    """Where one run of an arm lives: runs are shared between experiments by this name."""
+    return out / "runs" / f"{name}_{steps}steps_seed{seed}"
+
+
 def _train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data_dir, seeds, log):
     """Final validation losses and eval curves of one arm over seeds (finished runs are reused)."""
     losses, curves = [], []
     for seed in seeds:
-        run_dir = out / "runs" / f"{name}_seed{seed}"
-        summary_path = run_dir / "summary.json"
+        folder = run_dir(out, name, base.max_steps, seed)
+        summary_path = folder / "summary.json"
+        if (folder / "run.json").is_file():  # a shared run must be of the same model
+            saved = ModelConfig.from_dict(json.loads((folder / "run.json").read_text())["model"])
+            if saved != config:
+                raise ValueError(f"{folder} holds a run of another model than arm {name!r} asks for; "
+                                 "move it away or use another --out folder")
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
         else:
-            log(f"training {name}, seed {seed} -> {run_dir}")
-            summary = train(run_dir, dataclasses.replace(base, seed=seed), data_dir=data_dir, resume=True,
+            log(f"training {name}, seed {seed} -> {folder}")
+            summary = train(folder, dataclasses.replace(base, seed=seed), data_dir=data_dir, resume=True,
                             model_config=config, log=log, progress=False)
         losses.append(summary["final_val_loss"])
-        records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
         curves.append([(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"])
     return losses, curves
 
@@ -120,6 +131,144 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
     (out / "rho_sweep.json").write_text(json.dumps(results, indent=1))
     _plot_rho(results, out / "rho_sweep.png")
     return results
+
+
+def _engram_arm(base: TrainConfig, data: PreparedData, **engram_changes) -> ModelConfig:
+    """The preset's Engram model (model_config_for) with some Engram fields changed; a field
+    `n_branches` changes the backbone's hyper-connection streams too."""
+    config = model_config_for(base, data, CompressedTokenizer.from_tokenizer(data.tokenizer))
+    engram = dataclasses.replace(config.engram, **engram_changes)
+    return dataclasses.replace(config, engram=engram, n_branches=engram.n_branches)
+
+
+def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
+    """One backbone (the preset), one change per arm. `no_compression` hashes raw token ids;
+    `capacity_1` gives every n-gram the same row per head (the memory can store nothing
+    n-gram specific); `layer_K` moves the Engram layer to 0-based block K."""
+    full = _engram_arm(base, data)
+    e = full.engram
+    vocab, raw_pad = full.vocab_size, special_ids(data.tokenizer)["pad"] or 0
+    arms = {"full": full, "no_engram": dataclasses.replace(full, engram=None),
+            "no_gate": _engram_arm(base, data, use_gate=False),
+            "no_short_conv": _engram_arm(base, data, use_short_conv=False),
+            "no_compression": _engram_arm(base, data, compressed_vocab_size=vocab, pad_id=raw_pad),
+            "capacity_1": _engram_arm(base, data, single_row=True)}
+    for layer in range(full.n_layers):
+        if (layer,) != e.layer_ids:
+            arms[f"layer_{layer}"] = _engram_arm(base, data, layer_ids=(layer,))
+    other_m = 4 if full.n_branches == 1 else 1
+    arms[f"m{other_m}"] = _engram_arm(base, data, n_branches=other_m)
+    arms[f"m{other_m}_no_engram"] = dataclasses.replace(arms[f"m{other_m}"], engram=None)
+    return arms
+
+
+def _run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: TrainConfig, data_dir, seeds,
+              log, run_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train every arm over seeds; per arm: parameters, final losses by seed, mean and spread."""
+    results: dict[str, Any] = {"experiment": experiment, "preset": base.preset, "steps": base.max_steps,
+                               "seeds": list(seeds), "data": str(data_dir), "arms": {}}
+    for name, config in arms.items():
+        losses, curves = _train_arm(out, (run_names or {}).get(name, name), config, base, data_dir, seeds, log)
+        p = count_params(config)
+        results["arms"][name] = {
+            "final_val_loss": losses, "mean": statistics.mean(losses),
+            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
+                       "table_rows": p["engram_tables_params"] // config.engram.head_dim if config.engram else 0}}
+    return results
+
+
+# Run folders shared with engram_vs_moe: its "moe" arm is the preset without Engram.
+_SHARED_RUNS = {"no_engram": "moe"}
+
+
+def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
+                  preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Each arm changes one thing of the preset's Engram model; the deltas are against `full`."""
+    out = Path(out_dir)
+    base = _base_config(preset, steps)
+    arms = ablation_configs(base, PreparedData.open(data_dir))
+    results = _run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=_SHARED_RUNS)
+    full = results["arms"]["full"]
+    for arm in results["arms"].values():
+        arm["delta_vs_full"] = arm["mean"] - full["mean"]
+        # paired by seed: same data order and init seed, so the seed-to-seed noise partly cancels
+        diffs = [a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])]
+        arm["paired_delta_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    _write(out, results, _plot_ablations)
+    return results
+
+
+def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(512, 2048, 8192, 32768, 131072,
+                   524288), seeds=(0, 1, 2), steps: int = 400, preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Loss against table slots at a fixed backbone (only `vocab_size_per_ngram` changes); the
+    backbone without Engram and the capacity-1 table are the two reference lines."""
+    out = Path(out_dir)
+    base = _base_config(preset, steps)
+    data = PreparedData.open(data_dir)
+    full = _engram_arm(base, data)
+    orders = full.engram.max_ngram_size - 1
+    arms = {f"rows{r}": _engram_arm(base, data, vocab_size_per_ngram=(r,) * orders) for r in rows_per_head}
+    arms["capacity_1"] = _engram_arm(base, data, single_row=True)
+    arms["no_engram"] = dataclasses.replace(full, engram=None)
+    names = dict(_SHARED_RUNS)
+    names.update({f"rows{r}": "full" for r in rows_per_head if (r,) * orders == full.engram.vocab_size_per_ngram})
+    results = _run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
+    results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"]
+                                          for n, a in results["arms"].items() if n.startswith("rows")}
+    _write(out, results, _plot_table_size)
+    return results
+
+
+def _write(out: Path, results: dict[str, Any], plot) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{results['experiment']}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"{results['experiment']}.png")
+
+
+def _figure(size):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=120)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _plot_ablations(results: dict[str, Any], path: Path) -> None:
+    arms = results["arms"]
+    names = sorted(arms, key=lambda n: arms[n]["mean"])
+    fig, ax = _figure((6.5, 0.35 * len(names) + 1.5))
+    ax.barh(range(len(names)), [arms[n]["delta_vs_full"] for n in names],
+            xerr=[arms[n]["paired_delta_std"] for n in names], capsize=3,
+            color=["tab:gray" if n == "full" else "tab:blue" for n in names])
+    ax.set_yticks(range(len(names)), [f"{n} ({arms[n]['mean']:.3f})" for n in names], fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("final val loss minus full Engram (nats/token; bars: spread of paired differences)")
+    ax.set_title(f"ablations, {results['preset']}, {results['steps']} steps, {len(results['seeds'])} seeds",
+                 fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_table_size(results: dict[str, Any], path: Path) -> None:
+    arms = results["arms"]
+    pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items() if n.startswith("rows"))
+    fig, ax = _figure((6, 4))
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
+                label="Engram, table slots per layer")
+    for name, style in (("no_engram", "k--"), ("capacity_1", "r:")):
+        a = arms[name]
+        ax.axhline(a["mean"], color=style[0], ls=style[1:], label=f"{name}: {a['mean']:.3f} ± {a['std']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("table slots (rows over all hash heads of the Engram layer)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"table size at a fixed backbone, {results['preset']}, {len(results['seeds'])} seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _plot_rho(results: dict[str, Any], path: Path) -> None:

@@ -141,7 +141,10 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
     else:
         torch.manual_seed(cfg.seed)
         config = model_config or model_config_for(cfg, data, compression, **(model_overrides or {}))
-        model = EngramLM(config, compression=compression if config.engram is not None else None)
+        # An Engram config whose compressed vocabulary is the full vocabulary hashes raw ids
+        # (the "no tokenizer compression" ablation); otherwise ids go through the compression.
+        raw_ids = config.engram is None or config.engram.compressed_vocab_size == config.vocab_size
+        model = EngramLM(config, compression=None if raw_ids else compression)
         start = 0
         (out / "run.json").write_text(json.dumps(
             {"train": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "model": model.config.to_dict()},

@@ -1,8 +1,14 @@
 """Experiments: fair arms (equal total / active parameters), resumable, results written."""
 
+import dataclasses
 import json
+from pathlib import Path
+
+import pytest
+from safetensors import safe_open
 
 from engram import count_params
+from engram.cli.main import _experiment_summary, main
 from engram.train.dataset import PreparedData
 from engram.train.experiments import engram_vs_moe_configs, run_engram_vs_moe
 from engram.train.loop import TrainConfig
@@ -40,3 +46,94 @@ def test_rho_sweep_reports_the_achieved_rho(small_dataset, tmp_path):
     assert (tmp_path / "rho_sweep.png").is_file()
     saved = json.loads((tmp_path / "rho_sweep.json").read_text())
     assert len(saved["rho_to_final_val_loss"]) == 2
+
+
+def test_ablation_arms_change_one_thing_each(small_dataset):
+    from engram.train.experiments import ablation_configs
+
+    arms = ablation_configs(TrainConfig(table_optimizer="sparse_adam"), PreparedData.open(small_dataset))
+    full = arms["full"]
+    assert arms["no_engram"] == dataclasses.replace(full, engram=None)
+    changed = {name: {f.name for f in dataclasses.fields(full.engram)
+                      if getattr(c.engram, f.name) != getattr(full.engram, f.name)}
+               for name, c in arms.items() if c.engram is not None and name != "m4"}
+    assert "compressed_vocab_size" in changed.pop("no_compression") <= {"compressed_vocab_size", "pad_id"}
+    assert changed == {"full": set(), "no_gate": {"use_gate"}, "no_short_conv": {"use_short_conv"},
+                       "capacity_1": {"single_row"}, "layer_0": {"layer_ids"}, "layer_2": {"layer_ids"},
+                       "layer_3": {"layer_ids"}}
+    assert arms["no_compression"].engram.compressed_vocab_size == full.vocab_size > full.engram.compressed_vocab_size
+    assert arms["m4"].n_branches == arms["m4"].engram.n_branches == 4 and arms["m4_no_engram"].n_branches == 4
+    assert all(dataclasses.replace(c, engram=None, n_branches=1) == arms["no_engram"] for c in arms.values())
+
+
+def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
+    from engram.train.experiments import run_ablations, run_table_size
+
+    messages = []
+    result = run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, log=messages.append)
+    arms = result["arms"]
+    assert arms["full"]["delta_vs_full"] == 0 and arms["capacity_1"]["params"]["table_rows"] == 8
+    assert arms["no_engram"]["params"]["engram"] == 0
+    run = json.loads((tmp_path / "runs" / "no_compression_2steps_seed0" / "run.json").read_text())
+    with safe_open(str(_newest(tmp_path / "runs" / "no_compression_2steps_seed0") / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("compression").tolist() == list(range(run["model"]["vocab_size"]))  # raw ids
+    assert (tmp_path / "ablations.png").is_file() and (tmp_path / "ablations.json").is_file()
+    messages.clear()
+    sweep = run_table_size(tmp_path, small_dataset, rows_per_head=(64, 16384), seeds=(0,), steps=2,
+                           log=messages.append)
+    trained = [m for m in messages if m.startswith("training")]
+    assert len(trained) == 1 and "rows64" in trained[0]  # 16384 is the preset: the "full" run is reused
+    assert sweep["arms"]["rows16384"]["final_val_loss"] == arms["full"]["final_val_loss"]
+    assert len(sweep["slots_to_final_val_loss"]) == 2 and (tmp_path / "table_size.png").is_file()
+    lines = _experiment_summary(result).splitlines()
+    assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
+
+
+def test_a_run_folder_of_another_model_is_refused(small_dataset, tmp_path):
+    from engram.train.experiments import run_ablations
+
+    run_engram_vs_moe(tmp_path, small_dataset, seeds=(0,), steps=2, rho=0.5, log=lambda *a: None)
+    (tmp_path / "runs" / "full_2steps_seed0").mkdir()
+    other = tmp_path / "runs" / "moe_2steps_seed0" / "run.json"
+    (tmp_path / "runs" / "full_2steps_seed0" / "run.json").write_text(other.read_text())
+    with pytest.raises(ValueError, match="another model"):
+        run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, log=lambda *a: None)
+
+
+def test_knowledge_probes_and_entity_gates(titled_dataset, tmp_path):
+    from engram.train.probe_experiments import run_entity_gates, run_knowledge_probes
+
+    facts = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima")]
+    res = run_knowledge_probes(tmp_path, titled_dataset, seeds=(0, 1), steps=2, facts=facts, n_distractors=3,
+                               log=lambda *a: None)
+    assert res["facts"] == {"stated": 2, "unstated": 2}
+    scores = res["scores"]
+    assert set(scores["full"]) == {"closed_book", "closed_book_engram_zeroed", "in_context", "in_context_engram_zeroed"}
+    assert set(scores["no_engram"]) == {"closed_book", "in_context"}
+    acc = scores["full"]["closed_book"]["stated"]["accuracy"]
+    assert len(acc["by_seed"]) == 2 and all(0 <= a <= 1 for a in acc["by_seed"])
+    assert set(res["kept_fraction"]) == {"stated", "unstated"} and (tmp_path / "knowledge_probes.png").is_file()
+
+    gates = run_entity_gates(tmp_path, titled_dataset, seeds=(0, 1), steps=2, log=lambda *a: None)
+    layer = gates["layers"]["1"]
+    assert layer["tokens"]["entity_rest"] > 0 and layer["tokens"]["other"] > 0
+    assert all(0 <= layer[c]["mean"] <= 1 for c in ("entity_first", "entity_rest", "other"))
+    assert Path(gates["example"]["html"]).is_file() and (tmp_path / "entity_gates.png").is_file()
+    assert "chance 0.25" in _experiment_summary(res) and "layer 1: mean gate" in _experiment_summary(gates)
+
+
+def test_entity_gates_need_titles(small_dataset, tmp_path):
+    from engram.train.probe_experiments import run_entity_gates
+
+    with pytest.raises(ValueError, match="no document titles"):
+        run_entity_gates(tmp_path, small_dataset, seeds=(0,), steps=2, log=lambda *a: None)
+
+
+def _newest(run_dir):
+    return sorted((run_dir / "checkpoints").iterdir())[-1]
+
+
+def test_cli_names_the_known_experiments(capsys):
+    assert main(["experiment", "no_such_thing", "--data", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown experiment 'no_such_thing'" in err and "knowledge_probes" in err

@@ -233,3 +233,31 @@ def test_engram_starts_at_the_residual_streams_scale():
     out = model.blocks[1].engram(h, model.hasher.hash(model.compress(ids))[1])
     ratio = (out.pow(2).mean().sqrt() / h.pow(2).mean().sqrt()).item()
     assert 0.1 < ratio < 2.0, ratio
+
+
+def test_single_row_reads_one_row_per_head_and_counts_it():
+    """The capacity-1 control: every n-gram of a head reads the same row, for any input."""
+    from engram.model.accounting import count_params, param_counts
+
+    V, D = 97, 32
+    config = ModelConfig(vocab_size=V, hidden_size=D, n_layers=2, n_heads=4, mlp_hidden_size=48, max_seq_len=32,
+                         engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(1,),
+                                             vocab_size_per_ngram=(101, 103), n_head_per_ngram=2, hidden_size=D,
+                                             n_embed_per_ngram=16, single_row=True))
+    torch.manual_seed(0)
+    model = EngramLM(config).eval()
+    table = model.blocks[1].engram.table
+    assert table.table_sizes == (1, 1, 1, 1)
+    assert count_params(config) == param_counts(model)
+    assert count_params(config)["engram_tables_params"] == 4 * 8
+    seen = []
+    table.register_forward_hook(lambda m, a, out: seen.append(out))
+    ids = torch.randint(0, V, (2, 12))
+    out = model(ids, return_intermediates=True)
+    assert all(int(r.abs().max()) == 0 for r in out.intermediates["rows"].values())
+    rows = seen[0]  # [B, T, H, E]: the same memory vector at every position of every sequence
+    assert torch.equal(rows, rows[:1, :1].expand_as(rows))
+    # decoding one token at a time reads the same single row
+    state = model.new_state(2)
+    step = torch.cat([model(ids[:, t:t + 1], state=state).logits for t in range(12)], dim=1)
+    torch.testing.assert_close(step, out.logits, atol=1e-4, rtol=1e-4)
