@@ -2,11 +2,12 @@
 
     spans = find_entities(text, titles)             # character spans of known names in the text
     stats = entity_gate_stats(model, tokenizer, documents, titles)
-    # {layer: {"entity_first": mean gate, "entity_rest": ..., "other": ..., counts}}
+    # {layer: {"entity_first": mean gate, "entity_middle", "entity_last", "other", and counts}}
 
 The paper's gate figure lights up inside multi-token entities ("Alexander the Great"): once the
 first token of a name is seen, the N-gram memory knows what follows. So we split tokens into
-the first token of an entity, its later tokens (where the memory should help) and the rest.
+the first token of an entity, its middle tokens, its last token (where the paper's gates fire)
+and all other tokens.
 Entity names come from a list of titles (Wikipedia titles for the wiki corpora); only
 occurrences that cover two or more tokens count.
 """
@@ -19,7 +20,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-CLASSES = ("entity_first", "entity_rest", "other")
+CLASSES = ("entity_first", "entity_middle", "entity_last", "other")
 
 
 def title_pattern(titles: Iterable[str], *, min_chars: int = 4) -> re.Pattern | None:
@@ -38,16 +39,17 @@ def find_entities(text: str, pattern: re.Pattern | None) -> list[tuple[int, int]
 
 
 def token_classes(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """Per token: 0 first token of an entity, 1 later token of the same entity, 2 other.
+    """Per token, an index into CLASSES: 0 first token of an entity, 1 middle, 2 last, 3 other.
     A token belongs to a span when its first character is inside it; spans covering a single
     token are not multi-token entities and count as other."""
-    cls = np.full(len(offsets), 2, dtype=np.int64)
+    cls = np.full(len(offsets), 3, dtype=np.int64)
     starts = np.array([s for s, _ in offsets], dtype=np.int64)
     for a, b in spans:
         inside = np.nonzero((starts >= a) & (starts < b))[0]
         if len(inside) >= 2:
             cls[inside[0]] = 0
-            cls[inside[1:]] = 1
+            cls[inside[1:-1]] = 1
+            cls[inside[-1]] = 2
     return cls
 
 
@@ -61,8 +63,9 @@ def entity_gate_stats(model: Any, tokenizer: Any, documents: Iterable[str], titl
     pattern = title_pattern(titles)
     limit = max_tokens or model.config.max_seq_len
     device = next(model.parameters()).device
-    sums = {layer: np.zeros(3) for layer in model.engram_layers}
-    counts = np.zeros(3, dtype=np.int64)
+    k = len(CLASSES)
+    sums = {layer: np.zeros(k) for layer in model.engram_layers}
+    counts = np.zeros(k, dtype=np.int64)
     was_training = model.training
     model.eval()
     try:
@@ -73,10 +76,10 @@ def entity_gate_stats(model: Any, tokenizer: Any, documents: Iterable[str], titl
                 continue
             cls = token_classes(offsets, find_entities(text, pattern))
             out = model(torch.tensor([ids], device=device), return_intermediates=True)
-            counts += np.bincount(cls, minlength=3)
+            counts += np.bincount(cls, minlength=k)
             for layer, g in out.intermediates["gates"].items():
                 per_token = g[0].float().mean(-1).cpu().numpy()  # mean over branches: [T]
-                sums[int(layer)] += np.bincount(cls, weights=per_token, minlength=3)
+                sums[int(layer)] += np.bincount(cls, weights=per_token, minlength=k)
     finally:
         model.train(was_training)
     result = {}

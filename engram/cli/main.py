@@ -317,8 +317,9 @@ def _experiment_summary(result: dict) -> str:
                     f"{g} {v['accuracy']['mean']:.3f} ± {v['accuracy']['std']:.3f}" for g, v in groups.items()))
     else:  # entity_gates
         for layer, e in result["layers"].items():
-            lines.append(f"layer {layer}: mean gate, entity first tokens {e['entity_first']['mean']:.3f}, "
-                         f"later entity tokens {e['entity_rest']['mean']:.3f}, other tokens {e['other']['mean']:.3f}")
+            lines.append(f"layer {layer}: mean gate on entity tokens, first {e['entity_first']['mean']:.3f}, middle "
+                         f"{e['entity_middle']['mean']:.3f}, last {e['entity_last']['mean']:.3f}; other tokens "
+                         f"{e['other']['mean']:.3f}")
         lines.append(f"example heatmap: {result['example']['html']}")
     return "\n".join(lines)
 

@@ -168,14 +168,23 @@ def _run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tr
     results: dict[str, Any] = {"experiment": experiment, "preset": base.preset, "steps": base.max_steps,
                                "seeds": list(seeds), "data": str(data_dir), "arms": {}}
     for name, config in arms.items():
-        losses, curves = _train_arm(out, (run_names or {}).get(name, name), config, base, data_dir, seeds, log)
+        run_name = (run_names or {}).get(name, name)
+        losses, curves = _train_arm(out, run_name, config, base, data_dir, seeds, log)
         p = count_params(config)
         results["arms"][name] = {
             "final_val_loss": losses, "mean": statistics.mean(losses),
+            "train_seconds": [_train_seconds(run_dir(out, run_name, base.max_steps, s), base) for s in seeds],
             "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
                        "table_rows": p["engram_tables_params"] // config.engram.head_dim if config.engram else 0}}
     return results
+
+
+def _train_seconds(folder: Path, base: TrainConfig) -> float:
+    """Time spent in training steps (evaluation left out), from the run's per-step metrics."""
+    tokens = base.batch_size * base.seq_len
+    records = (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines())
+    return sum(tokens / r["tokens_per_s"] for r in records if r["kind"] == "train")
 
 
 # Run folders shared with engram_vs_moe: its "moe" arm is the preset without Engram.

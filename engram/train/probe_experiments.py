@@ -131,7 +131,7 @@ def _plot_probes(results: dict[str, Any], path: Path) -> None:
 
 def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 2000,
                      preset: str = "tiny", log=print) -> dict[str, Any]:
-    """Mean Engram gate on the first and later tokens of multi-token entities (the corpus's
+    """Mean Engram gate on the first, middle and last tokens of multi-token entities (the corpus's
     document titles found in validation text) against other tokens, per layer and seed; plus a
     gate heatmap of an example text (HTML and PNG) from the first seed's model."""
     out = Path(out_dir)
@@ -151,10 +151,11 @@ def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
     for layer in layers:
         entry = {name: _spread([s[layer][name] for s in per_seed]) for name in CLASSES}
         entry["tokens"] = {name: per_seed[0][layer][f"n_{name}"] for name in CLASSES}
-        entry["rest_minus_other"] = _spread([s[layer]["entity_rest"] - s[layer]["other"] for s in per_seed])
+        entry["last_minus_other"] = _spread([s[layer]["entity_last"] - s[layer]["other"] for s in per_seed])
         results["layers"][str(layer)] = entry
-        log(f"layer {layer}: gate on entity first tokens {entry['entity_first']['mean']:.3f}, later tokens "
-            f"{entry['entity_rest']['mean']:.3f}, other tokens {entry['other']['mean']:.3f}")
+        log(f"layer {layer}: gate on entity tokens, first {entry['entity_first']['mean']:.3f}, middle "
+            f"{entry['entity_middle']['mean']:.3f}, last {entry['entity_last']['mean']:.3f}; other tokens "
+            f"{entry['other']['mean']:.3f}")
     results["example"] = {k: str(v) for k, v in plot_gates(models[0], data.tokenizer, EXAMPLE_TEXT, out,
                                                            name="entity_gates_example").items()}
     _write(out, results, _plot_entity_gates)
@@ -170,7 +171,8 @@ def _plot_entity_gates(results: dict[str, Any], path: Path) -> None:
         ax.bar([i + j * width for i in range(len(layers))], [x["mean"] for x in s], width,
                yerr=[x["std"] for x in s], capsize=3,
                label=f"{name.replace('_', ' ')} ({results['layers'][layers[0]]['tokens'][name]:,} tokens)")
-    ax.set_xticks([i + width for i in range(len(layers))], [f"Engram layer {l}" for l in layers])
+    ax.set_xticks([i + width * (len(CLASSES) - 1) / 2 for i in range(len(layers))],
+                  [f"Engram layer {l}" for l in layers])
     ax.set_ylabel("mean gate")
     ax.set_title(f"gates on multi-token entities, {results['preset']}, {len(results['seeds'])} seeds", fontsize=9)
     ax.legend(fontsize=7)

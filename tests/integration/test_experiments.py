@@ -116,8 +116,8 @@ def test_knowledge_probes_and_entity_gates(titled_dataset, tmp_path):
 
     gates = run_entity_gates(tmp_path, titled_dataset, seeds=(0, 1), steps=2, log=lambda *a: None)
     layer = gates["layers"]["1"]
-    assert layer["tokens"]["entity_rest"] > 0 and layer["tokens"]["other"] > 0
-    assert all(0 <= layer[c]["mean"] <= 1 for c in ("entity_first", "entity_rest", "other"))
+    assert layer["tokens"]["entity_last"] > 0 and layer["tokens"]["other"] > 0
+    assert all(0 <= layer[c]["mean"] <= 1 for c in ("entity_first", "entity_last", "other"))
     assert Path(gates["example"]["html"]).is_file() and (tmp_path / "entity_gates.png").is_file()
     assert "chance 0.25" in _experiment_summary(res) and "layer 1: mean gate" in _experiment_summary(gates)
 

@@ -110,9 +110,10 @@ def test_find_entities_and_token_classes():
     text = "Alexander the Great ruled Macedon. Great!"
     assert find_entities(text, pattern) == [(0, 19), (26, 33), (35, 40)]  # longest first; bracket cut; "UK" too short
     assert title_pattern([]) is None and find_entities(text, None) == []
-    offsets = [(0, 9), (9, 13), (13, 19), (19, 25), (25, 33), (33, 34)]
-    spans = [(0, 19), (26, 33)]
-    assert token_classes(offsets, spans).tolist() == [0, 1, 1, 2, 2, 2]  # one-token entity counts as other
+    offsets = [(0, 9), (9, 13), (13, 19), (19, 25), (25, 33), (33, 34), (35, 38), (38, 40)]
+    spans = [(0, 19), (26, 33), (35, 40)]
+    # first, middle, last; a one-token entity counts as other; a two-token one is first + last
+    assert token_classes(offsets, spans).tolist() == [0, 1, 2, 3, 3, 3, 0, 2]
 
 
 def test_entity_gate_stats_average_the_gate_values(model, tok):
@@ -120,17 +121,17 @@ def test_entity_gate_stats_average_the_gate_values(model, tok):
     titles = ["Alexander the Great", "Prime Minister", "London"]
     stats = entity_gate_stats(model, tok, docs, titles)
     pattern = title_pattern(titles)
-    sums = {layer: np.zeros(3) for layer in (0, 1)}
-    counts = np.zeros(3)
+    sums = {layer: np.zeros(4) for layer in (0, 1)}
+    counts = np.zeros(4)
     for text in docs:
         g = gate_values(model, tok, text)
         enc = tok.encode(text, add_special_tokens=False)
         cls = token_classes(enc.offsets, find_entities(text, pattern))
-        counts += np.bincount(cls, minlength=3)
+        counts += np.bincount(cls, minlength=4)
         for layer in (0, 1):
-            sums[layer] += np.bincount(cls, weights=g["gates"][layer].mean(1), minlength=3)
-    assert counts[0] >= 2 and counts[1] >= 2  # both multi-token names were found
+            sums[layer] += np.bincount(cls, weights=g["gates"][layer].mean(1), minlength=4)
+    assert counts[0] >= 2 and counts[2] >= 2  # both multi-token names were found
     for layer in (0, 1):
-        assert stats[layer]["n_entity_rest"] == counts[1]
-        for i, name in enumerate(("entity_first", "entity_rest", "other")):
+        assert stats[layer]["n_entity_last"] == counts[2]
+        for i, name in enumerate(("entity_first", "entity_middle", "entity_last", "other")):
             assert stats[layer][name] == pytest.approx(sums[layer][i] / counts[i], abs=1e-6)
