@@ -286,6 +286,12 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         kwargs["steps"] = args.steps
     if args.name == "engram_vs_moe":
         kwargs["rho"] = args.rho
+    if args.name == "table_size" and args.rows_per_head:
+        try:
+            kwargs["rows_per_head"] = tuple(int(x) for x in args.rows_per_head.split(","))
+        except ValueError:
+            raise UserError(f"--rows-per-head takes comma-separated integers such as 1024,16384; "
+                            f"got {args.rows_per_head!r}") from None
     module = probe_experiments if args.name in ("knowledge_probes", "entity_gates") else experiments
     result = getattr(module, f"run_{args.name}")(out, data, **kwargs)
     print(_experiment_summary(result))
@@ -432,8 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--data", help="dataset folder (default: build wiki-en in OUT/data)")
     ex.add_argument("--seeds", type=int, default=3)
     ex.add_argument("--steps", type=int, default=None,
-                    help="training steps per run (default: 400; 2000 for knowledge_probes and entity_gates)")
+                    help="training steps per run (default: 400; 1000 for knowledge_probes and entity_gates)")
     ex.add_argument("--rho", type=float, default=0.75, help="share of the inactive budget kept in experts")
+    ex.add_argument("--rows-per-head", help="table_size: comma-separated rows per hash head to sweep "
+                    "(default 512,2048,8192,32768,131072,524288)")
     ex.set_defaults(func=cmd_experiment)
 
     info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)

@@ -281,12 +281,7 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot_rho(results: dict[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5, 3.8), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _figure((5.5, 3.8))
     pts = sorted(results["points"], key=lambda p: p["rho"])
     ax.errorbar([p["rho"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts], fmt="o-", capsize=3)
     for p in pts:
@@ -301,12 +296,7 @@ def _plot_rho(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(7, 4), dpi=120)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
+    fig, ax = _figure((7, 4))
     for name, curves in results["curves"].items():
         steps = [s for s, _ in curves[0]]
         mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]

@@ -1,8 +1,8 @@
 """Experiments that read trained models: knowledge probes and gates on named entities.
 
 Both use the arms of `ablations` ("full": the preset with Engram, "no_engram": the same
-backbone without it), trained longer by default (2,000 steps, ~4 epochs of wiki-en: a fact has
-to be seen a few times to be learned), training them first when their runs are missing, so
+backbone without it), trained longer by default (1,000 steps, ~1.8 epochs of wiki-en: a fact
+has to be seen more than once to be learned), training them first when their runs are missing, so
 each runs on its own and costs only evaluation when the runs exist.
 """
 
@@ -45,7 +45,7 @@ def _spread(values: list[float]) -> dict[str, Any]:
             "std": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 2000,
+def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 1000,
                          preset: str = "tiny", n_distractors: int = 9, facts=None, log=print) -> dict[str, Any]:
     """Country -> capital multiple choice, facts stated in the training corpus vs not, for the
     Engram model (as is and with Engram zeroed) and the backbone without Engram, closed book
@@ -129,7 +129,7 @@ def _plot_probes(results: dict[str, Any], path: Path) -> None:
     fig.savefig(path)
 
 
-def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 2000,
+def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 1000,
                      preset: str = "tiny", log=print) -> dict[str, Any]:
     """Mean Engram gate on the first, middle and last tokens of multi-token entities (the corpus's
     document titles found in validation text) against other tokens, per layer and seed; plus a

@@ -137,3 +137,8 @@ def test_cli_names_the_known_experiments(capsys):
     assert main(["experiment", "no_such_thing", "--data", "x"]) == 2
     err = capsys.readouterr().err
     assert "unknown experiment 'no_such_thing'" in err and "knowledge_probes" in err
+
+
+def test_cli_rejects_bad_table_sizes(capsys):
+    assert main(["experiment", "table_size", "--data", "x", "--rows-per-head", "1024,many"]) == 2
+    assert "--rows-per-head takes comma-separated integers" in capsys.readouterr().err
