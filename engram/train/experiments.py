@@ -253,7 +253,7 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
             color=["tab:gray" if n == "full" else "tab:blue" for n in names])
     ax.set_yticks(range(len(names)), [f"{n} ({arms[n]['mean']:.3f})" for n in names], fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
-    ax.set_xlabel("final val loss minus full Engram (nats/token; bars: spread of paired differences)")
+    ax.set_xlabel("val loss minus full Engram (nats; bars: spread of paired differences)", fontsize=8)
     ax.set_title(f"ablations, {results['preset']}, {results['steps']} steps, {len(results['seeds'])} seeds",
                  fontsize=9)
     ax.grid(axis="x", alpha=0.3)
