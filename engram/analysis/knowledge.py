@@ -8,8 +8,12 @@
 
 Each fact is a multiple choice: the true answer against `n_distractors` answers of other facts,
 scored by the summed log-probability of the answer's tokens after the prompt (chance is
-1 / (n_distractors + 1)). `greedy` counts facts whose answer greedy decoding would produce
-(every answer token is the argmax under teacher forcing, which is what greedy decoding does).
+1 / (n_distractors + 1)). A small model mostly prefers answers that are frequent in its corpus,
+whatever the subject; `calibrated_accuracy` removes that preference by scoring each answer by
+how much the real subject raises its log-probability over a neutral subject ("The capital of
+this country is"), the domain-conditional PMI of Holtzman et al. (2021). `greedy` counts facts
+whose answer greedy decoding would produce (every answer token is the argmax under teacher
+forcing, which is what greedy decoding does).
 The paper (PAPER.md, Analysis) finds that zeroing Engram hurts closed-book facts far more than
 reading comprehension; the in-context control is our small-scale stand-in for the latter.
 """
@@ -27,6 +31,7 @@ CONTEXT_TEMPLATE = "The capital of {subject} is {answer}. "
 # The other direction, as Wikipedia's first sentences put it ("Kabul is the capital of Afghanistan").
 REVERSE_TEMPLATE = "{subject} is the capital of"
 REVERSE_CONTEXT_TEMPLATE = "{subject} is the capital of {answer}. "
+NEUTRAL_SUBJECT = "this country"  # for TEMPLATE; "This city" suits REVERSE_TEMPLATE
 
 
 def country_capitals() -> list[tuple[str, str]]:
@@ -115,8 +120,10 @@ def answer_scores(model: Any, tokenizer: Any, prompts: Sequence[str], answers: S
 
 def probe_facts(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str]], *, in_context: bool = False,
                 pool: Sequence[str] | None = None, n_distractors: int = 24, seed: int = 0,
-                template: str = TEMPLATE, context_template: str = CONTEXT_TEMPLATE) -> dict[str, Any]:
-    """Multiple-choice accuracy, greedy exact match and mean answer log-probability over `facts`.
+                template: str = TEMPLATE, context_template: str = CONTEXT_TEMPLATE,
+                neutral_subject: str = NEUTRAL_SUBJECT) -> dict[str, Any]:
+    """Multiple-choice accuracy (raw and calibrated), greedy exact match and mean answer
+    log-probability over `facts`.
 
     Distractors are drawn (seeded, the same for every model and condition) from `pool` (default:
     the answers of `facts`), never equal to the true answer. `in_context` prepends the true fact."""
@@ -137,13 +144,20 @@ def probe_facts(model: Any, tokenizer: Any, facts: Sequence[tuple[str, str]], *,
         prompts += [prompt] * len(choices)
         answers += choices
     logprob, greedy = answer_scores(model, tokenizer, prompts, answers)
-    correct, exact, true_lp, at = [], [], [], 0
+    candidates = sorted(set(answers))  # each answer's log-probability after the neutral subject
+    neutral_lp, _ = answer_scores(model, tokenizer, [template.format(subject=neutral_subject)] * len(candidates),
+                                  candidates)
+    neutral = dict(zip(candidates, neutral_lp))
+    correct, calibrated, exact, true_lp, at = [], [], [], [], 0
     for n in groups:
         scores = logprob[at:at + n]
+        gain = scores - np.array([neutral[a] for a in answers[at:at + n]])
         correct.append(bool(scores[0] > scores[1:].max()))  # ties count as wrong
+        calibrated.append(bool(gain[0] > gain[1:].max()))
         exact.append(bool(greedy[at]))
         true_lp.append(float(scores[0]))
         at += n
-    return {"n": len(facts), "accuracy": float(np.mean(correct)), "chance": float(np.mean([1 / n for n in groups])),
+    return {"n": len(facts), "accuracy": float(np.mean(correct)), "calibrated_accuracy": float(np.mean(calibrated)),
+            "chance": float(np.mean([1 / n for n in groups])),
             "greedy_exact": float(np.mean(exact)), "mean_answer_logprob": float(np.mean(true_lp)),
             "correct": correct}

@@ -316,11 +316,12 @@ def _experiment_summary(result: dict) -> str:
             lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
                          f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,})")
     elif name == "knowledge_probes":
-        lines.append(f"multiple-choice accuracy (chance {result['chance']:.2f}), mean ± std over seeds:")
+        lines.append(f"multiple-choice accuracy, raw / calibrated (chance {result['chance']:.2f}), mean over seeds:")
         for arm, conds in result["scores"].items():
             for cond, groups in conds.items():
                 lines.append(f"{arm:9s} {cond:26s} " + "  ".join(
-                    f"{g} {v['accuracy']['mean']:.3f} ± {v['accuracy']['std']:.3f}" for g, v in groups.items()))
+                    f"{g} {v['accuracy']['mean']:.3f} / {v['calibrated_accuracy']['mean']:.3f}"
+                    for g, v in groups.items()))
     else:  # entity_gates
         for layer, e in result["layers"].items():
             lines.append(f"layer {layer}: mean gate on entity tokens, first {e['entity_first']['mean']:.3f}, middle "

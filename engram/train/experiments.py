@@ -235,13 +235,15 @@ def _write(out: Path, results: dict[str, Any], plot) -> None:
     plot(results, out / f"{results['experiment']}.png")
 
 
-def _figure(size):
+def _figure(size, ncols: int = 1):
+    """A figure off any display, with one axis (or a list of `ncols` side by side)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=size, dpi=120)
     FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes[0] if ncols == 1 else axes
 
 
 def _plot_ablations(results: dict[str, Any], path: Path) -> None:

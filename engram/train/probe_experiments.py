@@ -60,10 +60,11 @@ def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0,
     facts = list(facts) if facts is not None else country_capitals()
     stated, unstated = split_stated(facts, (r["text"] for r in read_records(data_dir, "train")))
     groups = {name: group for name, group in (("stated", stated), ("unstated", unstated)) if group}
-    # both directions of each fact: (facts, answer pool, template, in-context template)
-    phrasings = {"country_to_capital": (lambda fs: fs, [a for _, a in facts], TEMPLATE, CONTEXT_TEMPLATE),
+    # both directions of each fact: (facts, answer pool, template, in-context template, neutral subject)
+    phrasings = {"country_to_capital": (lambda fs: fs, [a for _, a in facts], TEMPLATE, CONTEXT_TEMPLATE,
+                                        "this country"),
                  "capital_to_country": (lambda fs: [(a, s) for s, a in fs], [s for s, _ in facts],
-                                        REVERSE_TEMPLATE, REVERSE_CONTEXT_TEMPLATE)}
+                                        REVERSE_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, "This city")}
     conditions = {"full": [("closed_book", False, False), ("closed_book_engram_zeroed", False, True),
                            ("in_context", True, False), ("in_context_engram_zeroed", True, True)],
                   "no_engram": [("closed_book", False, False), ("in_context", True, False)]}
@@ -78,24 +79,29 @@ def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0,
             for group, group_facts in groups.items():
                 runs = []  # one per (seed, phrasing): accuracies are averaged over both phrasings
                 for model in models[arm]:
-                    for orient, pool, template, context_template in phrasings.values():
+                    for orient, pool, template, context_template, neutral in phrasings.values():
                         with engram_disabled(model, layers=None if zeroed else []):  # [] zeroes nothing
                             runs.append(probe_facts(model, data.tokenizer, orient(group_facts), in_context=in_context,
                                                     pool=pool, n_distractors=n_distractors, template=template,
-                                                    context_template=context_template))
+                                                    context_template=context_template, neutral_subject=neutral))
                 per_seed = {metric: [statistics.mean(r[metric] for r in runs[i:i + len(phrasings)])
                                      for i in range(0, len(runs), len(phrasings))]
-                            for metric in ("accuracy", "greedy_exact", "mean_answer_logprob")}
-                by_phrasing = {name: statistics.mean(r["accuracy"] for r in runs[j::len(phrasings)])
+                            for metric in ("accuracy", "calibrated_accuracy", "greedy_exact", "mean_answer_logprob")}
+                by_phrasing = {name: {m: statistics.mean(r[m] for r in runs[j::len(phrasings)])
+                                      for m in ("accuracy", "calibrated_accuracy")}
                                for j, name in enumerate(phrasings)}
                 results["scores"][arm][cond][group] = {**{m: _spread(v) for m, v in per_seed.items()},
                                                        "accuracy_by_phrasing": by_phrasing}
-                log(f"{arm} {cond} {group}: accuracy {results['scores'][arm][cond][group]['accuracy']['mean']:.3f}")
+                got = results["scores"][arm][cond][group]
+                log(f"{arm} {cond} {group}: accuracy {got['accuracy']['mean']:.3f}, "
+                    f"calibrated {got['calibrated_accuracy']['mean']:.3f}")
     full_scores = results["scores"]["full"]
     results["kept_fraction"] = {
-        group: {setting: _kept(full_scores[setting][group]["accuracy"]["mean"],
-                               full_scores[f"{setting}_engram_zeroed"][group]["accuracy"]["mean"], results["chance"])
-                for setting in ("closed_book", "in_context")} for group in groups}
+        metric: {group: {setting: _kept(full_scores[setting][group][metric]["mean"],
+                                        full_scores[f"{setting}_engram_zeroed"][group][metric]["mean"],
+                                        results["chance"])
+                         for setting in ("closed_book", "in_context")} for group in groups}
+        for metric in ("accuracy", "calibrated_accuracy")}
     _write(out, results, _plot_probes)
     return results
 
@@ -110,21 +116,22 @@ def _plot_probes(results: dict[str, Any], path: Path) -> None:
     bars = [("full", "closed_book"), ("full", "closed_book_engram_zeroed"), ("no_engram", "closed_book"),
             ("full", "in_context"), ("full", "in_context_engram_zeroed"), ("no_engram", "in_context")]
     groups = list(results["facts"])
-    fig, ax = _figure((8, 4))
+    fig, axes = _figure((13, 4.2), ncols=2)
     width = 0.8 / len(groups)
-    for j, group in enumerate(groups):
-        s = [results["scores"][arm][cond][group]["accuracy"] for arm, cond in bars]
-        ax.bar([i + j * width for i in range(len(bars))], [x["mean"] for x in s], width, yerr=[x["std"] for x in s],
-               capsize=2, label=f"{group} ({results['facts'][group]} facts)")
-    ax.axhline(results["chance"], color="k", ls="--", lw=0.8, label="chance")
-    ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(bars))],
-                  [f"{arm}\n{cond.replace('_engram_zeroed', ', Engram 0').replace('_', ' ')}" for arm, cond in bars],
-                  fontsize=7)
-    ax.set_ylabel(f"multiple-choice accuracy (1 of {results['n_distractors'] + 1})")
-    ax.set_title(f"country -> capital, {results['preset']}, {results['steps']} steps, {len(results['seeds'])} seeds",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    ax.grid(axis="y", alpha=0.3)
+    for ax, metric, what in zip(axes, ("accuracy", "calibrated_accuracy"), ("raw", "calibrated (PMI)")):
+        for j, group in enumerate(groups):
+            s = [results["scores"][arm][cond][group][metric] for arm, cond in bars]
+            ax.bar([i + j * width for i in range(len(bars))], [x["mean"] for x in s], width,
+                   yerr=[x["std"] for x in s], capsize=2, label=f"{group} ({results['facts'][group]} facts)")
+        ax.axhline(results["chance"], color="k", ls="--", lw=0.8, label="chance")
+        ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(bars))],
+                      [arm + "\n" + cond.replace("_engram_zeroed", ",\nEngram 0").replace("_", " ")
+                       for arm, cond in bars], fontsize=7)
+        ax.set_ylabel(f"{what} accuracy (1 of {results['n_distractors'] + 1})")
+        ax.set_title(f"country <-> capital, {what}, {results['preset']}, {results['steps']} steps, "
+                     f"{len(results['seeds'])} seeds", fontsize=9)
+        ax.legend(fontsize=7)
+        ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
 

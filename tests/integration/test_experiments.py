@@ -112,7 +112,10 @@ def test_knowledge_probes_and_entity_gates(titled_dataset, tmp_path):
     assert set(scores["no_engram"]) == {"closed_book", "in_context"}
     acc = scores["full"]["closed_book"]["stated"]["accuracy"]
     assert len(acc["by_seed"]) == 2 and all(0 <= a <= 1 for a in acc["by_seed"])
-    assert set(res["kept_fraction"]) == {"stated", "unstated"} and (tmp_path / "knowledge_probes.png").is_file()
+    calibrated = scores["no_engram"]["in_context"]["unstated"]["calibrated_accuracy"]["by_seed"]
+    assert len(calibrated) == 2 and all(0 <= a <= 1 for a in calibrated)
+    assert set(res["kept_fraction"]["calibrated_accuracy"]) == {"stated", "unstated"}
+    assert (tmp_path / "knowledge_probes.png").is_file()
 
     gates = run_entity_gates(tmp_path, titled_dataset, seeds=(0, 1), steps=2, log=lambda *a: None)
     layer = gates["layers"]["1"]

@@ -95,7 +95,8 @@ def test_in_context_prompt_states_the_fact(tok, monkeypatch):
     seen = {}
 
     def fake_scores(model, tokenizer, prompts, answers, **kw):
-        seen["prompts"], seen["answers"] = prompts, answers
+        seen.setdefault("prompts", prompts)  # the first call scores the facts (the second, the neutral prompt)
+        seen.setdefault("answers", answers)
         return np.arange(len(prompts), 0, -1, dtype=float), np.zeros(len(prompts), dtype=bool)
 
     monkeypatch.setattr(knowledge, "answer_scores", fake_scores)
@@ -135,3 +136,22 @@ def test_entity_gate_stats_average_the_gate_values(model, tok):
         assert stats[layer]["n_entity_last"] == counts[2]
         for i, name in enumerate(("entity_first", "entity_middle", "entity_last", "other")):
             assert stats[layer][name] == pytest.approx(sums[layer][i] / counts[i], abs=1e-6)
+
+
+def test_calibrated_accuracy_removes_the_answer_prior(tok, monkeypatch):
+    """A model that prefers a frequent answer everywhere but raises the true answer after its own
+    subject: raw accuracy 0, calibrated (PMI) accuracy 1."""
+    import engram.analysis.knowledge as knowledge
+
+    prior = {"Paris": 0.0, "Tokyo": 0.0, "Nairobi": 10.0}
+    truth = {"France": "Paris", "Japan": "Tokyo", "Kenya": "Nairobi"}
+
+    def fake_scores(model, tokenizer, prompts, answers, **kw):
+        lp = [prior[a] + (2.0 if any(s in p and truth[s] == a for s in truth) else 0.0)
+              for p, a in zip(prompts, answers)]
+        return np.array(lp), np.zeros(len(prompts), dtype=bool)
+
+    monkeypatch.setattr(knowledge, "answer_scores", fake_scores)
+    res = probe_facts(None, tok, [("France", "Paris"), ("Japan", "Tokyo")], pool=list(prior), n_distractors=2)
+    assert res["accuracy"] == 0.0  # Nairobi's prior (10) beats the true answer's 0 + 2
+    assert res["calibrated_accuracy"] == 1.0  # only the true answer gains over "this country"
