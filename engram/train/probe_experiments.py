@@ -9,7 +9,6 @@ each runs on its own and costs only evaluation when the runs exist.
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 from typing import Any
