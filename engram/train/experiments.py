@@ -36,8 +36,7 @@ def dense_like(moe: ModelConfig) -> ModelConfig:
 def engram_vs_moe_configs(cfg: TrainConfig, data: PreparedData, rho: float = 0.75) -> dict[str, ModelConfig]:
     """Pure MoE (the preset), Engram at the same total and active parameters (the planner), and
     a dense model with the same active parameters."""
-    ct = CompressedTokenizer.from_tokenizer(data.tokenizer)
-    with_engram = model_config_for(cfg, data, ct)
+    with_engram = preset_model(cfg, data)
     moe = dataclasses.replace(with_engram, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=with_engram.engram.compressed_vocab_size,
                             pad_id=with_engram.engram.pad_id, sparse_grad=cfg.table_optimizer != "adam")
@@ -49,7 +48,7 @@ def run_dir(out: Path, name: str, steps: int, seed: int) -> Path:
     return out / "runs" / f"{name}_{steps}steps_seed{seed}"
 
 
-def _train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data_dir, seeds, log):
+def train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data_dir, seeds, log):
     """Final validation losses and eval curves of one arm over seeds (finished runs are reused)."""
     losses, curves = [], []
     for seed in seeds:
@@ -72,7 +71,7 @@ def _train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, dat
     return losses, curves
 
 
-def _base_config(preset: str, steps: int) -> TrainConfig:
+def base_config(preset: str, steps: int) -> TrainConfig:
     return TrainConfig(preset=preset, max_steps=steps, eval_every=max(1, steps // 4), checkpoint_every=steps,
                        table_optimizer="sparse_adam", sample_prompt="")
 
@@ -85,7 +84,7 @@ def run_engram_vs_moe(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1,
                       preset: str = "tiny", rho: float = 0.75, log=print) -> dict[str, Any]:
     out = Path(out_dir)
     data = PreparedData.open(data_dir)
-    base = _base_config(preset, steps)
+    base = base_config(preset, steps)
     configs = engram_vs_moe_configs(base, data, rho)
     counts = {k: count_params(c) for k, c in configs.items()}
     results: dict[str, Any] = {"experiment": "engram_vs_moe", "preset": preset, "rho": rho, "steps": steps,
@@ -95,7 +94,7 @@ def run_engram_vs_moe(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1,
                                "final_val_loss": {}, "curves": {}}
     dirs = {"moe": "moe", "engram": _arm_name(rho), "dense": "dense"}  # the rho sweep reuses these runs
     for name, config in configs.items():
-        results["final_val_loss"][name], results["curves"][name] = _train_arm(
+        results["final_val_loss"][name], results["curves"][name] = train_arm(
             out, dirs[name], config, base, data_dir, seeds, log)
     results["summary"] = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
                           for name, v in results["final_val_loss"].items()}
@@ -111,7 +110,7 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
     Rho moves in whole experts: the planner rounds it and we report the rho achieved."""
     out = Path(out_dir)
     data = PreparedData.open(data_dir)
-    base = _base_config(preset, steps)
+    base = base_config(preset, steps)
     arms = engram_vs_moe_configs(base, data, 0.5)
     moe, ct_cfg = arms["moe"], arms["engram"].engram
     points = []
@@ -119,7 +118,7 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
         config = moe if rho == 1.0 else plan_sparsity(moe, rho, compressed_vocab_size=ct_cfg.compressed_vocab_size,
                                                       pad_id=ct_cfg.pad_id, sparse_grad=True)
         achieved = 1.0 if rho == 1.0 else allocation(moe, config)["rho"]
-        losses, _ = _train_arm(out, _arm_name(round(rho, 4) if rho != 1.0 else 1.0), config, base, data_dir,
+        losses, _ = train_arm(out, _arm_name(round(rho, 4) if rho != 1.0 else 1.0), config, base, data_dir,
                                seeds, log)
         points.append({"rho_requested": rho, "rho": achieved, "experts": config.moe.n_routed_experts,
                        "table_params": count_params(config)["engram_tables_params"], "final_val_loss": losses,
@@ -132,10 +131,14 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
     return results
 
 
-def _engram_arm(base: TrainConfig, data: PreparedData, **engram_changes) -> ModelConfig:
-    """The preset's Engram model (model_config_for) with some Engram fields changed; a field
-    `n_branches` changes the backbone's hyper-connection streams too."""
-    config = model_config_for(base, data, CompressedTokenizer.from_tokenizer(data.tokenizer))
+def preset_model(base: TrainConfig, data: PreparedData) -> ModelConfig:
+    """The preset with Engram, sized to the dataset's tokenizer (what `engram train` builds)."""
+    return model_config_for(base, data, CompressedTokenizer.from_tokenizer(data.tokenizer))
+
+
+def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
+    """`config` with some Engram fields changed; `n_branches` changes the backbone's
+    hyper-connection streams too."""
     engram = dataclasses.replace(config.engram, **engram_changes)
     return dataclasses.replace(config, engram=engram, n_branches=engram.n_branches)
 
@@ -144,19 +147,18 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
     """One backbone (the preset), one change per arm. `no_compression` hashes raw token ids;
     `capacity_1` gives every n-gram the same row per head (the memory can store nothing
     n-gram specific); `layer_K` moves the Engram layer to 0-based block K."""
-    full = _engram_arm(base, data)
-    e = full.engram
+    full = preset_model(base, data)
     vocab, raw_pad = full.vocab_size, special_ids(data.tokenizer)["pad"] or 0
     arms = {"full": full, "no_engram": dataclasses.replace(full, engram=None),
-            "no_gate": _engram_arm(base, data, use_gate=False),
-            "no_short_conv": _engram_arm(base, data, use_short_conv=False),
-            "no_compression": _engram_arm(base, data, compressed_vocab_size=vocab, pad_id=raw_pad),
-            "capacity_1": _engram_arm(base, data, single_row=True)}
+            "no_gate": engram_changed(full, use_gate=False),
+            "no_short_conv": engram_changed(full, use_short_conv=False),
+            "no_compression": engram_changed(full, compressed_vocab_size=vocab, pad_id=raw_pad),
+            "capacity_1": engram_changed(full, single_row=True)}
     for layer in range(full.n_layers):
-        if (layer,) != e.layer_ids:
-            arms[f"layer_{layer}"] = _engram_arm(base, data, layer_ids=(layer,))
+        if (layer,) != full.engram.layer_ids:
+            arms[f"layer_{layer}"] = engram_changed(full, layer_ids=(layer,))
     other_m = 4 if full.n_branches == 1 else 1
-    arms[f"m{other_m}"] = _engram_arm(base, data, n_branches=other_m)
+    arms[f"m{other_m}"] = engram_changed(full, n_branches=other_m)
     arms[f"m{other_m}_no_engram"] = dataclasses.replace(arms[f"m{other_m}"], engram=None)
     return arms
 
@@ -168,7 +170,7 @@ def _run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tr
                                "seeds": list(seeds), "data": str(data_dir), "arms": {}}
     for name, config in arms.items():
         run_name = (run_names or {}).get(name, name)
-        losses, curves = _train_arm(out, run_name, config, base, data_dir, seeds, log)
+        losses, curves = train_arm(out, run_name, config, base, data_dir, seeds, log)
         p = count_params(config)
         results["arms"][name] = {
             "final_val_loss": losses, "mean": statistics.mean(losses),
@@ -187,23 +189,23 @@ def _train_seconds(folder: Path, base: TrainConfig) -> float:
 
 
 # Run folders shared with engram_vs_moe: its "moe" arm is the preset without Engram.
-_SHARED_RUNS = {"no_engram": "moe"}
+SHARED_RUNS = {"no_engram": "moe"}
 
 
 def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
                   preset: str = "tiny", log=print) -> dict[str, Any]:
     """Each arm changes one thing of the preset's Engram model; the deltas are against `full`."""
     out = Path(out_dir)
-    base = _base_config(preset, steps)
+    base = base_config(preset, steps)
     arms = ablation_configs(base, PreparedData.open(data_dir))
-    results = _run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=_SHARED_RUNS)
+    results = _run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=SHARED_RUNS)
     full = results["arms"]["full"]
     for arm in results["arms"].values():
         arm["delta_vs_full"] = arm["mean"] - full["mean"]
         # paired by seed: same data order and init seed, so the seed-to-seed noise partly cancels
         diffs = [a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])]
         arm["paired_delta_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    _write(out, results, _plot_ablations)
+    write_results(out, results, _plot_ablations)
     return results
 
 
@@ -212,29 +214,29 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
     """Loss against table slots at a fixed backbone (only `vocab_size_per_ngram` changes); the
     backbone without Engram and the capacity-1 table are the two reference lines."""
     out = Path(out_dir)
-    base = _base_config(preset, steps)
+    base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
-    full = _engram_arm(base, data)
+    full = preset_model(base, data)
     orders = full.engram.max_ngram_size - 1
-    arms = {f"rows{r}": _engram_arm(base, data, vocab_size_per_ngram=(r,) * orders) for r in rows_per_head}
-    arms["capacity_1"] = _engram_arm(base, data, single_row=True)
+    arms = {f"rows{r}": engram_changed(full, vocab_size_per_ngram=(r,) * orders) for r in rows_per_head}
+    arms["capacity_1"] = engram_changed(full, single_row=True)
     arms["no_engram"] = dataclasses.replace(full, engram=None)
-    names = dict(_SHARED_RUNS)
+    names = dict(SHARED_RUNS)
     names.update({f"rows{r}": "full" for r in rows_per_head if (r,) * orders == full.engram.vocab_size_per_ngram})
     results = _run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
     results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"]
                                           for n, a in results["arms"].items() if n.startswith("rows")}
-    _write(out, results, _plot_table_size)
+    write_results(out, results, _plot_table_size)
     return results
 
 
-def _write(out: Path, results: dict[str, Any], plot) -> None:
+def write_results(out: Path, results: dict[str, Any], plot) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{results['experiment']}.json").write_text(json.dumps(results, indent=1))
     plot(results, out / f"{results['experiment']}.png")
 
 
-def _figure(size, ncols: int = 1):
+def figure(size, ncols: int = 1):
     """A figure off any display, with one axis (or a list of `ncols` side by side)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -248,7 +250,7 @@ def _figure(size, ncols: int = 1):
 def _plot_ablations(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
     names = sorted(arms, key=lambda n: arms[n]["mean"])
-    fig, ax = _figure((6.5, 0.35 * len(names) + 1.5))
+    fig, ax = figure((6.5, 0.35 * len(names) + 1.5))
     ax.barh(range(len(names)), [arms[n]["delta_vs_full"] for n in names],
             xerr=[arms[n]["paired_delta_std"] for n in names], capsize=3,
             color=["tab:gray" if n == "full" else "tab:blue" for n in names])
@@ -265,7 +267,7 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
 def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
     pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items() if n.startswith("rows"))
-    fig, ax = _figure((6, 4))
+    fig, ax = figure((6, 4))
     ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
                 label="Engram, table slots per layer")
     for name, style in (("no_engram", "k--"), ("capacity_1", "r:")):
@@ -282,7 +284,7 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot_rho(results: dict[str, Any], path: Path) -> None:
-    fig, ax = _figure((5.5, 3.8))
+    fig, ax = figure((5.5, 3.8))
     pts = sorted(results["points"], key=lambda p: p["rho"])
     ax.errorbar([p["rho"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts], fmt="o-", capsize=3)
     for p in pts:
@@ -297,7 +299,7 @@ def _plot_rho(results: dict[str, Any], path: Path) -> None:
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    fig, ax = _figure((7, 4))
+    fig, ax = figure((7, 4))
     for name, curves in results["curves"].items():
         steps = [s for s, _ in curves[0]]
         mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]

@@ -21,7 +21,7 @@ from ..analysis.knowledge import (CONTEXT_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, RE
 from .checkpoint import latest_good_checkpoint, load_checkpoint
 from .data import read_records
 from .dataset import PreparedData
-from .experiments import _SHARED_RUNS, _base_config, _engram_arm, _figure, _train_arm, _write, run_dir
+from .experiments import SHARED_RUNS, base_config, figure, preset_model, run_dir, train_arm, write_results
 
 # The paper's gate figure sentence, and a second one of the same kind.
 EXAMPLE_TEXT = ("Alexander the Great was a king of the ancient Greek kingdom of Macedon. "
@@ -32,8 +32,8 @@ def _trained_models(out: Path, data_dir, arms: dict, base, seeds, log):
     """{arm: [model per seed]}, training the runs that are missing."""
     models = {}
     for name, config in arms.items():
-        run_name = _SHARED_RUNS.get(name, name)
-        _train_arm(out, run_name, config, base, data_dir, seeds, log)
+        run_name = SHARED_RUNS.get(name, name)
+        train_arm(out, run_name, config, base, data_dir, seeds, log)
         models[name] = [load_checkpoint(latest_good_checkpoint(run_dir(out, run_name, base.max_steps, s), warn=log))[0]
                         for s in seeds]
     return models
@@ -51,9 +51,9 @@ def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0,
     and with the fact given in the prompt (the in-context control). `facts`: (country, capital)
     pairs, default all of countryinfo's; a group with no facts is left out."""
     out = Path(out_dir)
-    base = _base_config(preset, steps)
+    base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
-    full = _engram_arm(base, data)
+    full = preset_model(base, data)
     models = _trained_models(out, data_dir, {"full": full, "no_engram": dataclasses.replace(full, engram=None)},
                              base, seeds, log)
     facts = list(facts) if facts is not None else country_capitals()
@@ -101,7 +101,7 @@ def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0,
                                         results["chance"])
                          for setting in ("closed_book", "in_context")} for group in groups}
         for metric in ("accuracy", "calibrated_accuracy")}
-    _write(out, results, _plot_probes)
+    write_results(out, results, _plot_probes)
     return results
 
 
@@ -115,7 +115,7 @@ def _plot_probes(results: dict[str, Any], path: Path) -> None:
     bars = [("full", "closed_book"), ("full", "closed_book_engram_zeroed"), ("no_engram", "closed_book"),
             ("full", "in_context"), ("full", "in_context_engram_zeroed"), ("no_engram", "in_context")]
     groups = list(results["facts"])
-    fig, axes = _figure((13, 4.2), ncols=2)
+    fig, axes = figure((13, 4.2), ncols=2)
     width = 0.8 / len(groups)
     for ax, metric, what in zip(axes, ("accuracy", "calibrated_accuracy"), ("raw", "calibrated (PMI)")):
         for j, group in enumerate(groups):
@@ -141,9 +141,9 @@ def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
     document titles found in validation text) against other tokens, per layer and seed; plus a
     gate heatmap of an example text (HTML and PNG) from the first seed's model."""
     out = Path(out_dir)
-    base = _base_config(preset, steps)
+    base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
-    models = _trained_models(out, data_dir, {"full": _engram_arm(base, data)}, base, seeds, log)["full"]
+    models = _trained_models(out, data_dir, {"full": preset_model(base, data)}, base, seeds, log)["full"]
     records = read_records(data_dir, "train") + read_records(data_dir, "val")
     titles = [r["title"] for r in records if r.get("title")]
     if not titles:
@@ -164,13 +164,13 @@ def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
             f"{entry['other']['mean']:.3f}")
     results["example"] = {k: str(v) for k, v in plot_gates(models[0], data.tokenizer, EXAMPLE_TEXT, out,
                                                            name="entity_gates_example").items()}
-    _write(out, results, _plot_entity_gates)
+    write_results(out, results, _plot_entity_gates)
     return results
 
 
 def _plot_entity_gates(results: dict[str, Any], path: Path) -> None:
     layers = list(results["layers"])
-    fig, ax = _figure((5.5, 3.8))
+    fig, ax = figure((5.5, 3.8))
     width = 0.8 / len(CLASSES)
     for j, name in enumerate(CLASSES):
         s = [results["layers"][l][name] for l in layers]
