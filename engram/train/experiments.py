@@ -43,6 +43,11 @@ def engram_vs_moe_configs(cfg: TrainConfig, data: PreparedData, rho: float = 0.7
     return {"moe": moe, "engram": planned, "dense": dense_like(moe)}
 
 
+def seed_std(values) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
 def run_dir(out: Path, name: str, steps: int, seed: int) -> Path:
     """Where one run of an arm lives: runs are shared between experiments by this name."""
     return out / "runs" / f"{name}_{steps}steps_seed{seed}"
@@ -96,7 +101,7 @@ def run_engram_vs_moe(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1,
     for name, config in configs.items():
         results["final_val_loss"][name], results["curves"][name] = train_arm(
             out, dirs[name], config, base, data_dir, seeds, log)
-    results["summary"] = {name: {"mean": statistics.mean(v), "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+    results["summary"] = {name: {"mean": statistics.mean(v), "std": seed_std(v)}
                           for name, v in results["final_val_loss"].items()}
     out.mkdir(parents=True, exist_ok=True)
     (out / "engram_vs_moe.json").write_text(json.dumps(results, indent=1))
@@ -122,7 +127,7 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
                                seeds, log)
         points.append({"rho_requested": rho, "rho": achieved, "experts": config.moe.n_routed_experts,
                        "table_params": count_params(config)["engram_tables_params"], "final_val_loss": losses,
-                       "mean": statistics.mean(losses), "std": statistics.stdev(losses) if len(losses) > 1 else 0.0})
+                       "mean": statistics.mean(losses), "std": seed_std(losses)})
     results = {"experiment": "rho_sweep", "preset": preset, "steps": steps, "seeds": list(seeds), "points": points,
                "rho_to_final_val_loss": {f"{p['rho']:.4f}": p["mean"] for p in points}}
     out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +180,7 @@ def _run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tr
         results["arms"][name] = {
             "final_val_loss": losses, "mean": statistics.mean(losses),
             "train_seconds": [_train_seconds(run_dir(out, run_name, base.max_steps, s), base) for s in seeds],
-            "std": statistics.stdev(losses) if len(losses) > 1 else 0.0,
+            "std": seed_std(losses),
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
                        "table_rows": p["engram_tables_params"] // config.engram.head_dim if config.engram else 0}}
     return results
@@ -204,7 +209,7 @@ def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2),
         arm["delta_vs_full"] = arm["mean"] - full["mean"]
         # paired by seed: same data order and init seed, so the seed-to-seed noise partly cancels
         diffs = [a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])]
-        arm["paired_delta_std"] = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+        arm["paired_delta_std"] = seed_std(diffs)
     write_results(out, results, _plot_ablations)
     return results
 

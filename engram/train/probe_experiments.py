@@ -21,7 +21,8 @@ from ..analysis.knowledge import (CONTEXT_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, RE
 from .checkpoint import latest_good_checkpoint, load_checkpoint
 from .data import read_records
 from .dataset import PreparedData
-from .experiments import SHARED_RUNS, base_config, figure, preset_model, run_dir, train_arm, write_results
+from .experiments import (SHARED_RUNS, base_config, figure, preset_model, run_dir, seed_std, train_arm,
+                          write_results)
 
 # The paper's gate figure sentence, and a second one of the same kind.
 EXAMPLE_TEXT = ("Alexander the Great was a king of the ancient Greek kingdom of Macedon. "
@@ -41,7 +42,7 @@ def _trained_models(out: Path, data_dir, arms: dict, base, seeds, log):
 
 def _spread(values: list[float]) -> dict[str, Any]:
     return {"by_seed": values, "mean": statistics.mean(values),
-            "std": statistics.stdev(values) if len(values) > 1 else 0.0}
+            "std": seed_std(values)}
 
 
 def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 1000,
@@ -144,12 +145,13 @@ def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
     base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
     models = _trained_models(out, data_dir, {"full": preset_model(base, data)}, base, seeds, log)["full"]
-    records = read_records(data_dir, "train") + read_records(data_dir, "val")
+    val_records = read_records(data_dir, "val")
+    records = read_records(data_dir, "train") + val_records
     titles = [r["title"] for r in records if r.get("title")]
     if not titles:
         raise ValueError(f"the corpus in {data_dir} has no document titles to take entity names from; "
                          "use a wiki corpus (engram data build --corpus wiki-en)")
-    val_texts = [r["text"] for r in read_records(data_dir, "val")]
+    val_texts = [r["text"] for r in val_records]
     per_seed = [entity_gate_stats(m, data.tokenizer, val_texts, titles) for m in models]
     layers = sorted(per_seed[0])
     results: dict[str, Any] = {"experiment": "entity_gates", "preset": preset, "steps": steps, "seeds": list(seeds),
