@@ -1,0 +1,78 @@
+"""Writes that survive a crash or a power cut: write a temporary file, fsync it, rename it into
+place, fsync the folder.
+
+A rename is atomic, but without the fsyncs the kernel may reorder the writes, so after a power
+cut the new name can point at an empty or half-written file. Order that makes it durable: the
+data of every file, then the folder holding them (the new names), then the rename, then the
+parent folder (the rename itself).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    """Flush one file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (names created, renamed or deleted in it) to the disk."""
+    if os.name == "nt":  # Windows cannot open a folder for fsync; NTFS journals its metadata
+        return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | os.PathLike) -> None:
+    """Flush every file under a folder, then each folder bottom up (the folder itself last)."""
+    path = Path(path)
+    for root, _dirs, files in os.walk(path, topdown=False):
+        for name in files:
+            fsync_file(Path(root) / name)
+        fsync_dir(root)
+
+
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Make a finished temporary folder durable and rename it to `final` (which must not exist).
+
+    Every file of `tmp` and `tmp` itself are fsynced before the rename, the parent after it.
+    """
+    fsync_tree(tmp)
+    os.replace(tmp, final)
+    fsync_dir(Path(final).parent)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Replace `path` with `data` so a reader sees the old content or the new, never a mix."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
+    """`atomic_write_bytes` for text."""
+    return atomic_write_bytes(path, text.encode(encoding))
