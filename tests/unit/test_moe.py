@@ -159,3 +159,114 @@ def test_load_counted_in_training_only_and_bias_is_persistent(rng):
     assert torch.equal(moe.expert_load, expected), f"load {moe.expert_load.tolist()} != {expected.tolist()}"
     keys = moe.state_dict().keys()
     assert "router_bias" in keys and "expert_load" not in keys
+
+
+# ---------------------------------------------------------------- grouped experts vs the loop
+def forward_and_grads(moe, x, loop):
+    moe.zero_grad()
+    x = x.detach().clone().requires_grad_()
+    y, routing = moe(x, return_routing=True, loop=loop)
+    (y.float() * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
+    grads = {n: p.grad.clone() for n, p in moe.named_parameters()}
+    return y, x.grad, grads, routing
+
+
+def test_grouped_experts_equal_the_loop_forward_and_backward(rng):
+    """fp32: the grouped matmul does the same per-expert products; 1e-6 leaves room for a
+    different BLAS blocking only. Few tokens, so some experts get none: exactly zero grads."""
+    moe = make().train()
+    x = torch.randn(1, 3, D)  # 3 tokens x K=2: at most 6 of the 8 experts are used
+    y, gx, grads, routing = forward_and_grads(moe, x, loop=False)
+    y_ref, gx_ref, grads_ref, _ = forward_and_grads(moe, x, loop=True)
+    err = (y - y_ref).abs().max().item()
+    assert err < 1e-6, f"grouped forward differs from the loop by {err}"
+    err = (gx - gx_ref).abs().max().item()
+    assert err < 1e-6, f"input gradients differ by {err}"
+    for name, g in grads.items():
+        err = (g - grads_ref[name]).abs().max().item()
+        assert err < 1e-6, f"gradient of {name} differs from the loop by {err}"
+    unused = sorted(set(range(E)) - set(routing["experts"].flatten().tolist()))
+    assert unused, "every expert got tokens; the zero-token case is not covered"
+    for name in ("w_gate", "w_up", "w_down"):
+        g = grads[f"experts.{name}"][unused]
+        assert torch.count_nonzero(g) == 0, f"experts {unused} got no tokens but {name} has gradient"
+
+
+@pytest.mark.parametrize("ff", [16, 12])  # 16: torch._grouped_mm itself; 12: unaligned, via fp32
+def test_grouped_experts_equal_the_loop_in_bf16(rng, ff):
+    """bf16 weights: both paths multiply in bf16; outputs agree to bf16 rounding (2e-2 relative
+    to the largest output: a few ulps of bf16's 2^-8)."""
+    cfg = MoEConfig(n_routed_experts=E, top_k=K, expert_hidden_size=ff)
+    moe = MoE(D, cfg).to(torch.bfloat16)
+    x = torch.randn(4, 6, D, dtype=torch.bfloat16)
+    with torch.no_grad():
+        y, y_ref = moe(x), moe(x, loop=True)
+    scale = y_ref.float().abs().max().item()
+    err = (y.float() - y_ref.float()).abs().max().item()
+    assert y.dtype == torch.bfloat16 and err < 2e-2 * scale, f"bf16 grouped vs loop: {err} (scale {scale})"
+
+
+def test_grouped_experts_under_autocast(rng):
+    """fp32 weights under bf16 autocast: the grouped path casts like autocast does for matmuls."""
+    moe = make()
+    x = torch.randn(4, 6, D)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, y_ref = moe(x), moe(x, loop=True)
+    scale = y_ref.float().abs().max().item()
+    err = (y.float() - y_ref.float()).abs().max().item()
+    assert err < 2e-2 * scale, f"autocast grouped vs loop: {err} (scale {scale})"
+
+
+def test_moe_compiles_in_one_graph_forward_and_backward(rng):
+    """No graph break (no host sync, no data-dependent shape) in the training forward, and
+    AOTAutograd traces the backward too; the compiled step equals eager (1e-6)."""
+    moe = make().train()
+    x = torch.randn(2, 5, D)
+    explanation = torch._dynamo.explain(moe)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")
+    y, gx, grads, _ = forward_and_grads(compiled, x, loop=False)
+    y_ref, gx_ref, grads_ref, _ = forward_and_grads(moe, x, loop=False)
+    assert (y - y_ref).abs().max().item() < 1e-6
+    for name, g in grads.items():
+        err = (g - grads_ref[name.removeprefix("_orig_mod.")]).abs().max().item()
+        assert err < 1e-6, f"compiled gradient of {name} differs by {err}"
+
+
+# ---------------------------------------------------------------- fp32 balancing state
+@pytest.mark.parametrize("cast", [lambda m: m.to(torch.bfloat16), lambda m: m.half(),
+                                  lambda m: m.to("cpu", torch.bfloat16)])
+def test_balancing_buffers_stay_float32_after_a_cast(rng, cast):
+    moe = make(bias_update_rate=1e-3)
+    with torch.no_grad():
+        moe.router_bias.fill_(1.0)
+        moe.router_bias[0] = 1.0 + 2 ** -10  # survives because the buffer is never rounded
+    cast(moe)
+    assert moe.experts.w_gate.dtype != torch.float32, "the cast did not reach the parameters"
+    assert moe.router_bias.dtype == moe.expert_load.dtype == torch.float32
+    assert moe.router_bias[0].item() == 1.0 + 2 ** -10, "the cast rounded the bias before restoring float32"
+    # 300 steps of +1e-3 from 1.0: 1.3 in float32; in bf16 (spacing 2^-7 at 1.0) each step rounds away
+    with torch.no_grad():
+        for _ in range(300):
+            moe.expert_load.fill_(1.0)
+            moe.expert_load[1] = 0.0  # expert 1 under-loaded: its bias rises
+            moe.update_bias()
+    assert abs(moe.router_bias[1].item() - 1.3) < 1e-4, f"bias reached {moe.router_bias[1].item()}, not 1.3"
+
+
+def test_load_counts_stay_exact_past_256_in_bf16(rng):
+    """257 tokens all routed to experts 0 and 1 (a huge bias picks them): the count is 257,
+    which bf16 cannot hold (it rounds to 256)."""
+    moe = make().to(torch.bfloat16).train()
+    with torch.no_grad():
+        moe.router_bias[:2] = 100.0
+        moe(torch.randn(257, D, dtype=torch.bfloat16))
+    assert moe.expert_load.tolist() == [257.0, 257.0] + [0.0] * (E - 2)
+    assert torch.tensor(257.0, dtype=torch.bfloat16).item() != 257.0  # what a bf16 buffer would hold
+
+
+def test_balancing_buffers_follow_device_moves(rng):
+    moe = make().to("meta")
+    assert moe.router_bias.device.type == "meta" and moe.experts.w_gate.device.type == "meta"
+    moe = moe.to(torch.bfloat16).to_empty(device="cpu")
+    assert moe.router_bias.device.type == "cpu" and moe.router_bias.dtype == torch.float32
