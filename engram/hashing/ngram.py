@@ -8,10 +8,13 @@ The contract (PAPER.md step 3), per layer and order n = 2..N:
     row[t, (n-2)*K + h] = mix_n[t] % primes[(n-2)*K + h]
 with x[t-k] = pad_id before the sequence start. Everything is torch int64, so it runs on any
 device; a fused float kernel (`kernel="compiled"`) gives the same integers faster on CPU.
+`kernel="auto"` (the default) picks the fastest exact kernel per call (see `NgramHasher`).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 from typing import Any, Sequence
 
 import torch
@@ -28,19 +31,26 @@ MAX_PRIME_FOR_FLOAT_KERNEL = (1 << 53) // (3 << _LIMB)
 COMPILED_MIN_TOKENS = 8192
 
 
+_log = logging.getLogger(__name__)
+
+
 def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor) -> torch.Tensor:
-    """XOR-mixed n-gram keys for orders 2..N: [B, C+T] ids -> [L, B, T, N-1] int64."""
+    """XOR-mixed n-gram keys for orders 2..N: [B, C+T] ids -> [L, B, T, N-1] int64.
+
+    One multiply for all layers and lags (a decode step is a handful of tiny ops, so their
+    count, not their size, is the cost)."""
     L, N = mults_LN.shape
-    T = ctx_BC_T.shape[1] - (N - 1)
-    mix_LBT = None
+    B, T = ctx_BC_T.shape[0], ctx_BC_T.shape[1] - (N - 1)
+    if T == 0:  # unfold needs at least one window
+        return ctx_BC_T.new_empty(L, B, 0, N - 1)
+    # window t of the context-padded ids is x[t-N+1 .. t]: x[t-k] sits in column N-1-k
+    win_BTN = ctx_BC_T.unfold(1, N, 1)
+    terms_LBTN = win_BTN.unsqueeze(0) * mults_LN.flip(-1).view(L, 1, 1, N)  # column N-1-k: x[t-k] * mult[k]
+    mix_LBT = terms_LBTN[..., N - 1]
     mixes = []
-    for k in range(N):
-        # x[t-k] for t in 0..T-1 lives at column (N-1) + t - k of the context-padded ids.
-        shifted_BT = ctx_BC_T[:, N - 1 - k : N - 1 - k + T]
-        term_LBT = shifted_BT.unsqueeze(0) * mults_LN[:, k].view(L, 1, 1)
-        mix_LBT = term_LBT if mix_LBT is None else mix_LBT ^ term_LBT
-        if k >= 1:
-            mixes.append(mix_LBT)  # mix of order k+1
+    for k in range(1, N):
+        mix_LBT = mix_LBT ^ terms_LBTN[..., N - 1 - k]
+        mixes.append(mix_LBT)  # mix of order k+1
     return torch.stack(mixes, dim=-1)
 
 
@@ -77,6 +87,7 @@ def _rows_float(
 
 
 _compiled_rows_float = None
+_compiled_failed: str | None = None  # why the compiled kernel cannot run here (auto falls back)
 
 
 def _get_compiled():
@@ -88,20 +99,46 @@ def _get_compiled():
     return _compiled_rows_float
 
 
+@functools.cache
+def _cpu_compiler() -> str | None:
+    """None when inductor finds a C++ compiler for CPU kernels, else why not (checked once)."""
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+
+        get_cpp_compiler()
+        return None
+    except Exception as e:  # InvalidCxxCompiler, or an inductor without cpp_builder
+        return f"no C++ compiler for torch.compile ({type(e).__name__})"
+
+
+def _fall_back(reason: str) -> None:
+    """Auto mode only: stop using the compiled kernel in this process, say so once."""
+    global _compiled_failed
+    if _compiled_failed is None:
+        _compiled_failed = reason
+        _log.warning("NgramHasher(kernel='auto'): %s; hashing with the exact eager int64 kernel "
+                     "instead (same row ids, a few times slower on CPU). Install a C++ compiler (g++) "
+                     "for the fused kernel, or pass kernel='eager' to choose it explicitly.", reason)
+
+
 class NgramHasher:
     """Hash compressed ids of a batch into row ids for all Engram layers at once.
 
-    `kernel="eager"` (default) uses int64 remainders: exact everywhere, fast on GPUs.
+    `kernel="eager"` uses int64 remainders: exact everywhere, fast on GPUs.
     `kernel="compiled"` fuses an exact float64 formulation with `torch.compile` for batches of
     at least COMPILED_MIN_TOKENS ids (needs a C++ compiler on CPU; the first call of each new
     batch shape compiles for a few seconds): several times faster than eager on CPU. Both give
     identical integers; see benchmarks/bench_hash.py.
+    `kernel="auto"` (default): the compiled kernel for big CPU batches where inductor finds a
+    C++ compiler and the layout's primes allow it, the eager kernel otherwise (small calls such
+    as decode steps, GPUs, and inside a `torch.compile`d model, where the eager ops are traced
+    into the model's graph); a missing compiler is logged once, naming the fallback.
     """
 
     def __init__(
         self, *, layer_ids: Sequence[int], max_ngram_size: int, n_head_per_ngram: int,
         vocab_size_per_ngram: Sequence[int], compressed_vocab_size: int, pad_id: int,
-        seed: int = 0, vocab_fingerprint: str | None = None, kernel: str = "eager",
+        seed: int = 0, vocab_fingerprint: str | None = None, kernel: str = "auto",
     ) -> None:
         layout = HashLayout.build(
             layer_ids=layer_ids, max_ngram_size=max_ngram_size, n_head_per_ngram=n_head_per_ngram,
@@ -111,19 +148,19 @@ class NgramHasher:
         self._init_from_layout(layout, kernel)
 
     @classmethod
-    def from_layout(cls, layout: HashLayout, kernel: str = "eager") -> "NgramHasher":
+    def from_layout(cls, layout: HashLayout, kernel: str = "auto") -> "NgramHasher":
         """A hasher that uses the saved numbers as they are (no random generator involved)."""
         self = cls.__new__(cls)
         self._init_from_layout(layout, kernel)
         return self
 
     @classmethod
-    def from_config(cls, config: Any, vocab_fingerprint: str | None = None, kernel: str = "eager") -> "NgramHasher":
+    def from_config(cls, config: Any, vocab_fingerprint: str | None = None, kernel: str = "auto") -> "NgramHasher":
         return cls.from_layout(HashLayout.from_config(config, vocab_fingerprint), kernel)
 
     def _init_from_layout(self, layout: HashLayout, kernel: str) -> None:
-        if kernel not in ("eager", "compiled"):
-            raise ValueError(f"kernel must be 'eager' or 'compiled', got {kernel!r}")
+        if kernel not in ("auto", "eager", "compiled"):
+            raise ValueError(f"kernel must be 'auto', 'eager' or 'compiled', got {kernel!r}")
         biggest = max(max(p) for p in layout.primes.values())
         if kernel == "compiled" and biggest > MAX_PRIME_FOR_FLOAT_KERNEL:
             raise ValueError(
@@ -132,6 +169,7 @@ class NgramHasher:
             )
         self.layout = layout
         self.kernel = kernel
+        self._float_exact = biggest <= MAX_PRIME_FOR_FLOAT_KERNEL
         self.layer_ids = layout.layer_ids
         self.max_ngram_size = layout.max_ngram_size
         self.pad_id = layout.pad_id
@@ -147,7 +185,7 @@ class NgramHasher:
             mults = torch.tensor([lay.multipliers[l] for l in self.layer_ids], dtype=torch.int64)
             primes = torch.tensor([lay.primes[l] for l in self.layer_ids], dtype=torch.int64)
             consts = [mults, primes]
-            if self.kernel == "compiled":
+            if self._float_exact:
                 consts += [
                     torch.remainder(torch.full_like(primes, 1 << _LIMB), primes).double(),
                     torch.remainder(torch.full_like(primes, 1 << (2 * _LIMB)), primes).double(),
@@ -172,11 +210,32 @@ class NgramHasher:
                 )
         return ids.to(torch.int64)
 
+    def kernel_for(self, ctx: torch.Tensor) -> str:
+        """The kernel a call on `ctx` ([B, N-1+T] ids) runs: "compiled" or "eager"."""
+        if self.kernel == "eager" or ctx.numel() < COMPILED_MIN_TOKENS or torch.compiler.is_compiling():
+            return "eager"
+        if self.kernel == "compiled":
+            return "compiled"
+        if not self._float_exact or ctx.device.type != "cpu" or _compiled_failed is not None:
+            return "eager"
+        reason = _cpu_compiler()
+        if reason is not None:
+            _fall_back(reason)
+            return "eager"
+        return "compiled"
+
     def _rows(self, ctx: torch.Tensor) -> dict[int, torch.Tensor]:
         consts = self._constants(ctx.device)
-        if self.kernel == "compiled" and ctx.numel() >= COMPILED_MIN_TOKENS:
-            rows_LBTH = _get_compiled()(ctx, *consts)
-        else:
+        kernel = self.kernel_for(ctx)
+        rows_LBTH = None
+        if kernel == "compiled":
+            try:
+                rows_LBTH = _get_compiled()(ctx, *consts)
+            except Exception as e:  # auto: a compiler that is present but fails to build
+                if self.kernel != "auto":
+                    raise
+                _fall_back(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        if rows_LBTH is None:
             rows_LBTH = _rows_int(ctx, *consts[:2])
         return {layer_id: rows_LBTH[i] for i, layer_id in enumerate(self.layer_ids)}
 
@@ -184,22 +243,26 @@ class NgramHasher:
         """The N-1 ids 'before the start' of a sequence: all pad, [B, N-1]."""
         return torch.full((batch_size, self.max_ngram_size - 1), self.pad_id, dtype=torch.int64, device=device)
 
-    def hash(self, ids_BT: torch.Tensor) -> dict[int, torch.Tensor]:
-        """{layer_id: rows [B, T, H]} for whole sequences (padded on the left with pad_id)."""
-        ids = self._check_ids(ids_BT, "ids")
+    def hash(self, ids_BT: torch.Tensor, *, check: bool = True) -> dict[int, torch.Tensor]:
+        """{layer_id: rows [B, T, H]} for whole sequences (padded on the left with pad_id).
+
+        `check=False` skips the value range check (a host sync on a GPU): for ids that are
+        compressed ids by construction, such as `EngramLM`'s own."""
+        ids = self._check_ids(ids_BT, "ids") if check else ids_BT
         ctx = torch.cat([self.initial_history(ids.shape[0], ids.device), ids], dim=1)
         return self._rows(ctx)
 
     def hash_step(
-        self, history_BC: torch.Tensor, ids_BS: torch.Tensor
+        self, history_BC: torch.Tensor, ids_BS: torch.Tensor, *, check: bool = True
     ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
         """Rows for S new ids that continue sequences whose last N-1 ids are `history_BC`.
 
         Returns ({layer_id: rows [B, S, H]}, new history [B, N-1]); the rows equal those of
         `hash` on the whole sequence at these positions. Start from `initial_history(B)`.
+        `check=False`: as in `hash`.
         """
-        ids = self._check_ids(ids_BS, "ids")
-        hist = self._check_ids(history_BC, "history")
+        ids = self._check_ids(ids_BS, "ids") if check else ids_BS
+        hist = self._check_ids(history_BC, "history") if check else history_BC
         if hist.shape != (ids.shape[0], self.max_ngram_size - 1):
             raise ValueError(
                 f"history must be [batch={ids.shape[0]}, N-1={self.max_ngram_size - 1}], got "

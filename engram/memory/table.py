@@ -35,8 +35,9 @@ class MemoryTable(nn.Module):
         self.register_buffer("sizes", torch.empty(len(self.table_sizes), dtype=torch.int64, device=device),
                              persistent=False)
         self.reset_buffers()
-        # Range checks cost one device sync per call on a GPU; turn off only for rows that
-        # come straight from this layer's own hasher.
+        # Range checks cost one device sync per call on a GPU. `EngramLM` turns them off for its
+        # tables (its rows come from its own hasher; rows a user passes are checked once in
+        # `EngramLM.check_inputs`), which keeps the forward free of host syncs.
         self.validate_rows = True
         self._pending: PendingFetch | None = None
         self._gather_lock = threading.Lock()
@@ -66,11 +67,26 @@ class MemoryTable(nn.Module):
         """Fill `offsets` (start of each head in the flat table) and `sizes` (after `to_empty`)."""
         if self.offsets.is_meta:
             return
+        offsets, sizes = self._exact_buffers(self.offsets.device)
+        self.offsets.copy_(offsets)
+        self.sizes.copy_(sizes)
+
+    def _exact_buffers(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(offsets, sizes) built from `table_sizes` on `device` (never copied from a meta tensor)."""
         starts = [0]
         for s in self.table_sizes[:-1]:
             starts.append(starts[-1] + s)
-        self.offsets.copy_(torch.tensor(starts, dtype=torch.int64))
-        self.sizes.copy_(torch.tensor(self.table_sizes, dtype=torch.int64))
+        return (torch.tensor(starts, dtype=torch.int64, device=device),
+                torch.tensor(self.table_sizes, dtype=torch.int64, device=device))
+
+    def follow(self, device: torch.device | str) -> None:
+        """Put `offsets` and `sizes` on `device`, the compute device (where row ids live and
+        where host and disk tables deliver their rows). A table built apart from its model (a
+        `load_model(..., table_factory=...)` table on the CPU, a model on a GPU) follows its
+        rows on the first call; a no-op once they agree."""
+        device = torch.device(device)
+        if self.offsets.device != device:
+            self.offsets, self.sizes = self._exact_buffers(device)
 
     def reset_parameters(self) -> None:
         self.reset_buffers()
@@ -94,6 +110,7 @@ class MemoryTable(nn.Module):
             )
 
     def _flat(self, rows_BTH: torch.Tensor) -> torch.Tensor:
+        self.follow(rows_BTH.device)
         if self.validate_rows:
             self.check_rows(rows_BTH)
         return rows_BTH.long() + self.offsets  # flat ids: head h starts at offsets[h]
@@ -109,6 +126,8 @@ class MemoryTable(nn.Module):
 
     def forward(self, rows_BTH: torch.Tensor) -> torch.Tensor:
         flat = self._flat(rows_BTH)
+        if not self.asynchronous:  # resident: nothing prefetched, no worker to lock out, no wait
+            return self.gather(flat)
         pending, self._pending = self._pending, None
         if pending is not None:
             out, waited = pending.wait()
@@ -118,7 +137,7 @@ class MemoryTable(nn.Module):
                 return out
         t0 = time.perf_counter()
         out = self._locked_gather(flat)
-        self.last_wait_s = time.perf_counter() - t0 if self.asynchronous else 0.0
+        self.last_wait_s = time.perf_counter() - t0
         return out
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,11 @@
 """Causal grouped-query attention with RoPE, scaled_dot_product_attention and a KV cache.
 
-Shape legend: B batch, S new positions, P cached positions, H query heads, G kv heads, E head dim.
+Shape legend: B batch, S new positions, C cache capacity, H query heads, G kv heads, E head dim.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -13,19 +15,27 @@ from ..config import ModelConfig
 from .rope import apply_rope, rope_angles
 
 
+@dataclass
 class KVCache:
-    """Keys and values of one layer for every position seen so far: [B, G, P, E]."""
+    """Keys and values of one layer in buffers of fixed capacity C: [B, G, C, E].
 
-    def __init__(self) -> None:
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    Columns [0, length) are written. `length` is the decode state's counter (a 0-d tensor
+    shared by every layer), so the write position is data, not a Python int: one compiled
+    graph (or CUDA graph) serves every decode step. Unwritten columns hold zeros (finite, so a
+    masked-out key contributes exactly 0) and are masked out by the caller.
+    """
 
-    def extend(self, k_BGSE: torch.Tensor, v_BGSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.k is None:
-            self.k, self.v = k_BGSE, v_BGSE
-        else:
-            self.k = torch.cat([self.k, k_BGSE], dim=2)
-            self.v = torch.cat([self.v, v_BGSE], dim=2)
+    k: torch.Tensor  # [B, G, C, E]
+    v: torch.Tensor  # [B, G, C, E]
+    length: torch.Tensor  # [] long, shared with DecodeState.length
+
+    def write(self, k_BGSE: torch.Tensor, v_BGSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store S new keys and values at columns [length, length + S); return the whole buffers.
+        The caller advances `length` once all layers have written."""
+        S = k_BGSE.shape[2]
+        cols_S = self.length.view(1) if S == 1 else self.length + torch.arange(S, device=self.length.device)
+        self.k.index_copy_(2, cols_S, k_BGSE.to(self.k.dtype))
+        self.v.index_copy_(2, cols_S, v_BGSE.to(self.v.dtype))
         return self.k, self.v
 
 
@@ -44,7 +54,8 @@ class Attention(nn.Module):
         self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, *, cache: KVCache | None = None,
         mask_BTK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask_BTK[b, i, j]`: may query i see key j (keys = cached + new). None: plain causal."""
+        """`mask_BTK[b, i, j]`: may query i see key j (keys: the cache's C columns when a cache is
+        given, else the S new positions). None: plain causal (no cache)."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, E]
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, E]
@@ -52,12 +63,11 @@ class Attention(nn.Module):
         cos, sin = rope_angles(positions_BS, self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.extend(k, v)  # [B, G, P + S, E]
+            if mask_BTK is None:
+                raise ValueError("attention over a KV cache needs mask_BTK (which of the C columns each "
+                                 "query may see); EngramLM.forward builds it from the decode state")
+            k, v = cache.write(k, v)  # [B, G, C, E]: the whole buffer, unwritten columns masked
         gqa = self.n_heads != self.n_kv_heads
-        K = k.shape[2]
-        if mask_BTK is None and S > 1 and K > S:
-            # causal with the queries at the end of the keys (SDPA's is_causal aligns to the start)
-            mask_BTK = torch.ones(S, K, dtype=torch.bool, device=q.device).tril(K - S).expand(B, S, K)
         if mask_BTK is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=gqa)
         else:

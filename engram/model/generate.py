@@ -34,43 +34,57 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 1.0, top_k: int
 def generate(
     model: EngramLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-    seed: int | None = None, pad_id: int = 0,
+    seed: int | None = None, pad_id: int = 0, sync_every: int = 8,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`, included).
 
     Returns only the new tokens, one list per prompt. Seeded sampling is reproducible;
-    temperature 0 is greedy.
+    temperature 0 is greedy. Prompt plus new tokens must fit `config.max_seq_len`.
+
+    Tokens stay on the device until the end: the host looks at them only every `sync_every`
+    steps (whether every row has reached `eos_id`; never without an `eos_id`), so a GPU is
+    not stalled once per token. Rows that finish early keep decoding until that check;
+    what follows their first `eos_id` is dropped.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
         raise ValueError(f"need temperature >= 0, 0 < top_p <= 1, top_k >= 1; got {temperature}, {top_p}, {top_k}")
+    if max_new_tokens < 0 or sync_every < 1:
+        raise ValueError(f"need max_new_tokens >= 0 and sync_every >= 1, got {max_new_tokens}, {sync_every}")
     device = model.embed.weight.device
     B, S = len(prompts), max(len(p) for p in prompts)
-    ids = torch.full((B, S), pad_id, dtype=torch.long, device=device)
-    valid = torch.zeros(B, S, dtype=torch.bool, device=device)
+    ids = torch.full((B, S), pad_id, dtype=torch.long)
+    valid = torch.zeros(B, S, dtype=torch.bool)
     for b, p in enumerate(prompts):  # left padding: every prompt ends at the last column
         ids[b, S - len(p):] = torch.tensor(list(p), dtype=torch.long)
         valid[b, S - len(p):] = True
+    ids, valid = ids.to(device), valid.to(device)
+    fed = S + max(max_new_tokens - 1, 0)  # the last sampled token is returned, never fed back
+    model.check_inputs(ids, valid=valid, new_positions=fed - S)
     generator = None
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(seed)
     was_training = model.training
     model.eval()
-    out = model(ids, valid=valid, use_cache=True)
-    state, logits = out.state, out.logits[:, -1]
-    new: list[list[int]] = [[] for _ in range(B)]
-    done = torch.zeros(B, dtype=torch.bool, device=device)
+    state = model.new_state(B, device, max_len=fed)
+    logits = model(ids, state, valid=valid).logits[:, -1]
+    tokens_BN = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
+    done_B = torch.zeros(B, dtype=torch.bool, device=device)
+    n = 0
     for step in range(max_new_tokens):
-        token = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        for b in range(B):
-            if not done[b]:
-                new[b].append(int(token[b]))
+        token_B = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        tokens_BN[:, step] = token_B
+        n = step + 1
         if eos_id is not None:
-            done |= token == eos_id
-        if bool(done.all()) or step == max_new_tokens - 1:
+            done_B |= token_B == eos_id
+            if n % sync_every == 0 and bool(done_B.all()):  # the only sync inside the loop
+                break
+        if n == max_new_tokens:
             break
-        out = model(token.unsqueeze(1), state)
-        state, logits = out.state, out.logits[:, -1]
+        logits = model(token_B.unsqueeze(1), state).logits[:, -1]
     model.train(was_training)
+    new = tokens_BN[:, :n].tolist()
+    if eos_id is not None:
+        new = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in new]
     return new

@@ -78,6 +78,8 @@ class EngramLM(nn.Module):
         self.lm_head = nn.Linear(D, c.vocab_size, bias=False, device=device, dtype=dtype)
         if c.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        for layer in self.engram_layers:  # rows come from the model's own hasher: never re-checked
+            self.blocks[layer].engram.table.validate_rows = False
         if not self.embed.weight.is_meta:
             self.init_weights()
 
@@ -130,19 +132,87 @@ class EngramLM(nn.Module):
             self.compression.copy_(torch.from_numpy(self._compression_np))
 
     # ---------------------------------------------------------------- decoding state
-    def new_state(self, batch_size: int, device: torch.device | str | None = None) -> DecodeState:
-        """An empty state: nothing cached, n-gram history all pad, conv history all zero."""
+    def new_state(self, batch_size: int, device: torch.device | str | None = None, *,
+                  max_len: int | None = None) -> DecodeState:
+        """An empty state for up to `max_len` positions (default `config.max_seq_len`; padding of
+        a left-padded prompt counts): KV caches of that capacity, allocated once and zeroed,
+        nothing written, n-gram history all pad, conv history all zero."""
+        c = self.config
+        C = c.max_seq_len if max_len is None else int(max_len)
+        if not 1 <= C <= c.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}; "
+                             "shorten the input or build the model with a larger max_seq_len")
         device = device or self.embed.weight.device
-        return DecodeState(
-            kv=[KVCache() for _ in self.blocks],
-            key_valid=torch.zeros(batch_size, 0, dtype=torch.bool, device=device),
+        dtype = self.embed.weight.dtype
+        length = torch.zeros((), dtype=torch.long, device=device)
+        kv = []
+        for block in self.blocks:
+            a = block.attn
+            shape = (batch_size, a.n_kv_heads, C, a.head_dim)
+            kv.append(KVCache(torch.zeros(shape, dtype=dtype, device=device),
+                              torch.zeros(shape, dtype=dtype, device=device), length))
+        conv = {}
+        for layer in self.engram_layers:
+            sc = self.blocks[layer].engram.short_conv
+            conv[layer] = ShortConvState() if sc is None else ShortConvState(
+                history=torch.zeros(batch_size, sc.context, sc.n_branches * sc.dim, dtype=dtype, device=device))
+        state = DecodeState(
+            kv=kv, key_valid=torch.zeros(batch_size, C, dtype=torch.bool, device=device), length=length,
             next_position=torch.zeros(batch_size, dtype=torch.long, device=device),
             ngram_history=None if self.hasher is None else self.hasher.initial_history(batch_size, device),
-            conv={layer: ShortConvState() for layer in self.engram_layers},
+            conv=conv,
         )
+        for t in state.tensors():  # updated in place at fixed addresses: CUDA graphs need no copies
+            torch._dynamo.mark_static_address(t)
+        return state
 
     def compress(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.compression[input_ids_BS]
+
+    # ---------------------------------------------------------------- input validation
+    def check_inputs(
+        self, input_ids: torch.Tensor, *, valid: torch.Tensor | None = None, state: DecodeState | None = None,
+        rows: dict[int, torch.Tensor] | None = None, new_positions: int = 0,
+    ) -> None:
+        """Validate inputs once, at the API boundary (generate, the CLI, a data loader), so that
+        `forward` needs no host syncs: ids must be in [0, vocab_size) (an out-of-range id is an
+        index error on a CPU and a device assert on a GPU inside forward), the sequence must fit
+        `max_seq_len` or the state's capacity (plus `new_positions` to be decoded after it), and
+        precomputed `rows` must be in range for every table. Costs one or two host syncs."""
+        c = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        B, S = input_ids.shape
+        if input_ids.numel():
+            lo, hi = torch.aminmax(input_ids)
+            lo, hi = int(lo), int(hi)
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"input_ids must be in [0, {c.vocab_size}), got values in [{lo}, {hi}]")
+        if valid is not None and tuple(valid.shape) != (B, S):
+            raise ValueError(f"valid must be [batch, time] = {(B, S)} like input_ids, got {tuple(valid.shape)}")
+        if state is None:
+            used, room, what = 0, c.max_seq_len, f"max_seq_len={c.max_seq_len}"
+        else:
+            if state.batch_size != B:
+                raise ValueError(f"state holds {state.batch_size} sequences, input_ids has {B}")
+            used, room, what = int(state.length), state.capacity, f"the decode state's capacity {state.capacity}"
+        if used + S + new_positions > room:
+            raise ValueError(
+                f"input longer than {what}: {used} positions held + {S} given + {new_positions} to decode "
+                f"= {used + S + new_positions}; shorten the input (or prompt + max_new_tokens), or use "
+                "new_state(batch, max_len=...) up to config.max_seq_len")
+        for layer, rows_BTH in (rows or {}).items():
+            if layer not in self.engram_layers:
+                raise ValueError(f"rows given for block {layer}, which has no Engram module "
+                                 f"(Engram layers: {self.engram_layers})")
+            if tuple(rows_BTH.shape[:2]) != (B, S):
+                raise ValueError(f"rows[{layer}] must be [batch, time, H] matching input_ids {(B, S)}, "
+                                 f"got {tuple(rows_BTH.shape)}")
+            self.blocks[layer].engram.table.check_rows(rows_BTH.to(input_ids.device))
+        if rows is not None and set(rows) != set(self.engram_layers):
+            raise ValueError(f"rows must have every Engram layer {self.engram_layers}, got {sorted(rows)}")
 
     # ---------------------------------------------------------------- forward
     def forward(
@@ -154,45 +224,76 @@ class EngramLM(nn.Module):
 
         `valid` [B, S] bool marks real tokens (False = left padding in a batch of prompts of
         different lengths). `rows` = precomputed `hasher.hash(...)` from a data pipeline.
-        With `use_cache=True` (or a state) the returned state continues the sequences.
+        With `use_cache=True` (or a state) the returned state continues the sequences; the
+        state is updated in place.
+
+        No host syncs and no data-dependent branches, so `torch.compile(model, fullgraph=True)`
+        traces the training forward and a decode step whole: values are not checked here
+        (call `check_inputs` once at the boundary); only shapes are.
         """
         c = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        if input_ids.numel():
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= c.vocab_size:
-                raise ValueError(f"input_ids must be in [0, {c.vocab_size}), got values in [{lo}, {hi}]")
+        dev = input_ids.device
         if state is None and use_cache:
-            state = self.new_state(B, input_ids.device)
-        if state is not None and state.batch_size != B:
-            raise ValueError(f"state holds {state.batch_size} sequences, input_ids has {B}")
-        all_valid = valid is None or bool(valid.all())
-        valid_BS = torch.ones(B, S, dtype=torch.bool, device=input_ids.device) if valid is None else valid.bool()
+            state = self.new_state(B, dev)
+        if state is None and S > c.max_seq_len:
+            raise ValueError(f"input longer than max_seq_len: {S} > {c.max_seq_len} positions; split it "
+                             "into windows of at most max_seq_len, or build the model with a larger max_seq_len")
+        if state is not None:
+            if state.batch_size != B:
+                raise ValueError(f"state holds {state.batch_size} sequences, input_ids has {B}")
+            if S > state.capacity:
+                raise ValueError(f"input longer than the decode state's capacity: {S} > {state.capacity} "
+                                 "positions; create it with new_state(batch, max_len=...) up to max_seq_len")
+            # a value check without a host sync: immediate on a CPU, a device assert on a GPU
+            torch._assert_async(state.length + S <= state.capacity,
+                                "input longer than the decode state's capacity (see EngramLM.check_inputs)")
+        valid_BS = None if valid is None else valid.to(torch.bool)
 
         # positions: each sequence counts only its real tokens
-        start_B = state.next_position if state is not None else torch.zeros(B, dtype=torch.long, device=input_ids.device)
-        positions_BS = (start_B.unsqueeze(1) + valid_BS.long().cumsum(1) - 1).clamp_min(0)
-        # attention mask, only when padding is involved (else plain causal, cache-aligned)
-        past_valid = state.key_valid if state is not None else valid_BS[:, :0]
-        key_valid_BK = torch.cat([past_valid, valid_BS], dim=1)
-        mask_BSK = None
-        if not (all_valid and bool(past_valid.all())):
-            P = past_valid.shape[1]
-            causal_SK = torch.ones(S, P + S, dtype=torch.bool, device=input_ids.device).tril(P)
-            k_idx = torch.arange(P + S, device=input_ids.device)
-            self_SK = k_idx.unsqueeze(0) == (k_idx[P:].unsqueeze(1))  # every query sees itself (no empty rows)
-            mask_BSK = (causal_SK & key_valid_BK.unsqueeze(1)) | self_SK
-
-        # Engram addressing: all layers at once, before the blocks
-        if self.hasher is not None:
-            cids = torch.where(valid_BS, self.compress(input_ids), self.hasher.pad_id)  # pads read as "before start"
+        if valid_BS is None:
+            steps_S = torch.arange(S, device=dev)
+            positions_BS = steps_S.expand(B, S) if state is None else state.next_position.unsqueeze(1) + steps_S
+        else:
+            counted_BS = valid_BS.long().cumsum(1) - 1
             if state is not None:
-                step_rows, state.ngram_history = self.hasher.hash_step(state.ngram_history, cids)
+                counted_BS = counted_BS + state.next_position.unsqueeze(1)
+            positions_BS = counted_BS.clamp_min(0)
+
+        # attention mask: static decisions only (whether a state / padding is given, never values)
+        mask_BSK = None
+        if state is not None:  # keys: the cache's C columns; this chunk writes [length, length + S)
+            cols_S = state.length.view(1) if S == 1 else state.length + torch.arange(S, device=dev)
+            if valid_BS is None:
+                state.key_valid.index_fill_(1, cols_S, True)
+            else:
+                state.key_valid.index_copy_(1, cols_S, valid_BS)
+            mask_BSK = state.key_valid.unsqueeze(1)  # [B, 1, C]: unwritten columns are False
+            if S > 1:  # causal inside the chunk
+                mask_BSK = mask_BSK & (torch.arange(state.capacity, device=dev) <= cols_S.unsqueeze(1))
+            if valid_BS is not None:  # every query sees itself (a padded query has no other key)
+                mask_BSK = mask_BSK | (torch.arange(state.capacity, device=dev) == cols_S.unsqueeze(1))
+        elif valid_BS is not None:
+            causal_SS = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
+            self_SS = torch.eye(S, dtype=torch.bool, device=dev)
+            mask_BSK = (causal_SS & valid_BS.unsqueeze(1)) | self_SS
+
+        # Engram addressing: all layers at once, before the blocks. The ids are compressed by
+        # construction (ids were checked at the boundary), so the hasher checks nothing here.
+        if rows is not None:
+            rows = {layer: r.to(dev) for layer, r in rows.items()}
+        if self.hasher is not None:
+            cids = self.compress(input_ids)
+            if valid_BS is not None:
+                cids = torch.where(valid_BS, cids, self.hasher.pad_id)  # pads read as "before start"
+            if state is not None:
+                step_rows, history = self.hasher.hash_step(state.ngram_history, cids, check=False)
+                state.ngram_history.copy_(history)
                 rows = rows if rows is not None else step_rows
             elif rows is None:
-                rows = self.hasher.hash(cids)
+                rows = self.hasher.hash(cids, check=False)
             if c.engram.single_row:
                 rows = {layer: torch.zeros_like(r) for layer, r in rows.items()}
 
@@ -208,7 +309,7 @@ class EngramLM(nn.Module):
                 x, positions_BS, rows_BTH=None if rows is None else rows.get(i),
                 cache=None if state is None else state.kv[i], mask_BTK=mask_BSK,
                 conv_state=None if state is None else state.conv.get(i),
-                valid_BT=None if all_valid else valid_BS, record=record,
+                valid_BT=valid_BS, record=record,
             )
             if inter is not None:
                 inter["hidden_states"].append(merge_streams(x))
@@ -216,8 +317,8 @@ class EngramLM(nn.Module):
                     inter["gates"][i] = record["gates"]
         logits = self.lm_head(self.norm(merge_streams(x)))
         if state is not None:
-            state.key_valid = key_valid_BK
-            state.next_position = start_B + valid_BS.long().sum(1)
+            state.next_position.add_(S if valid_BS is None else valid_BS.sum(1))
+            state.length.add_(S)
         waited = sum(self.blocks[layer].engram.table.last_wait_s for layer in self.engram_layers)
         return LMOutput(logits=logits, state=state, intermediates=inter, table_wait_s=waited)
 
@@ -230,6 +331,7 @@ class EngramLM(nn.Module):
             raise ValueError(
                 f"table for layer {layer} has sizes {tuple(table.table_sizes)[:3]}... x {table.embedding_dim}, the "
                 f"model needs {tuple(old.table_sizes)[:3]}... x {old.embedding_dim} (hash layout mismatch)")
+        table.validate_rows = False  # the model's rows come from its hasher (user rows: check_inputs)
         self.blocks[layer].engram.table = table
 
     # ---------------------------------------------------------------- training helpers

@@ -141,12 +141,25 @@ def test_intermediates_for_analysis():
 
 def test_bad_inputs_are_clear_errors():
     model = build(small_config())
+    # values are checked once at the boundary (forward has no host syncs)
     with pytest.raises(ValueError, match=r"\[0, 97\)"):
-        model(torch.tensor([[1, 97]]))
-    with pytest.raises(ValueError, match="batch, time"):
-        model(torch.tensor([1, 2]))
-    with pytest.raises(ValueError, match="state holds 2 sequences"):
-        model(torch.tensor([[1]]), model.new_state(2))
+        model.check_inputs(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match=r"\[0, 97\)"):
+        model.check_inputs(torch.tensor([[-1, 3]]))
+    with pytest.raises(TypeError, match="integer"):
+        model.check_inputs(torch.tensor([[1.0, 2.0]]))
+    model.check_inputs(torch.tensor([[0, 96]]))  # the whole range is fine
+    for check in (model, model.check_inputs):  # shapes: in forward too
+        with pytest.raises(ValueError, match="batch, time"):
+            check(torch.tensor([1, 2]))
+        with pytest.raises(ValueError, match="state holds 2 sequences"):
+            check(torch.tensor([[1]]), state=model.new_state(2))
+    rows = model.hasher.hash(model.compress(torch.tensor([[1, 2, 3]])))
+    model.check_inputs(torch.tensor([[1, 2, 3]]), rows=rows)
+    rows[2] = rows[2].clone()
+    rows[2][0, 1, 3] = model.blocks[2].engram.table.table_sizes[3]
+    with pytest.raises(ValueError, match="out of range for hash table 3"):
+        model.check_inputs(torch.tensor([[1, 2, 3]]), rows=rows)
     with pytest.raises(ValueError, match="compression table"):
         EngramLM(small_config(), compression=torch.arange(50).numpy())
 
