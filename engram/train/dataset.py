@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -70,6 +71,16 @@ class PreparedData:
         return cls(root=root, tokenizer=load_tokenizer(root / "tokenizer.json"),
                    train=TokenStream(root / "train.bin", counts["train"]["dtype"]),
                    val=TokenStream(root / "val.bin", counts["val"]["dtype"]), counts=counts)
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What identifies the data a run trained on, cheap to recompute: the tokenizer's sha256,
+        the token files' counts and sizes, and the documents' sha256 from corpus.json (when the
+        folder has one). A run resumed on other data is refused on this."""
+        corpus = self.root / "corpus.json"
+        docs = json.loads(corpus.read_text()) if corpus.is_file() else {}
+        splits = {split: {**self.counts[split], "file_bytes": (self.root / f"{split}.bin").stat().st_size,
+                          "documents_sha256": docs.get(split, {}).get("sha256")} for split in ("train", "val")}
+        return {"tokenizer_sha256": hashlib.sha256((self.root / "tokenizer.json").read_bytes()).hexdigest(), **splits}
 
     def bytes_per_token(self, split: str = "val") -> float:
         c = self.counts[split]

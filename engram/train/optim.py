@@ -27,7 +27,11 @@ def coalesce(grad: torch.Tensor) -> torch.Tensor:
     if grad.is_coalesced() or grad.device.type != "cpu" or grad.sparse_dim() != 1:
         return grad.coalesce()
     rows_N, inverse = torch.unique(grad._indices()[0], return_inverse=True)
-    values_NE = grad._values().new_zeros((len(rows_N), *grad.shape[1:])).index_add_(0, inverse, grad._values())
+    values = grad._values()
+    # sums in float32 (bfloat16 tables: one rounding per row instead of one per duplicate)
+    acc = torch.float32 if values.dtype in (torch.bfloat16, torch.float16) else values.dtype
+    values_NE = values.new_zeros((len(rows_N), *grad.shape[1:]), dtype=acc).index_add_(
+        0, inverse, values.to(acc)).to(values.dtype)
     return torch.sparse_coo_tensor(rows_N.unsqueeze(0), values_NE, grad.shape, is_coalesced=True,
                                    check_invariants=False)
 
@@ -50,6 +54,18 @@ def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"gradients must be dense or sparse COO, got layout {grad.layout}")
     rows_N = grad.ne(0).any(dim=1).nonzero().squeeze(1)
     return rows_N, grad.index_select(0, rows_N)
+
+
+def _load_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
+    """`Optimizer.load_state_dict`, then the saved tensors again as they were: the base class
+    casts every floating state tensor to its parameter's dtype, which would round a bfloat16
+    table's float32 moments to bfloat16; step counts are moved to the parameter's device."""
+    torch.optim.Optimizer.load_state_dict(opt, state_dict)
+    for saved_group, group in zip(state_dict["param_groups"], opt.param_groups):
+        for pid, p in zip(saved_group["params"], group["params"]):
+            for key, value in state_dict["state"].get(pid, {}).items():
+                if isinstance(value, torch.Tensor):
+                    opt.state[p][key] = value.to(device=p.device, copy=True)
 
 
 class SparseRowAdam(torch.optim.Optimizer):
@@ -145,15 +161,65 @@ class SparseRowAdam(torch.optim.Optimizer):
         p.index_copy_(0, rows_N, w_NE.to(p.dtype))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As the base class, then the saved tensors again as they were: the base class casts
-        every floating state tensor to its parameter's dtype, which would round a bfloat16
-        table's float32 moments to bfloat16; step counts are moved to the parameter's device."""
-        super().load_state_dict(state_dict)
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                for key, value in state_dict["state"].get(pid, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, copy=True)
+        _load_keeping_dtypes(self, state_dict)
+
+
+class Float32StateAdam(torch.optim.Optimizer):
+    """torch.optim.Adam for parameters stored in low precision (bfloat16 tables): the moments
+    are float32 and the update is computed in float32, the parameter is rounded once per step.
+    torch.optim.Adam would keep bfloat16 moments (exp_avg_sq of a small gradient underflows
+    there) and round every intermediate. For float32 parameters it is torch.optim.Adam
+    (foreach=False) operation for operation. `weight_decay` is Adam's L2 term, as in torch.
+    Rows are updated in chunks of `chunk_rows`, which bounds the float32 temporaries.
+
+    State: exp_avg, exp_avg_sq float32 of the parameter's shape (8 bytes/element), step (int).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0, chunk_rows: int = 1 << 16) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"need lr, eps, weight_decay >= 0 and betas in [0, 1), got lr={lr}, eps={eps}, "
+                             f"weight_decay={weight_decay}, betas={betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.chunk_rows = chunk_rows
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("Float32StateAdam takes dense gradients; use SparseRowAdam for sparse ones")
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                           memory_format=torch.preserve_format)
+                state["step"] += 1
+                t = state["step"]
+                step_size, bc2_sqrt = lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5
+                rows = [...] if p.dim() == 0 else [slice(i, i + self.chunk_rows)
+                                                   for i in range(0, p.shape[0], self.chunk_rows)]
+                for r in rows:  # chunks of rows: views into the parameter and its state
+                    w, g = p[r].float(), p.grad[r].float()  # float32 parameters: views, updated in place
+                    if wd:
+                        g = g.add(w, alpha=wd)
+                    m, v = state["exp_avg"][r], state["exp_avg_sq"][r]
+                    m.lerp_(g, 1 - beta1)
+                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                    w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+                    p[r].copy_(w)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        _load_keeping_dtypes(self, state_dict)
 
 
 def build_optimizers(model, *, lr: float, weight_decay: float = 0.1, betas: tuple[float, float] = (0.9, 0.95),
@@ -162,7 +228,8 @@ def build_optimizers(model, *, lr: float, weight_decay: float = 0.1, betas: tupl
 
     Groups come from `model.param_groups` (backbone matrices decayed; norms, biases, embeddings
     not). The tables follow the paper: lr x `table_lr_multiplier`, weight decay 0, with
-    "adam": torch.optim.Adam (dense state; needs dense gradients, engram.sparse_grad=False),
+    "adam": torch.optim.Adam (dense state; needs dense gradients, engram.sparse_grad=False;
+    `Float32StateAdam` when the tables are stored in bfloat16, so the moments stay float32),
     "sparse_adam": SparseRowAdam(moments="full"), "row_adam": SparseRowAdam(moments="row").
     Step and zero every optimizer in the list each iteration.
     """
@@ -179,8 +246,10 @@ def build_optimizers(model, *, lr: float, weight_decay: float = 0.1, betas: tupl
     optimizers: list[torch.optim.Optimizer] = [torch.optim.AdamW(backbone, lr=lr, betas=betas, weight_decay=weight_decay)]
     if tables:
         table_lr = lr * table_lr_multiplier
-        if table_optimizer == "adam":
+        if table_optimizer == "adam" and all(p.dtype == torch.float32 for g in tables for p in g["params"]):
             optimizers.append(torch.optim.Adam(tables, lr=table_lr, betas=betas, weight_decay=0.0))
+        elif table_optimizer == "adam":  # tables stored in bfloat16: float32 moments all the same
+            optimizers.append(Float32StateAdam(tables, lr=table_lr, betas=betas, weight_decay=0.0))
         else:
             moments = "full" if table_optimizer == "sparse_adam" else "row"
             optimizers.append(SparseRowAdam(tables, lr=table_lr, betas=betas, weight_decay=0.0, moments=moments))

@@ -90,6 +90,6 @@ def test_corrupt_checkpoint_falls_back_to_the_previous(small_dataset, tmp_path):
 def test_resume_with_other_settings_is_refused(small_dataset, tmp_path):
     cfg = TrainConfig(max_steps=2, batch_size=4, seq_len=32, eval_every=2, checkpoint_every=2, sample_prompt="")
     train(tmp_path / "run", cfg, data_dir=small_dataset, log=lambda *a: None, progress=False)
-    with pytest.raises(ValueError, match="only --max-steps may change"):
+    with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 -> 0.01\); resume with the same ones \(only --max-steps"):
         train(tmp_path / "run", TrainConfig(**{**cfg.to_dict(), "lr": 1e-2}), data_dir=small_dataset,
               resume=True, log=lambda *a: None, progress=False)

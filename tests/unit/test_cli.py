@@ -20,4 +20,69 @@ def test_demo_addresses_the_sample(capsys, tmp_path):
 def test_missing_tokenizer_is_one_line_exit_2(capsys, tmp_path):
     assert main(["demo", "--tokenizer", str(tmp_path / "missing.json")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("engram: error: tokenizer file") and err.count("\n") == 1
+    assert err.startswith("engram: error: ") and err.count("\n") == 1
+    assert "argument --tokenizer: " in err and "missing.json does not exist" in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--out", "{tmp}/r", "--batch-size", "0"], "argument --batch-size: needs an integer >= 1, got '0'"),
+    (["train", "--out", "{tmp}/r", "--max-steps", "x"], "argument --max-steps: needs an integer >= 1, got 'x'"),
+    (["train", "--out", "{tmp}/r", "--grad-accum", "-2"], "argument --grad-accum: needs an integer >= 1"),
+    (["train", "--out", "{tmp}/r", "--lr", "-1"], "argument --lr: needs a number > 0, got '-1'"),
+    (["train", "--out", "{tmp}/r", "--lr", "nan"], "argument --lr: needs a number > 0, got 'nan'"),
+    (["train", "--out", "{tmp}/r", "--seed", "-1"], "argument --seed: needs an integer >= 0"),
+    (["train", "--out", "{tmp}/r", "--max-bad-steps", "0"], "argument --max-bad-steps: needs an integer >= 1"),
+    (["train", "--out", "{tmp}/r", "--warmup-steps", "-5"], "argument --warmup-steps: needs an integer >= 0"),
+    (["train", "--out", "{tmp}/r", "--device", "gpu"], "argument --device: needs auto, cpu, cuda or cuda:N"),
+    (["train", "--out", "{tmp}/r", "--dtype", "fp16"], "argument --dtype: invalid choice: 'fp16'"),
+    (["train", "--out", "{tmp}/file.txt"], "argument --out: {tmp}/file.txt is a file; give a folder"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}/file.txt"], "argument --data: {tmp}/file.txt is a file"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}/nothing"], "argument --data: {tmp}/nothing does not exist"),
+    (["train", "--out", "{tmp}/r", "--config", "{tmp}/missing.json"], "{tmp}/missing.json does not exist"),
+    (["train", "--out", "{tmp}/r", "--config", "{tmp}"], "argument --config: {tmp} is a folder; give a file"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}", "--config", "{tmp}/file.txt"], "file.txt is not valid JSON"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}", "--config", "{tmp}/list.json"], "not an object"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}", "--config", "{tmp}/partial.json"], "vocab_size"),
+    (["train", "--out", "{tmp}/r", "--data", "{tmp}", "--config", "{tmp}/list.json", "--preset", "tiny"],
+     "either --preset NAME or --config FILE"),
+    (["config", "--vocab-size", "0"], "argument --vocab-size: needs an integer >= 1"),
+    (["config", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    (["data", "build", "--out", "{tmp}/d", "--val-fraction", "1"], "needs a number strictly between 0 and 1"),
+    (["data", "build", "--out", "{tmp}/d", "--vocab-size", "0"], "argument --vocab-size: needs an integer >= 1"),
+    (["eval", "{tmp}/missing"], "argument run: {tmp}/missing does not exist"),
+    (["eval", "{tmp}", "--windows", "0"], "argument --windows: needs an integer >= 1"),
+    (["eval", "{tmp}", "--cache-rows", "-1"], "argument --cache-rows: needs an integer >= 1"),
+    (["eval", "{tmp}", "--tables", "{tmp}/file.txt"], "argument --tables: {tmp}/file.txt is a file"),
+    (["generate", "{tmp}", "--prompt", "x", "--top-p", "1.5"], "argument --top-p: needs a number in (0, 1]"),
+    (["generate", "{tmp}", "--prompt", "x", "--temperature", "-0.1"], "argument --temperature: needs a number >= 0"),
+    (["generate", "{tmp}", "--prompt", "x", "--max-new-tokens", "0"], "argument --max-new-tokens: needs an integer"),
+    (["generate", "{tmp}", "--prompt", "x", "--top-k", "0"], "argument --top-k: needs an integer >= 1"),
+    (["experiment", "ablations", "--seeds", "0"], "argument --seeds: needs an integer >= 1"),
+    (["experiment", "engram_vs_moe", "--rho", "0"], "argument --rho: needs a number in (0, 1]"),
+    (["analyze", "gates", "{tmp}", "--windows", "-3"], "argument --windows: needs an integer >= 1"),
+    (["offload", "{tmp}/file.txt", "--out", "{tmp}/t"], "argument path: {tmp}/file.txt is a file; give a folder"),
+])
+def test_bad_options_are_one_line_exit_2(argv, message, tmp_path, capsys):
+    """Checked by argparse types before any work: nothing is built, nothing is trained."""
+    (tmp_path / "file.txt").write_text("not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "partial.json").write_text(json.dumps({"hidden_size": 64}))
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("engram: error: ") and err.count("\n") == 1, err
+    assert message.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "small", "engram_27b"])
+def test_config_writes_a_model_config_that_reads_back(preset, capsys):
+    from engram.config import ModelConfig
+    from engram.train.loop import preset_config
+
+    assert main(["config", "--preset", preset, "--vocab-size", "1000"]) == 0
+    config = ModelConfig.from_dict(json.loads(capsys.readouterr().out))
+    assert config == preset_config(preset, vocab_size=1000)
+    assert config.vocab_size == 1000
+    if config.engram is not None:  # without --data: raw ids (no tokenizer compression)
+        assert config.engram.compressed_vocab_size == 1000

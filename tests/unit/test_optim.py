@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engram import EngramLM, presets
-from engram.train.optim import SparseRowAdam, build_optimizers, clip_grad_norm, coalesce
+from engram.train.optim import Float32StateAdam, SparseRowAdam, build_optimizers, clip_grad_norm, coalesce
 
 HP = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-8)
 
@@ -175,6 +175,72 @@ def test_bfloat16_tables_are_updated_in_float32(rng):
         opt.step()
     assert p16.dtype == torch.bfloat16 and opts[1].state[p16]["exp_avg"].dtype == torch.float32
     assert max_diff(p16, p32) < 0.05  # bfloat16 rounding of the weights and the gradient only
+
+
+def test_bfloat16_duplicates_are_summed_in_float32():
+    """A row read 64 times: its gradient is the float32 sum rounded once to bfloat16, not 63
+    bfloat16 additions (which drift by ~64 * 2^-9 relative)."""
+    w = torch.nn.Parameter(torch.zeros(4, 8, dtype=torch.bfloat16))
+    grad_out = torch.randn(64, 8)
+    F.embedding(torch.full((64,), 2), w, sparse=True).backward(grad_out.to(torch.bfloat16))
+    summed = coalesce(w.grad)
+    assert summed.dtype == torch.bfloat16 and summed.indices().tolist() == [[2]]
+    expected = grad_out.to(torch.bfloat16).float().sum(0).to(torch.bfloat16)
+    assert torch.equal(summed.values()[0], expected)
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+def test_float32_state_adam_is_torch_adam_for_float32(rng, wd):
+    """For float32 parameters: torch.optim.Adam(foreach=False) operation for operation, so equal
+    bit for bit; chunking the rows changes nothing."""
+    w0 = torch.randn(37, 5)
+    ours, ref = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone())
+    opt = Float32StateAdam([ours], weight_decay=wd, chunk_rows=8, **HP)
+    dense = torch.optim.Adam([ref], weight_decay=wd, foreach=False, **HP)
+    for _ in range(6):
+        g = torch.randn(37, 5)
+        ours.grad, ref.grad = g.clone(), g.clone()
+        opt.step()
+        dense.step()
+    assert torch.equal(ours, ref), max_diff(ours, ref)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(opt.state[ours][key], dense.state[ref][key]), key
+
+
+def test_float32_state_adam_rounds_bfloat16_once_per_step(rng):
+    """bfloat16 parameter, float32 moments: each step is the float32 Adam step from the
+    (upcast) bfloat16 weights, rounded to bfloat16 once; the state stays float32 through a
+    state-dict round trip."""
+    w0 = torch.randn(20, 4).to(torch.bfloat16)
+    p16 = torch.nn.Parameter(w0.clone())
+    opt = Float32StateAdam([p16], **HP)
+    shadow = torch.nn.Parameter(w0.float())
+    ref = torch.optim.Adam([shadow], foreach=False, **HP)
+    for _ in range(4):
+        g = torch.randn(20, 4).to(torch.bfloat16)
+        p16.grad, shadow.grad = g, g.float()
+        opt.step()
+        ref.step()
+        with torch.no_grad():
+            assert torch.equal(p16, shadow.to(torch.bfloat16))
+            shadow.copy_(p16.float())  # the next step starts from the rounded weights, as ours does
+    assert opt.state[p16]["exp_avg"].dtype == torch.float32
+    assert torch.equal(opt.state[p16]["exp_avg_sq"], ref.state[shadow]["exp_avg_sq"])
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    again = Float32StateAdam([torch.nn.Parameter(p16.detach().clone())], **HP)
+    again.load_state_dict(torch.load(buf))
+    state = next(iter(again.state.values()))
+    assert state["exp_avg"].dtype == torch.float32 and state["step"] == 4
+
+
+def test_build_optimizers_keeps_bfloat16_tables_in_float32_state():
+    from engram.train.engine import cast_tables
+
+    model = EngramLM(presets.tiny(vocab_size=300))
+    cast_tables(model, "bf16")
+    assert type(build_optimizers(model, lr=1e-3)[1]) is Float32StateAdam
 
 
 def test_parameters_without_gradient_are_skipped():

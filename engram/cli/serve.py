@@ -1,0 +1,160 @@
+"""`engram eval`, `generate`, `offload` and `info`: use what a run trained."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .args import (UserError, add_device_options, existing_dir, nonneg_float, nonneg_int, out_dir, positive_int,
+                   probability)
+
+
+def newest_checkpoint(run: Path) -> Path:
+    from engram.train.checkpoint import latest_good_checkpoint
+
+    if not (run / "run.json").is_file():
+        raise UserError(f"{run} is not a training run folder (no run.json); give the --out folder of engram train")
+    ckpt = latest_good_checkpoint(run, warn=lambda m: print(m, file=sys.stderr))
+    if ckpt is None:
+        raise UserError(f"{run} has no usable checkpoint yet")
+    return ckpt
+
+
+def open_run(run_dir: str, tables: str | None = None, cache_rows: int | None = None, device: str | None = None):
+    """(model, run.json, checkpoint path) of a run's newest good checkpoint, on `device`; with
+    `tables` (a folder from `engram offload`) the Engram tables are served from disk, never loaded."""
+    from engram.model.io import load_model
+    from engram.train.checkpoint import verify_checkpoint
+    from engram.train.engine import resolve_device
+
+    run = Path(run_dir)
+    ckpt = newest_checkpoint(run)
+    verify_checkpoint(ckpt)
+    factory = None
+    if tables:
+        from engram.memory.cache import CachedTable
+        from engram.memory.offload import DiskTable
+
+        def factory(layer, sizes, dim):
+            stem = Path(tables) / f"layer{layer}"
+            if not Path(str(stem) + ".json").is_file():
+                raise UserError(f"{tables} has no table for Engram layer {layer}; run engram offload {run_dir} --out {tables}")
+            table = DiskTable.open(stem, verify=False, release_every=1)  # RSS bounded by the cache
+            return CachedTable(table, capacity_rows=cache_rows) if cache_rows else table
+    elif cache_rows:
+        raise UserError("--cache-rows needs --tables (a folder made by engram offload)")
+    model = load_model(ckpt, device=resolve_device(device or "auto"), table_factory=factory)
+    return model.eval(), json.loads((run / "run.json").read_text()), ckpt
+
+
+def cmd_offload(args: argparse.Namespace) -> None:
+    """Write a run's (or model folder's) Engram tables as memory-mapped files for serving from disk."""
+    from engram.memory.offload import convert_checkpoint_tables
+
+    path = Path(args.path)
+    source = newest_checkpoint(path) if (path / "run.json").is_file() else path
+    stems = convert_checkpoint_tables(source, args.out)
+    if not stems:
+        raise UserError(f"{source} has no Engram tables")
+    for layer, stem in stems.items():
+        size = Path(str(stem) + ".bin").stat().st_size
+        print(f"layer {layer}: {stem}.bin ({size / 2**20:,.1f} MiB)")
+    print(f"serve with: engram eval {args.path} --tables {args.out} --cache-rows N")
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    """Validation loss and bits per byte of a run's newest checkpoint."""
+    import resource
+
+    from engram.train.dataset import PreparedData
+    from engram.train.loop import evaluate
+
+    model, run, ckpt = open_run(args.run, args.tables, args.cache_rows, args.device)
+    seq_len = args.seq_len or run["train"]["seq_len"]
+    if seq_len > model.config.max_seq_len:
+        raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {model.config.max_seq_len}; "
+                        f"use {model.config.max_seq_len} or less")
+    data = PreparedData.open(args.data or run["data_dir"])
+    result = evaluate(model, data, seq_len, args.windows, dtype=args.dtype or "fp32")
+    print(f"{ckpt.name}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte "
+          f"over {result['val_tokens']:,} tokens")
+    if args.tables:
+        stats = [b.engram.table.stats() for b in model.blocks if b.engram is not None
+                 and hasattr(b.engram.table, "stats")]
+        hit = f", cache hit rate {sum(s['hits'] for s in stats) / max(1, sum(s['requests'] for s in stats)):.3f}" \
+            if stats else ""
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(f"tables served from {args.tables}{hit}; peak RSS {peak:,.0f} MB")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Continue a prompt with a run's newest checkpoint."""
+    from engram.train.dataset import PreparedData
+    from engram.train.loop import sample_text
+
+    model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device)
+    tok = PreparedData.open(run["data_dir"]).tokenizer
+    print(sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype or "fp32"))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    """Parameter table, hash layout and tokenizer of a run (or a model folder)."""
+    from engram.model.accounting import format_counts, param_counts
+    from engram.model.io import load_model
+
+    path = Path(args.path)
+    if (path / "run.json").is_file():
+        model, run, ckpt = open_run(args.path, device="cpu")
+        print(f"run {path}: checkpoint {ckpt.name}, data {run['data_dir']}")
+    else:
+        model = load_model(path)
+    print(format_counts(param_counts(model)))
+    c = model.config
+    print(f"\nbackbone: {c.n_layers} blocks x width {c.hidden_size}, {c.n_heads} heads ({c.kv_heads} kv), "
+          f"M={c.n_branches} streams, " + (f"MoE {c.moe.n_routed_experts} experts top-{c.moe.top_k}"
+                                          if c.moe else "dense MLP"))
+    if model.layout is not None:
+        lay = model.layout
+        print(f"hash layout: Engram layers {list(lay.layer_ids)} (0-based), N={lay.max_ngram_size}, "
+              f"{lay.n_head_per_ngram} heads/order, compressed vocab {lay.compressed_vocab_size:,}, seed {lay.seed}")
+        for layer in lay.layer_ids:
+            print(f"  layer {layer}: table sizes {list(lay.primes[layer])}")
+    print(f"tokenizer: {c.vocab_size:,} ids" + (f" -> {c.engram.compressed_vocab_size:,} compressed"
+                                              if c.engram else ""))
+
+
+def add_commands(sub) -> None:
+    ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
+    ev.add_argument("run", type=existing_dir, help="run folder")
+    ev.add_argument("--data", type=existing_dir, help="another dataset folder to evaluate on")
+    ev.add_argument("--seq-len", type=positive_int)
+    ev.add_argument("--windows", type=positive_int, default=256, help="validation windows to average (default 256)")
+    ev.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this folder (engram offload)")
+    ev.add_argument("--cache-rows", type=positive_int, help="hot rows kept in memory in front of --tables")
+    add_device_options(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
+    gen.add_argument("run", type=existing_dir, help="run folder")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=60)
+    gen.add_argument("--temperature", type=nonneg_float, default=0.8, help="0 is greedy (default 0.8)")
+    gen.add_argument("--top-k", type=positive_int, default=50)
+    gen.add_argument("--top-p", type=probability)
+    gen.add_argument("--seed", type=nonneg_int, default=0)
+    gen.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this folder (engram offload)")
+    gen.add_argument("--cache-rows", type=positive_int, help="hot rows kept in memory in front of --tables")
+    add_device_options(gen)
+    gen.set_defaults(func=cmd_generate)
+
+    off = sub.add_parser("offload", help=cmd_offload.__doc__, description=cmd_offload.__doc__)
+    off.add_argument("path", type=existing_dir, help="run folder (its newest checkpoint) or model folder")
+    off.add_argument("--out", required=True, type=out_dir, help="folder for the table files (layerN.json + layerN.bin)")
+    off.set_defaults(func=cmd_offload)
+
+    info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
+    info.add_argument("path", type=existing_dir, help="run folder or model folder")
+    info.set_defaults(func=cmd_info)

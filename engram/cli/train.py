@@ -1,0 +1,220 @@
+"""`engram train`, `engram config` and `engram experiment`: make models."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from .args import (DTYPES, UserError, add_device_options, existing_dir, existing_file, nonneg_int, out_dir,
+                   positive_float, positive_int, probability)
+
+
+def load_model_config(path: str):
+    """A ModelConfig from a JSON file (as `engram config` writes)."""
+    from engram.config import ModelConfig
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg}, line {e.lineno}); write one with: "
+                        "engram config --preset tiny > model.json") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object of ModelConfig fields")
+    try:
+        return ModelConfig.from_dict(data)
+    except TypeError as e:  # a required field is missing
+        raise UserError(f"{path}: {e}; start from: engram config --preset tiny > model.json") from None
+
+
+def _with_table_optimizer(config, table_optimizer: str | None):
+    """(config, table optimizer): the optimizer decides whether table gradients are sparse; by
+    default the config's sparse_grad picks sparse_adam or dense adam."""
+    if config.engram is None:
+        return config, table_optimizer or "adam"
+    if table_optimizer is None:
+        return config, "sparse_adam" if config.engram.sparse_grad else "adam"
+    engram = dataclasses.replace(config.engram, sparse_grad=table_optimizer != "adam")
+    return dataclasses.replace(config, engram=engram), table_optimizer
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    """Train a model (building the default corpus first when no --data is given)."""
+    from engram.train.dataset import prepare_dataset
+    from engram.train.loop import TrainConfig, hashes_raw_ids, train
+    from engram.train.system import tune_malloc
+
+    if args.config and args.preset:
+        raise UserError("give either --preset NAME or --config FILE, not both")
+    if not args.no_tune_malloc:
+        tune_malloc()
+    model_config = None
+    if args.config:
+        model_config, args.table_optimizer = _with_table_optimizer(load_model_config(args.config),
+                                                                   args.table_optimizer)
+        if model_config.engram is not None and hashes_raw_ids(model_config):
+            print(f"note: {args.config} has engram.compressed_vocab_size = vocab_size, so Engram hashes raw token "
+                  "ids (no tokenizer compression); `engram config --data DIR` sizes a config to a dataset's "
+                  "compression", file=sys.stderr)
+    out = Path(args.out)
+    data = Path(args.data) if args.data else out / "data"
+    if not args.data and not (data / "tokens.json").is_file():
+        print(f"no --data given: building the default corpus in {data}")
+        prepare_dataset(data, vocab_size=args.vocab_size, seed=args.seed or 0)
+    fields = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
+    fields.update({k: True for k in ("activation_checkpointing", "compile") if getattr(args, k)})
+    cfg = TrainConfig(**fields)
+    summary = train(out, cfg, data_dir=data, resume=args.resume, model_config=model_config)
+    if summary["first_val_loss"] is not None:
+        print(f"validation loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f} "
+              f"({summary['final_val_bpb']:.3f} bits/byte); metrics in {out / 'metrics.jsonl'}, "
+              f"plot {out / 'loss_curve.png'}")
+    if summary.get("skipped_steps"):
+        print(f"{summary['skipped_steps']} step(s) were skipped for a non-finite loss or gradient norm")
+    if "sample" in summary:
+        print(f"sample: {summary['sample']!r}")
+
+
+TRAIN_FIELDS = ("preset", "seed", "max_steps", "batch_size", "seq_len", "lr", "warmup_steps", "table_optimizer",
+                "eval_every", "checkpoint_every", "grad_accum", "device", "dtype", "table_dtype", "max_bad_steps")
+
+
+def cmd_config(args: argparse.Namespace) -> None:
+    """Print a model config as JSON, to edit and train with `engram train --config FILE`."""
+    from engram.train.loop import preset_config
+
+    sizes = {"vocab_size": args.vocab_size}
+    if args.data:
+        from engram.hashing.compression import CompressedTokenizer
+        from engram.train.dataset import PreparedData
+        from engram.train.loop import dataset_sizes
+
+        data = PreparedData.open(args.data)
+        sizes = dataset_sizes(data, CompressedTokenizer.from_tokenizer(data.tokenizer))
+    print(json.dumps(preset_config(args.preset, **sizes).to_dict(), indent=1))
+
+
+def cmd_experiment(args: argparse.Namespace) -> None:
+    """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, table_size,
+    knowledge_probes, entity_gates."""
+    from engram.train import experiments, probe_experiments
+    from engram.train.dataset import prepare_dataset
+    from engram.train.system import tune_malloc
+
+    if args.name not in experiments.EXPERIMENTS:
+        raise UserError(f"unknown experiment {args.name!r}; known: {', '.join(experiments.EXPERIMENTS)}")
+    tune_malloc()
+    out = Path(args.out)
+    data = Path(args.data) if args.data else out / "data"
+    if not args.data and not (data / "tokens.json").is_file():
+        prepare_dataset(data)
+    kwargs = {"seeds": tuple(range(args.seeds))}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.name == "engram_vs_moe":
+        kwargs["rho"] = args.rho
+    if args.name == "table_size" and args.rows_per_head:
+        try:
+            kwargs["rows_per_head"] = tuple(int(x) for x in args.rows_per_head.split(","))
+        except ValueError:
+            raise UserError(f"--rows-per-head takes comma-separated integers such as 1024,16384; "
+                            f"got {args.rows_per_head!r}") from None
+        if min(kwargs["rows_per_head"]) < 1:
+            raise UserError(f"--rows-per-head needs integers >= 1, got {args.rows_per_head!r}")
+    module = probe_experiments if args.name in ("knowledge_probes", "entity_gates") else experiments
+    result = getattr(module, f"run_{args.name}")(out, data, **kwargs)
+    print(_experiment_summary(result))
+    print(f"results: {out / (args.name + '.json')}, plot: {out / (args.name + '.png')}")
+
+
+def _experiment_summary(result: dict) -> str:
+    """A few human lines of an experiment's results (the JSON has everything)."""
+    name, lines = result["experiment"], []
+    if name == "engram_vs_moe":
+        for arm, s in result["summary"].items():
+            p = result["params"][arm]
+            lines.append(f"{arm:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(result['seeds'])} "
+                         f"seeds (total {p['total']:,}, active {p['active']:,})")
+    elif name == "rho_sweep":
+        for p in result["points"]:
+            lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "
+                         f"final val loss {p['mean']:.4f} ± {p['std']:.4f}")
+    elif name in ("ablations", "table_size"):
+        for arm, a in result["arms"].items():
+            delta = f", {a['delta_vs_full']:+.4f} vs full" if "delta_vs_full" in a else ""
+            lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
+                         f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,})")
+    elif name == "knowledge_probes":
+        lines.append(f"multiple-choice accuracy, raw / calibrated (chance {result['chance']:.2f}), mean over seeds:")
+        for arm, conds in result["scores"].items():
+            for cond, groups in conds.items():
+                lines.append(f"{arm:9s} {cond:26s} " + "  ".join(
+                    f"{g} {v['accuracy']['mean']:.3f} / {v['calibrated_accuracy']['mean']:.3f}"
+                    for g, v in groups.items()))
+    else:  # entity_gates
+        for layer, e in result["layers"].items():
+            lines.append(f"layer {layer}: mean gate on entity tokens, first {e['entity_first']['mean']:.3f}, middle "
+                         f"{e['entity_middle']['mean']:.3f}, last {e['entity_last']['mean']:.3f}; other tokens "
+                         f"{e['other']['mean']:.3f}")
+        lines.append(f"example heatmap: {result['example']['html']}")
+    return "\n".join(lines)
+
+
+def add_commands(sub) -> None:
+    from engram.presets import PRESETS
+
+    presets = ", ".join(PRESETS)
+    tr = sub.add_parser("train", help=cmd_train.__doc__, description=cmd_train.__doc__)
+    tr.add_argument("--preset", help=f"a named model: {presets} (default tiny)")
+    tr.add_argument("--config", type=existing_file, help="a model config JSON (from `engram config`) instead of "
+                    "a preset; its vocabulary must match the dataset's tokenizer")
+    tr.add_argument("--out", required=True, type=out_dir, help="run folder (checkpoints, metrics, plots)")
+    tr.add_argument("--data", type=existing_dir, help="a dataset folder from `engram data build` "
+                    "(default: build wiki-en in OUT/data)")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    tr.add_argument("--max-steps", type=positive_int)
+    tr.add_argument("--seed", type=nonneg_int)
+    tr.add_argument("--batch-size", type=positive_int, help="sequences per optimizer step")
+    tr.add_argument("--grad-accum", type=positive_int, help="split each step's batch into this many micro-batches "
+                    "(same update, less memory; must divide --batch-size)")
+    tr.add_argument("--seq-len", type=positive_int)
+    tr.add_argument("--lr", type=positive_float)
+    tr.add_argument("--warmup-steps", type=nonneg_int)
+    tr.add_argument("--table-optimizer", choices=["adam", "sparse_adam", "row_adam"],
+                    help="default: adam (with --config: sparse_adam when its engram.sparse_grad is true)")
+    tr.add_argument("--eval-every", type=positive_int)
+    tr.add_argument("--checkpoint-every", type=positive_int)
+    add_device_options(tr)
+    tr.add_argument("--table-dtype", choices=DTYPES, help="how the Engram tables are stored (default fp32; bf16 "
+                    "halves their memory)")
+    tr.add_argument("--activation-checkpointing", action="store_true",
+                    help="recompute each block's activations in the backward (less memory, same gradients)")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
+    tr.add_argument("--max-bad-steps", type=positive_int, help="stop after this many steps in a row with a "
+                    "non-finite loss or gradient norm (default 5; such steps are skipped)")
+    tr.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE size when building the default corpus")
+    tr.add_argument("--no-tune-malloc", action="store_true", help="leave glibc's allocator settings alone")
+    tr.set_defaults(func=cmd_train)
+
+    cf = sub.add_parser("config", help=cmd_config.__doc__, description=cmd_config.__doc__)
+    cf.add_argument("--preset", default="tiny", choices=list(PRESETS), help="the preset to start from (default tiny)")
+    cf.add_argument("--vocab-size", type=positive_int, default=8192,
+                    help="vocabulary size (default 8192, the BPE `engram data build` trains)")
+    cf.add_argument("--data", type=existing_dir, help="size vocabulary and tokenizer compression to this dataset")
+    cf.set_defaults(func=cmd_config)
+
+    ex = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
+    ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, table_size, knowledge_probes, "
+                    "entity_gates")
+    ex.add_argument("--out", type=out_dir, default="docs/results", help="results folder (default docs/results)")
+    ex.add_argument("--data", type=existing_dir, help="dataset folder (default: build wiki-en in OUT/data)")
+    ex.add_argument("--seeds", type=positive_int, default=3)
+    ex.add_argument("--steps", type=positive_int, default=None,
+                    help="training steps per run (default: 400; 1000 for knowledge_probes and entity_gates)")
+    ex.add_argument("--rho", type=probability, default=0.75, help="share of the inactive budget kept in experts")
+    ex.add_argument("--rows-per-head", help="table_size: comma-separated rows per hash head to sweep "
+                    "(default 512,2048,8192,32768,131072,524288)")
+    ex.set_defaults(func=cmd_experiment)
+
