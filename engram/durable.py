@@ -10,6 +10,7 @@ parent folder (the rename itself).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,14 +44,25 @@ def fsync_tree(path: str | os.PathLike) -> None:
         fsync_dir(root)
 
 
-def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
-    """Make a finished temporary folder durable and rename it to `final` (which must not exist).
+def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Make a finished temporary folder durable and rename it to `final`.
 
     Every file of `tmp` and `tmp` itself are fsynced before the rename, the parent after it.
+    An existing `final` is moved aside to `.NAME.old` first and deleted once the new folder is
+    in place (a folder cannot be renamed over a non-empty one).
     """
+    tmp, final = Path(tmp), Path(final)
     fsync_tree(tmp)
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
-    fsync_dir(Path(final).parent)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

@@ -5,16 +5,29 @@ Both read rows with `torch.index_select` on a CPU tensor (it releases the GIL, s
 background prefetch thread overlaps with the main thread) and move them to the device of
 `offsets`, i.e. wherever the module lives. Outputs equal an `InMemoryTable`'s bit for bit.
 
-Disk format (version 1): a pair of files per table, `NAME.json` and `NAME.bin`.
+Disk format (version 2): a pair of files per table, `NAME.json` and `NAME.bin`.
     NAME.bin   the rows, row-major, [rows, dim] of `dtype`, little endian, no header.
-    NAME.json  {"format": "engram-disk-table", "format_version": 1, "rows": int, "dim": int,
+    NAME.json  {"format": "engram-disk-table", "format_version": 2, "rows": int, "dim": int,
                 "dtype": "float32" | "float16" | "bfloat16" | "float64",
                 "table_sizes": [int, ...] (per-head sizes, in head order; they sum to rows),
                 "byte_order": "little", "data_bytes": rows * dim * itemsize,
-                "sha256": hex digest of NAME.bin}
+                "sha256": hex digest of NAME.bin,
+                "block_rows": int, "block_crc32": 8 hex digits (big endian) per block of
+                block_rows rows, in order (the last block may be shorter)}
+Version 1 is the same without the block fields.
+
+A served table checks each block's crc32 the first time a gather touches it, so a flipped byte
+is an error, not a silent wrong row, and opening needs no full scan. Blocks are ~256 KiB
+(BLOCK_BYTES): a first touch costs one 256 KiB crc32 (~0.1 ms at the ~3 GB/s zlib reaches),
+close to one random disk read, while the header grows by 32 bytes per MiB of table (320 KB
+for a 10 GiB table). crc32 catches every error burst up to 32 bits and any random corruption
+with probability 1 - 2^-32; the threat is bit rot and torn copies, not an adversary, so a
+cryptographic hash (2-5x slower here) buys nothing per block; sha256 still covers the whole
+file for `open(verify=True)`.
+
 Writing streams chunks into temporary files in the same folder (hashing as it goes), fsyncs
-them, then renames .bin and .json into place; a crash in between leaves a pair whose length
-or checksum disagrees, which `open` reports.
+them, renames .bin and .json into place and fsyncs the folder; a crash in between leaves a
+pair whose length or checksum disagrees, which `open` (length) or the block checks report.
 """
 
 from __future__ import annotations
@@ -28,17 +41,21 @@ import sys
 import tempfile
 import threading
 import warnings
+import zlib
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from ..durable import fsync_dir
 from ..hashing.layout import HashLayout
 from .table import InMemoryTable, MemoryTable
 
 FORMAT = "engram-disk-table"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+BLOCK_BYTES = 256 << 10  # rows are checksummed in blocks of about this size (see above)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 CHUNK_BYTES = 64 << 20  # conversion and checksum stream the data in pieces of this size
 TABLE_NAME = re.compile(r"blocks\.(\d+)\.engram\.table\.weight")
@@ -57,36 +74,118 @@ def _gather_rows(rows_NE: torch.Tensor, flat_ids: torch.Tensor, device: torch.de
     return out.view(*flat_ids.shape, rows_NE.shape[1])
 
 
+def _copy_in_slices(dst_NE: torch.Tensor, read: Callable[[int, int], torch.Tensor],
+                    chunk_bytes: int = CHUNK_BYTES) -> None:
+    """Fill `dst_NE` with `read(start, stop)` -> rows [start, stop), ~`chunk_bytes` at a time, so
+    that filling a host table never needs a second full-size copy of it."""
+    rows, row_bytes = dst_NE.shape[0], max(1, dst_NE[:1].nbytes)
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, rows, step):
+        stop = min(start + step, rows)
+        dst_NE[start:stop].copy_(read(start, stop))
+
+
+def _pin_in_place(t: torch.Tensor) -> None:
+    """Page-lock `t`'s memory where it is (cudaHostRegister) and unregister it when `t` dies.
+
+    Chosen over `torch.empty(pin_memory=True)`: torch's pinned caching allocator rounds every
+    allocation up to a power of two (CachingHostAllocator, unless pinned_max_round_threshold
+    is set), so a 40 GiB table would lock 64 GiB of RAM; and it could not adopt the caller's
+    tensor. This is how torch.distributed pins its staging buffers (torch.cuda._pin_memory_utils).
+    """
+    import weakref
+
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = t.data_ptr(), t.nbytes
+    err = int(cudart.cudaHostRegister(ptr, nbytes, 0))
+    if err != 0:
+        raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB host table failed (cudaError {err}); "
+                           "lower memlock limits (ulimit -l) or pass pin=False")
+    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
+
+
 class HostTable(MemoryTable):
     """All heads in one CPU tensor [sum(table_sizes), E]; the module may live on a GPU.
 
     `weight` is a plain tensor, not a Parameter or buffer: it gets no gradients, is not in the
-    state_dict and stays in host memory when the module moves (`.to("cuda")`). It is pinned
-    when CUDA is available (a copy); otherwise a contiguous CPU `weight` is used as is.
+    state_dict and stays in host memory when the module moves (`.to("cuda")`). There is only
+    ever one host copy of the rows: a contiguous CPU `weight` is used as is (it shares memory
+    with the caller's tensor); any other (on a GPU, or strided) is copied into one new CPU
+    tensor slice by slice. With `pin` (default: when CUDA is available) that tensor is
+    page-locked in place (cudaHostRegister), so row copies to the GPU are asynchronous.
     """
 
     asynchronous = True  # rows live off the compute device: `prefetch` fetches them in the background
 
     def __init__(self, table_sizes: Sequence[int], embedding_dim: int, weight: torch.Tensor,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, *, pin: bool | None = None,
+                 chunk_bytes: int = CHUNK_BYTES) -> None:
         super().__init__(table_sizes, embedding_dim, device=device)
         if tuple(weight.shape) != (self.num_rows, self.embedding_dim):
             raise ValueError(f"weight has shape {tuple(weight.shape)}, expected "
                              f"{(self.num_rows, self.embedding_dim)} (sum(table_sizes) x embedding_dim)")
-        weight = weight.detach().to("cpu").contiguous()
-        self.weight = weight.pin_memory() if torch.cuda.is_available() else weight
+        pin = torch.cuda.is_available() if pin is None else pin
+        if pin and not torch.cuda.is_available():
+            raise ValueError("pin=True needs CUDA (pinned memory only speeds up copies to a GPU); pass pin=False")
+        weight = weight.detach()
+        if weight.device.type != "cpu" or not weight.is_contiguous():
+            host = torch.empty(weight.shape, dtype=weight.dtype)
+            _copy_in_slices(host, lambda a, b: weight[a:b], chunk_bytes)
+            weight = host
+        if pin and not weight.is_pinned():
+            _pin_in_place(weight)
+        self.weight, self.pinned = weight, bool(pin)
 
     @classmethod
-    def from_table(cls, table: InMemoryTable) -> "HostTable":
-        """A host copy of an in-memory table, for a module on the table's device."""
-        return cls(table.table_sizes, table.embedding_dim, table.weight, device=table.offsets.device)
+    def from_table(cls, table: InMemoryTable, *, pin: bool | None = None) -> "HostTable":
+        """A host table of an in-memory table's rows, for a module on the table's device. A CPU
+        table's memory is shared, not copied: clone it first if it will still change."""
+        return cls(table.table_sizes, table.embedding_dim, table.weight, device=table.offsets.device, pin=pin)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, layer_id: int, *,
+                        table_sizes: Sequence[int] | None = None, pin: bool | None = None,
+                        chunk_bytes: int = CHUNK_BYTES, device: torch.device | str | None = None) -> "HostTable":
+        """Read `blocks.{layer_id}.engram.table.weight` of a model folder straight into the host
+        table, ~`chunk_bytes` at a time (one host copy in all). `table_sizes` default to the
+        folder's hash_layout.json. For `load_model(..., table_factory=...)`."""
+        from safetensors import safe_open
+
+        st_path, name, table_sizes = _checkpoint_table(checkpoint_dir, layer_id, table_sizes)
+        with safe_open(str(st_path), framework="pt") as f:
+            piece = f.get_slice(name)
+            rows, dim = piece.get_shape()
+            host = torch.empty(rows, dim, dtype=piece[0:1].dtype)
+            _copy_in_slices(host, lambda a, b: piece[a:b], chunk_bytes)
+        return cls(table_sizes, dim, host, device=device, pin=pin)
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
         return _gather_rows(self.weight, flat_ids, self.offsets.device)
 
     def extra_repr(self) -> str:
         return (f"heads={len(self.table_sizes)}, rows={self.num_rows}, dim={self.embedding_dim}, "
-                f"dtype={self.weight.dtype}, pinned={self.weight.is_pinned()}")
+                f"dtype={self.weight.dtype}, pinned={self.pinned}")
+
+
+def _checkpoint_table(checkpoint_dir: str | os.PathLike, layer_id: int,
+                      table_sizes: Sequence[int] | None) -> tuple[Path, str, list[int]]:
+    """(model.safetensors, tensor name, per-head sizes) of Engram layer `layer_id` in a model folder."""
+    from safetensors import safe_open
+
+    ckpt = Path(checkpoint_dir)
+    st_path, name = ckpt / "model.safetensors", f"blocks.{layer_id}.engram.table.weight"
+    if table_sizes is None:
+        if not (ckpt / "hash_layout.json").is_file():
+            raise FileNotFoundError(f"{ckpt / 'hash_layout.json'} is missing; pass table_sizes= explicitly")
+        primes = HashLayout.load(ckpt / "hash_layout.json").primes
+        if int(layer_id) not in primes:
+            raise ValueError(f"{ckpt / 'hash_layout.json'} has no Engram layer {layer_id} (it has {sorted(primes)})")
+        table_sizes = primes[int(layer_id)]
+    with safe_open(str(st_path), framework="pt") as f:
+        if name not in f.keys():
+            found = sorted(k for k in f.keys() if TABLE_NAME.fullmatch(k))
+            raise ValueError(f"{st_path} has no tensor {name}; its Engram tables are {found}")
+    return st_path, name, [int(s) for s in table_sizes]
 
 
 def _paths(path_stem: str | os.PathLike) -> tuple[Path, Path]:
@@ -105,10 +204,36 @@ def _sha256_file(path: Path, chunk_bytes: int = CHUNK_BYTES) -> str:
     return h.hexdigest()
 
 
+class TableCorruptError(ValueError):
+    """A table file whose bytes do not match the checksums written with it."""
+
+
+class _BlockCrc:
+    """Running crc32 of consecutive blocks of `block_bytes` over a byte stream cut anywhere."""
+
+    def __init__(self, block_bytes: int) -> None:
+        self.block_bytes, self.crcs, self._crc, self._filled = block_bytes, [], 0, 0
+
+    def update(self, data: memoryview) -> None:
+        while len(data):
+            take = min(len(data), self.block_bytes - self._filled)
+            self._crc, self._filled = zlib.crc32(data[:take], self._crc), self._filled + take
+            data = data[take:]
+            if self._filled == self.block_bytes:
+                self.crcs.append(self._crc)
+                self._crc, self._filled = 0, 0
+
+    def hex(self) -> str:
+        tail = [self._crc] if self._filled else []
+        return b"".join(c.to_bytes(4, "big") for c in self.crcs + tail).hex()
+
+
 class DiskTable(MemoryTable):
     """All heads in one memory-mapped file (see the module docstring for the format).
 
     Build with `DiskTable.write(...)` / `from_checkpoint(...)`, then `DiskTable.open(...)`.
+    Each block of rows is checked against its crc32 on the first gather that touches it
+    (a `TableCorruptError` names the file and block); `verified_blocks` counts them.
     Touched pages of the mapping count in this process's RSS (RssFile) until
     `release_pages()` (or automatically every `release_every` gathers) drops them; they stay
     in the kernel's page cache. `bytes_read` counts the row bytes gathered so far.
@@ -118,8 +243,10 @@ class DiskTable(MemoryTable):
 
     def __init__(self, table_sizes: Sequence[int], embedding_dim: int, rows_NE: torch.Tensor,
                  mapping: mmap.mmap | None, *, path: Path, device: torch.device | str | None = None,
-                 release_every: int | None = None) -> None:
-        """Use `DiskTable.open`; this takes an already mapped [rows, E] CPU tensor."""
+                 release_every: int | None = None, block_rows: int | None = None,
+                 block_crc: np.ndarray | None = None) -> None:
+        """Use `DiskTable.open`; this takes an already mapped [rows, E] CPU tensor and, to check
+        blocks on first touch, the rows per block and the expected crc32 of each block."""
         super().__init__(table_sizes, embedding_dim, device=device)
         if release_every is not None and release_every < 1:
             raise ValueError(f"release_every must be None or >= 1 gathers, got {release_every}")
@@ -127,7 +254,17 @@ class DiskTable(MemoryTable):
         self.release_every = release_every
         self.bytes_read = 0
         self._gathers = 0
-        self._lock = threading.Lock()  # counters: the main thread and one prefetch thread
+        self._lock = threading.Lock()  # counters, block checks: the main thread and one prefetch thread
+        self._block_rows, self._block_crc = block_rows, block_crc
+        self._bytes_NB = None if block_crc is None else rows_NE.view(torch.uint8).numpy()  # [rows, row bytes], no copy
+        n_blocks = 0 if block_crc is None else len(block_crc)
+        self._verified = np.zeros(n_blocks, dtype=bool)  # bitmap: block checked (set once, never cleared)
+        self._unverified = n_blocks
+
+    @property
+    def verified_blocks(self) -> int:
+        """Blocks checked so far (0 when the table was opened without block checks)."""
+        return len(self._verified) - self._unverified
 
     # ------------------------------------------------------------------ writing
     @staticmethod
@@ -140,7 +277,7 @@ class DiskTable(MemoryTable):
         table_sizes = [int(s) for s in table_sizes]
         expect_rows = sum(table_sizes)
         bin_path.parent.mkdir(parents=True, exist_ok=True)
-        h, rows, dim, dtype = hashlib.sha256(), 0, None, None
+        h, rows, dim, dtype, crc = hashlib.sha256(), 0, None, None, None
         tmps = []
         try:
             fd, tmp_bin = tempfile.mkstemp(dir=bin_path.parent, prefix=f".{bin_path.name}.", suffix=".tmp")
@@ -155,8 +292,12 @@ class DiskTable(MemoryTable):
                                          f"{chunk.dtype} of shape {tuple(chunk.shape)}")
                     if str(dtype).removeprefix("torch.") not in DTYPES:
                         raise ValueError(f"dtype {dtype} is not supported; use one of {sorted(DTYPES)}")
+                    if crc is None:
+                        block_rows = max(1, BLOCK_BYTES // (dim * dtype.itemsize))
+                        crc = _BlockCrc(block_rows * dim * dtype.itemsize)
                     data = chunk.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
                     h.update(data)
+                    crc.update(memoryview(data))
                     f.write(data)
                     rows += chunk.shape[0]
                 f.flush()
@@ -166,7 +307,7 @@ class DiskTable(MemoryTable):
             header = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": rows, "dim": dim,
                       "dtype": str(dtype).removeprefix("torch."), "table_sizes": table_sizes,
                       "byte_order": "little", "data_bytes": rows * dim * dtype.itemsize,
-                      "sha256": h.hexdigest()}
+                      "sha256": h.hexdigest(), "block_rows": block_rows, "block_crc32": crc.hex()}
             fd, tmp_json = tempfile.mkstemp(dir=json_path.parent, prefix=f".{json_path.name}.", suffix=".tmp")
             tmps.append(tmp_json)
             with os.fdopen(fd, "w") as f:
@@ -175,6 +316,7 @@ class DiskTable(MemoryTable):
                 os.fsync(f.fileno())
             os.replace(tmp_bin, bin_path)
             os.replace(tmp_json, json_path)
+            fsync_dir(json_path.parent)
         except BaseException:
             for tmp in tmps:
                 Path(tmp).unlink(missing_ok=True)
@@ -190,31 +332,26 @@ class DiskTable(MemoryTable):
         `table_sizes` default to the folder's hash_layout.json."""
         from safetensors import safe_open
 
-        ckpt = Path(checkpoint_dir)
-        st_path, name = ckpt / "model.safetensors", f"blocks.{layer_id}.engram.table.weight"
-        if table_sizes is None:
-            if not (ckpt / "hash_layout.json").is_file():
-                raise FileNotFoundError(f"{ckpt / 'hash_layout.json'} is missing; pass table_sizes= explicitly")
-            primes = HashLayout.load(ckpt / "hash_layout.json").primes
-            if int(layer_id) not in primes:
-                raise ValueError(f"{ckpt / 'hash_layout.json'} has no Engram layer {layer_id} (it has {sorted(primes)})")
-            table_sizes = primes[int(layer_id)]
+        st_path, name, table_sizes = _checkpoint_table(checkpoint_dir, layer_id, table_sizes)
         with safe_open(str(st_path), framework="pt") as f:
-            if name not in f.keys():
-                found = sorted(k for k in f.keys() if TABLE_NAME.fullmatch(k))
-                raise ValueError(f"{st_path} has no tensor {name}; its Engram tables are {found}")
             piece = f.get_slice(name)
             rows, dim = piece.get_shape()
             step = max(1, chunk_bytes // (dim * piece[0:1].element_size()))  # rows per chunk
             chunks: Iterator[torch.Tensor] = (piece[start:min(start + step, rows)] for start in range(0, rows, step))
             stem = cls.write(out_stem, chunks, table_sizes)
-        return cls.open(stem, device=device, verify=False, release_every=release_every)
+        return cls.open(stem, device=device, release_every=release_every)
 
     # ------------------------------------------------------------------ reading
     @classmethod
-    def open(cls, path_stem: str | os.PathLike, device: torch.device | str | None = None, verify: bool = True,
-             *, release_every: int | None = None) -> "DiskTable":
-        """Check the header against the .bin (length always; sha256 when `verify`) and map it."""
+    def open(cls, path_stem: str | os.PathLike, device: torch.device | str | None = None, verify: bool = False,
+             *, check_blocks: bool = True, release_every: int | None = None) -> "DiskTable":
+        """Check the header against the .bin (length always) and map it.
+
+        `check_blocks` (default): each block's crc32 is checked on its first touch, so opening
+        reads nothing. `verify`: hash the whole file (sha256) now instead. A version-1 file has
+        no block checksums: with `check_blocks` it is hashed whole now, with a warning.
+        `check_blocks=False` and `verify=False` serve the bytes unchecked (the caller's risk).
+        """
         json_path, bin_path = _paths(path_stem)
         for p in (json_path, bin_path):
             if not p.is_file():
@@ -223,10 +360,11 @@ class DiskTable(MemoryTable):
             head = json.loads(json_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{json_path} is not valid JSON ({e}); rewrite the table") from None
-        fix = "rewrite it with DiskTable.write or DiskTable.from_checkpoint"
-        if head.get("format") != FORMAT or head.get("format_version") != FORMAT_VERSION:
+        fix = "rewrite it with `engram offload` (DiskTable.write or DiskTable.from_checkpoint)"
+        if head.get("format") != FORMAT or head.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{json_path}: format {head.get('format')!r} version {head.get('format_version')!r} "
-                             f"is not supported (this engram-torch reads {FORMAT} version {FORMAT_VERSION}); {fix}")
+                             f"is not supported (this engram-torch reads {FORMAT} versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}); {fix}")
         if head.get("dtype") not in DTYPES:
             raise ValueError(f"{json_path}: unknown dtype {head.get('dtype')!r} (known: {sorted(DTYPES)}); {fix}")
         if head.get("byte_order", "little") != sys.byteorder:
@@ -242,9 +380,22 @@ class DiskTable(MemoryTable):
             raise ValueError(f"{bin_path} is {'shorter' if size < expect else 'longer'} than its header says "
                              f"({size} bytes, expected {expect}); it is truncated or belongs to another "
                              f"table: {fix}")
+        block_rows, block_crc = None, None
+        if check_blocks and not verify:
+            if "block_crc32" not in head:
+                warnings.warn(f"{json_path} has no block checksums (format version {head['format_version']}), so "
+                              f"its whole file is hashed now, which is slow for big tables; {fix} to check "
+                              "blocks on first touch instead", stacklevel=2)
+                verify = True
+            else:
+                block_rows = int(head["block_rows"])
+                block_crc = np.frombuffer(bytes.fromhex(head["block_crc32"]), dtype=">u4").astype(np.uint32)
+                if block_rows < 1 or len(block_crc) != -(-rows // block_rows):
+                    raise ValueError(f"{json_path}: {len(block_crc)} block checksums do not cover {rows} rows "
+                                     f"in blocks of {block_rows}; {fix}")
         if verify and _sha256_file(bin_path) != head["sha256"]:
-            raise ValueError(f"{bin_path}: checksum (sha256) does not match {json_path}; the data is "
-                             f"corrupt: {fix}, or open with verify=False at your own risk")
+            raise TableCorruptError(f"{bin_path}: checksum (sha256) does not match {json_path}; the data is "
+                                    f"corrupt: {fix}, or open with check_blocks=False at your own risk")
         # Mode "r" maps the file read-only (PROT_READ, MAP_SHARED): nothing can ever write the
         # table file, and a stray in-place write faults instead of silently diverging from
         # the file (with mode "c" it would, and release_pages would then undo it). torch
@@ -254,7 +405,29 @@ class DiskTable(MemoryTable):
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
             rows_NE = torch.from_numpy(array).view(dtype)  # [rows, dim * itemsize] bytes -> [rows, dim]
         return cls(table_sizes, dim, rows_NE, getattr(array, "_mmap", None), path=bin_path, device=device,
-                   release_every=release_every)
+                   release_every=release_every, block_rows=block_rows, block_crc=block_crc)
+
+    def _check_blocks(self, idx: torch.Tensor) -> None:
+        """crc32 every block that CPU row ids `idx` touch for the first time (thread-safe)."""
+        if self._unverified == 0:
+            return
+        blocks = idx.numpy() // self._block_rows
+        todo = np.unique(blocks[~self._verified[blocks]])
+        if todo.size == 0:
+            return
+        with self._lock:
+            for b in todo.tolist():
+                if self._verified[b]:  # another thread checked it meanwhile
+                    continue
+                start = b * self._block_rows
+                stop = min(start + self._block_rows, self.num_rows)
+                if zlib.crc32(self._bytes_NB[start:stop]) != int(self._block_crc[b]):
+                    raise TableCorruptError(
+                        f"{self.path}: block {b} (rows {start}..{stop - 1}) does not match its crc32 in "
+                        f"{self.path.with_suffix('.json')}; the table file is corrupt: re-run `engram offload` "
+                        "(or DiskTable.from_checkpoint) to rewrite it")
+                self._verified[b] = True
+                self._unverified -= 1
 
     # With release_every=1 a gather reads this many ids between releases: each page fault maps
     # up to 16 neighbouring cached pages (the kernel's fault-around), so one big gather could
@@ -262,15 +435,19 @@ class DiskTable(MemoryTable):
     RELEASE_CHUNK = 2048
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        if self.release_every == 1 and flat_ids.numel() > self.RELEASE_CHUNK:
-            flat = flat_ids.reshape(-1)
+        idx = flat_ids.reshape(-1).to("cpu", torch.long)
+        if self.release_every == 1 and idx.numel() > self.RELEASE_CHUNK:
             parts = []
-            for start in range(0, flat.numel(), self.RELEASE_CHUNK):
-                parts.append(_gather_rows(self.rows_NE, flat[start:start + self.RELEASE_CHUNK], self.offsets.device))
+            for start in range(0, idx.numel(), self.RELEASE_CHUNK):
+                part = idx[start:start + self.RELEASE_CHUNK]
+                self._check_blocks(part)
+                parts.append(_gather_rows(self.rows_NE, part, self.offsets.device))
                 self.release_pages()
-            out = torch.cat(parts).view(*flat_ids.shape, self.embedding_dim)
+            out = torch.cat(parts)
         else:
-            out = _gather_rows(self.rows_NE, flat_ids, self.offsets.device)
+            self._check_blocks(idx)
+            out = _gather_rows(self.rows_NE, idx, self.offsets.device)
+        out = out.view(*flat_ids.shape, self.embedding_dim)
         with self._lock:
             self.bytes_read += flat_ids.numel() * self.embedding_dim * self.rows_NE.dtype.itemsize
             self._gathers += 1

@@ -1,26 +1,28 @@
 """Save and load an EngramLM: a folder with config.json, hash_layout.json, model.safetensors.
 
-Everything is written under a temporary name in the same parent folder and renamed into
-place, so a crash never leaves a half-written model where a good one was.
+Everything is written under a temporary name in the same parent folder, fsynced and renamed
+into place (engram.durable), so neither a crash nor a power cut leaves a half-written model
+where a good one was. Loading builds the model on the meta device and assigns the saved
+tensors, so nothing is initialized only to be overwritten and peak memory stays ~1x the model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-
-import torch
-import re
 from typing import Callable
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig
+from ..durable import replace_dir
 from ..hashing.layout import HashLayout
 from .transformer import EngramLM
 
@@ -28,28 +30,27 @@ FORMAT_VERSION = 1
 _TABLE_KEY = re.compile(r"\.engram\.table\.")
 
 
+def write_model_files(model: EngramLM, folder: str | os.PathLike) -> None:
+    """config.json, hash_layout.json and model.safetensors into an existing folder (not fsynced)."""
+    folder = Path(folder)
+    config = {"format_version": FORMAT_VERSION, "model": model.config.to_dict()}
+    (folder / "config.json").write_text(json.dumps(config, indent=1))
+    if model.layout is not None:
+        model.layout.save(folder / "hash_layout.json")
+    # contiguous, untied copies (safetensors refuses shared storage)
+    tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
+               if not (model.config.tie_embeddings and k == "lm_head.weight")}
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "engram-torch"})
+
+
 def save_model(model: EngramLM, path: str | os.PathLike) -> Path:
-    """Write the model folder atomically (replacing an existing folder at `path`)."""
+    """Write the model folder atomically and durably (replacing an existing folder at `path`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     try:
-        config = {"format_version": FORMAT_VERSION, "model": model.config.to_dict()}
-        (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        if model.layout is not None:
-            model.layout.save(tmp / "hash_layout.json")
-        # contiguous, untied copies (safetensors refuses shared storage)
-        tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-                   if not (model.config.tie_embeddings and k == "lm_head.weight")}
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "engram-torch"})
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        write_model_files(model, tmp)
+        replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -82,34 +83,46 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
             raise FileNotFoundError(f"{path}: hash_layout.json is missing; without it the table rows "
                                     "cannot be addressed as they were in training")
         layout = HashLayout.load(path / "hash_layout.json", expect=config.engram)
-    try:
-        with safe_open(str(path / "model.safetensors"), framework="pt", device=str(device or "cpu")) as f:
+    device = torch.device(device if device is not None else "cpu")
+    try:  # on the CPU safetensors maps the file: tensors are read lazily, never copied twice
+        with safe_open(str(path / "model.safetensors"), framework="pt", device=str(device)) as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()
                        if table_factory is None or not _TABLE_KEY.search(k)}
     except Exception as e:  # safetensors raises its own error types for truncated files
         raise ValueError(f"{path / 'model.safetensors'} cannot be read ({e}); the file may be truncated") from None
     compression = tensors["compression"].cpu().numpy() if "compression" in tensors else None
     model = EngramLM(config, compression=compression, layout=layout, device="meta")
-    tables = {}
-    if table_factory is not None:  # keep the meta tables out of to_empty: nothing table-sized is allocated
-        for layer in model.engram_layers:
-            tables[layer] = model.blocks[layer].engram.table
-            model.blocks[layer].engram.table = _TablePlaceholder()
-    model.to_empty(device=device or "cpu")
-    model.init_weights()  # fills buffers that are not saved (table offsets)
-    if config.tie_embeddings:
-        tensors["lm_head.weight"] = tensors["embed.weight"]
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    # Assign the loaded tensors in place of the meta ones: no random init, no second copy.
+    missing, unexpected = model.load_state_dict(tensors, strict=False, assign=True)
+    not_saved = {"lm_head.weight"} if config.tie_embeddings else set()
+    if table_factory is not None:
+        not_saved |= {k for k in missing if _TABLE_KEY.search(k)}
+    missing = [k for k in missing if k not in not_saved]
     if missing or unexpected:
         raise ValueError(f"{path}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    for layer, meta_table in tables.items():
-        model.blocks[layer].engram.table = meta_table  # for set_table's size check
-        model.set_table(layer, table_factory(layer, meta_table.table_sizes, meta_table.embedding_dim))
+    if config.tie_embeddings:  # assign made embed.weight a new Parameter: tie the head to it again
+        model.lm_head.weight = model.embed.weight
+    if table_factory is not None:
+        for layer in model.engram_layers:
+            meta = model.blocks[layer].engram.table  # never materialized; set_table checks sizes against it
+            table = table_factory(layer, meta.table_sizes, meta.embedding_dim)
+            model.set_table(layer, table.to(device))  # offsets on the compute device; rows stay where they are
+    _materialize_unsaved_buffers(model, device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise ValueError(f"{path}: {left[:5]} were neither saved nor rebuilt; the folder does not match "
+                         "this engram-torch's model")
     return model
 
 
-class _TablePlaceholder(nn.Module):
-    """Stands in for a table while the rest of a model is materialized and loaded."""
-
-    def reset_parameters(self) -> None:
-        pass
+def _materialize_unsaved_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in the file: allocate them on `device`, zeroed (counters
+    such as MoE load counts start at zero), then let their module fill them (`reset_buffers`,
+    e.g. a table's offsets and sizes)."""
+    for module in model.modules():
+        meta = [name for name, b in module._buffers.items() if b is not None and b.is_meta]
+        for name in meta:
+            b = module._buffers[name]
+            module._buffers[name] = torch.zeros(b.shape, dtype=b.dtype, device=device)
+        if meta and hasattr(module, "reset_buffers"):
+            module.reset_buffers()

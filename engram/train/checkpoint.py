@@ -4,8 +4,9 @@ A checkpoint is a folder `checkpoints/step_XXXXXXXX/` holding the model folder f
 (config.json, hash_layout.json, model.safetensors), optimizer.safetensors (every optimizer
 state tensor) with optimizer.json (hyper-parameters and scalar state), trainer.json (step,
 RNG, data position) and, last, checksums.json (sha256 of every other file). It is written
-under a temporary name and renamed into place; older ones are deleted only after that. On
-resume a checkpoint whose checksums do not verify is reported and the previous one is used.
+under a temporary name, every file and the folder are fsynced, then it is renamed into place
+and the parent fsynced (engram.durable); older ones are deleted only after that. On resume a
+checkpoint whose checksums do not verify is reported and the previous one is used.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..model.io import load_model, save_model
+from ..durable import replace_dir
+from ..model.io import load_model, write_model_files
 from ..model.transformer import EngramLM
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -84,10 +86,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM,
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp"))
     try:
-        save_model(model, tmp / "model")  # its own atomic folder; moved up below
-        for f in (tmp / "model").iterdir():
-            os.replace(f, tmp / f.name)
-        (tmp / "model").rmdir()
+        write_model_files(model, tmp)
         tensors, meta = _optimizer_payload(optimizers)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -95,11 +94,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM,
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
         sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
         (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-        with open(tmp / "checksums.json") as f:
-            os.fsync(f.fileno())
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        replace_dir(tmp, final)  # fsync every file and the folder, rename, fsync checkpoints/
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,15 +1,19 @@
 """Metrics a person can plot: JSONL (one record per line), TensorBoard event files, a PNG.
 
 On resume the JSONL is cut back to the checkpoint's step and TensorBoard purges the steps
-after it, so a resumed run's metrics equal an uninterrupted run's.
+after it, so a resumed run's metrics equal an uninterrupted run's. A kill can cut the last
+line mid-write; reading drops such a torn last line with a warning and keeps the rest.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
+
+from ..durable import atomic_write_text
 
 
 class MetricsLogger:
@@ -20,7 +24,7 @@ class MetricsLogger:
             self.path.write_text("")
         else:
             kept = [line for line in self.read() if line.get("step", 0) <= resume_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._tb = None
         try:
             from tensorboardX import SummaryWriter
@@ -31,9 +35,22 @@ class MetricsLogger:
             pass
 
     def read(self) -> list[dict[str, Any]]:
+        """Every record; a torn last line (cut by a kill mid-write) is dropped with a warning.
+        A bad line anywhere else is corruption, not a torn write, and raises."""
         if not self.path.is_file():
             return []
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                if i < len(lines) - 1:
+                    raise ValueError(f"{self.path} line {i + 1} is not JSON ({e}); the file is corrupt: "
+                                     "repair or delete that line") from None
+                warnings.warn(f"{self.path}: dropped a torn last line (a write cut by a kill): {line[:60]!r}",
+                              stacklevel=2)
+        return records
 
     def log(self, record: dict[str, Any]) -> None:
         with open(self.path, "a") as f:

@@ -1,14 +1,17 @@
 """HostTable and DiskTable: same rows as InMemoryTable, checkpoint conversion, header checks, RSS."""
 
+import gc
 import json
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
 
 from engram import Engram, EngramConfig, EngramLM, InMemoryTable, NgramHasher, presets, save_model
-from engram.memory.offload import DiskTable, HostTable, convert_checkpoint_tables
+from engram.memory import offload
+from engram.memory.offload import DiskTable, HostTable, TableCorruptError, convert_checkpoint_tables
 
 SIZES = (53, 59, 61, 67)  # four heads
 E = 8
@@ -148,9 +151,10 @@ def test_header_checks(tmp_path):
     flipped = bytearray(good_bin)
     flipped[len(flipped) // 2] ^= 0x01
     bin_path.write_bytes(bytes(flipped))
-    with pytest.raises(ValueError, match="checksum"):
-        DiskTable.open(stem)
-    DiskTable.open(stem, verify=False)  # the caller's choice: no checksum, same length
+    with pytest.raises(TableCorruptError, match="sha256"):
+        DiskTable.open(stem, verify=True)  # the whole file, now
+    unchecked = DiskTable.open(stem, check_blocks=False)  # the caller's choice: no checksum, same length
+    unchecked.gather(torch.arange(sum(SIZES)))
     bin_path.write_bytes(good_bin)
 
     for field, value, message in [("format_version", 99, "version"), ("dtype", "float7", "dtype")]:
@@ -200,3 +204,156 @@ def test_release_every_gather_reads_in_chunks_with_identical_rows(tmp_path):
     table = DiskTable.open(stem, release_every=1)
     ids = torch.randint(0, 5000, (3, DiskTable.RELEASE_CHUNK))  # several chunks
     assert torch.equal(table.gather(ids), weight[ids])
+
+
+# ---------------------------------------------------------------- block checksums (issue 10)
+def _flip(path, offset):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_block_checksums_catch_a_flipped_byte_on_first_touch_without_a_full_scan(tmp_path, monkeypatch):
+    dim, rows = 64, 10_000  # 256-byte rows: 1024 rows per 256 KiB block, 10 blocks
+    weight = torch.randn(rows, dim)
+    stem = DiskTable.write(tmp_path / "t", iter(weight.split(777)), [rows // 2, rows // 2])  # chunks cut blocks
+    head = json.loads((tmp_path / "t.json").read_text())
+    block_rows = head["block_rows"]
+    assert block_rows == offload.BLOCK_BYTES // (dim * 4) == 1024 and len(head["block_crc32"]) == 8 * 10
+    bad_block, bad_row = 3, 3 * 1024 + 17
+    _flip(tmp_path / "t.bin", bad_row * dim * 4 + 5)
+
+    hashed = []
+    monkeypatch.setattr(offload, "_sha256_file", lambda *a, **k: hashed.append(a) or "x")
+    table = DiskTable.open(stem)  # the CLI's --tables path passes verify=False: same checks
+    assert hashed == [], "open must not hash the whole file"
+    assert table.verified_blocks == 0
+
+    ok = torch.tensor([0, 1023, 1024 * 5 + 3, rows - 1])  # blocks 0, 5, 9
+    assert torch.equal(table.gather(ok), weight[ok])
+    assert table.verified_blocks == 3
+    assert torch.equal(table.gather(ok), weight[ok])  # checked once: no new blocks
+    assert table.verified_blocks == 3
+    with pytest.raises(TableCorruptError, match=rf"t\.bin: block {bad_block} \(rows 3072\.\.4095\).*engram offload"):
+        table.gather(torch.tensor([[2 * block_rows, bad_block * block_rows]]))  # any row of the bad block
+    assert table.verified_blocks == 4  # block 2 checked before the bad one; block 3 never marked good
+    with pytest.raises(TableCorruptError):  # through forward (head 0 holds rows 0..4999)
+        table(torch.tensor([[[bad_row, 0]]]))
+    assert torch.equal(table.gather(torch.tensor([4096])), weight[4096:4097])  # block 4 still fine
+
+    chunked = DiskTable.open(stem, release_every=1)  # the chunked gather path checks too
+    ids = torch.arange(0, rows, 2)
+    assert ids.numel() > DiskTable.RELEASE_CHUNK
+    with pytest.raises(TableCorruptError, match=f"block {bad_block}"):
+        chunked.gather(ids)
+
+
+def test_block_checks_are_thread_safe_and_cover_every_block(tmp_path):
+    weight = torch.randn(9000, 128)  # 512-byte rows: 512 rows per block, 18 blocks (last one short)
+    table = DiskTable.open(DiskTable.write(tmp_path / "t", weight, [9000]))
+    n_blocks = -(-9000 // 512)
+    errors, results = [], {}
+
+    def work(seed):
+        g = torch.Generator().manual_seed(seed)
+        try:
+            for i in range(30):
+                ids = torch.randint(0, 9000, (64,), generator=g)
+                results[seed, i] = torch.equal(table.gather(ids), weight[ids])
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(results.values())
+    table.gather(torch.arange(9000))
+    assert table.verified_blocks == n_blocks and table._unverified == 0
+
+
+def test_version_1_tables_without_block_checksums_are_hashed_whole_with_a_warning(tmp_path):
+    weight = torch.randn(sum(SIZES), E)
+    stem = DiskTable.write(tmp_path / "t", weight, SIZES)
+    head = json.loads((tmp_path / "t.json").read_text())
+    for key in ("block_rows", "block_crc32"):
+        del head[key]
+    (tmp_path / "t.json").write_text(json.dumps({**head, "format_version": 1}))
+    with pytest.warns(UserWarning, match="no block checksums.*engram offload"):
+        table = DiskTable.open(stem)
+    assert torch.equal(table.gather(torch.arange(sum(SIZES))), weight)
+    _flip(tmp_path / "t.bin", 7)
+    with pytest.warns(UserWarning, match="no block checksums"), pytest.raises(TableCorruptError, match="sha256"):
+        DiskTable.open(stem)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        DiskTable.open(stem, check_blocks=False)  # explicitly unchecked: no warning, no error
+
+
+# ---------------------------------------------------------------- host tables: one copy only (issue 10)
+def test_host_table_uses_a_cpu_source_in_place():
+    ref = in_memory(torch.float32)
+    host = HostTable.from_table(ref, pin=False)
+    assert host.weight.data_ptr() == ref.weight.data_ptr(), "a contiguous CPU source must not be copied"
+    rows = random_rows(SIZES)
+    assert torch.equal(host(rows), ref(rows))
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="pin=True needs CUDA"):
+            HostTable.from_table(ref, pin=True)
+
+
+def test_host_table_copies_other_sources_in_slices(monkeypatch):
+    weight = torch.randn(2 * sum(SIZES), E)[::2]  # strided: must be copied, in slices
+    slices = []
+    real = offload._copy_in_slices
+
+    def spy(dst, read, chunk_bytes):
+        return real(dst, lambda a, b: slices.append((a, b)) or read(a, b), chunk_bytes)
+
+    monkeypatch.setattr(offload, "_copy_in_slices", spy)
+    host = HostTable(SIZES, E, weight, pin=False, chunk_bytes=50 * E * 4)
+    assert host.weight.is_contiguous() and torch.equal(host.weight, weight)
+    assert slices == [(a, min(a + 50, sum(SIZES))) for a in range(0, sum(SIZES), 50)]
+
+
+def test_host_table_from_checkpoint_reads_in_slices(tmp_path, monkeypatch):
+    model = EngramLM(presets.tiny())
+    save_model(model, tmp_path / "ckpt")
+    weight = model.blocks[1].engram.table.weight.detach()
+    slices = []
+    real = offload._copy_in_slices
+    monkeypatch.setattr(offload, "_copy_in_slices", lambda dst, read, chunk_bytes: real(
+        dst, lambda a, b: slices.append(b - a) or read(a, b), chunk_bytes))
+    host = HostTable.from_checkpoint(tmp_path / "ckpt", 1, pin=False, chunk_bytes=1000 * weight[0].nbytes)
+    assert max(slices) == 1000 and sum(slices) == weight.shape[0], "the table must be read in slices"
+    assert torch.equal(host.weight, weight)
+    assert host.table_sizes == model.blocks[1].engram.table.table_sizes
+
+
+class _FakeCudart:
+    def __init__(self):
+        self.calls = []
+
+    def cudaHostRegister(self, ptr, nbytes, flags):
+        self.calls.append(("register", ptr, nbytes))
+        return 0
+
+    def cudaHostUnregister(self, ptr):
+        self.calls.append(("unregister", ptr))
+        return 0
+
+
+def test_host_table_pins_in_place_and_unpins_when_dropped(monkeypatch):
+    """The pinned path on a CPU-only machine: cudaHostRegister on the one host copy, no second."""
+    cudart = _FakeCudart()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    ref = in_memory(torch.float32)
+    host = HostTable.from_table(ref)
+    ptr = ref.weight.data_ptr()
+    assert host.pinned and host.weight.data_ptr() == ptr
+    assert cudart.calls == [("register", ptr, ref.weight.nbytes)]
+    del host
+    gc.collect()
+    assert cudart.calls[-1] == ("unregister", ptr)
