@@ -4,6 +4,15 @@
 (shared by all tables, so fetches run in layer order); on a GPU the worker issues its copies
 on a side CUDA stream and records an event. When the Engram layer runs, it waits only for
 what has not arrived yet, and the time it waited is recorded.
+
+CUDA stream ordering (the ids are produced on the caller's stream, read on the side stream,
+and the rows come back the other way):
+  - at submit, the side stream waits for the caller's stream as it is then (`wait_stream`),
+    so the copy of the ids cannot start before the kernels that computed them finish; it is
+    enqueued on the caller's thread, so later work on the caller's stream is not waited for;
+  - the ids are `record_stream`ed on the side stream and the rows on the consuming stream, so
+    the caching allocator does not reuse either block while the other stream may still use it;
+  - the consumer waits on an event recorded after the side stream's copies.
 """
 
 from __future__ import annotations
@@ -42,8 +51,9 @@ class PendingFetch:
         t0 = time.perf_counter()
         out = self.future.result()
         if self.event is not None:  # the copies were issued on a side stream
-            torch.cuda.current_stream(out.device).wait_event(self.event)
-            out.record_stream(torch.cuda.current_stream(out.device))
+            consumer = torch.cuda.current_stream(out.device)
+            consumer.wait_event(self.event)
+            out.record_stream(consumer)  # allocated on the side stream, used on this one
         return out, time.perf_counter() - t0
 
 
@@ -55,6 +65,10 @@ def start_fetch(gather: Callable[[torch.Tensor], torch.Tensor], flat_ids: torch.
         if device not in _side_streams:
             _side_streams[device] = torch.cuda.Stream(device=device)
         stream = _side_streams[device]
+        producer = torch.cuda.current_stream(device)  # where the ids were computed
+        stream.wait_stream(producer)  # now, on this thread: the ids as they are at submit
+        if flat_ids.is_cuda:
+            flat_ids.record_stream(stream)  # read on the side stream
         event = torch.cuda.Event()
 
         def job() -> torch.Tensor:

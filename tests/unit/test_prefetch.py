@@ -1,10 +1,13 @@
 """Prefetch through the MemoryTable seam: same numbers, never stale rows, waits reported."""
 
+import contextlib
+import threading
 import time
 
 import torch
 
 from engram import EngramLM
+from engram.memory import prefetch
 from engram.memory.table import MemoryTable
 from tests.unit.test_model import build, small_config
 
@@ -95,3 +98,108 @@ def test_every_backend_serves_the_model_bit_identically(tmp_path):
             pieces.append(o.logits)
             state, t = o.state, t + s
         assert (torch.cat(pieces, 1) - full).abs().max() < 1e-4, kind
+
+
+# ---------------------------------------------------------------- CUDA stream ordering (issue 10)
+class _Log(list):
+    def add(self, *entry):
+        self.append(entry + (threading.current_thread().name,))
+
+
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.add("wait_stream", self.name, other.name)
+
+    def wait_event(self, event):
+        self.log.add("wait_event", self.name, event.name)
+
+
+class _FakeEvent:
+    def __init__(self, log):
+        self.name, self.log = "event", log
+
+    def record(self, stream):
+        self.log.add("event.record", stream.name)
+
+
+class _OnFakeCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA and logs record_stream (no GPU here)."""
+
+    log: _Log
+
+    @property
+    def is_cuda(self):
+        return True
+
+    def record_stream(self, stream):
+        self.log.add("record_stream", self.label, stream.name)
+
+
+def _fake_cuda(monkeypatch, log):
+    local = threading.local()
+    main = _FakeStream("consumer", log)
+
+    def current_stream(device=None):
+        return getattr(local, "stream", main)
+
+    @contextlib.contextmanager
+    def stream_ctx(s):
+        prev = current_stream()
+        local.stream = s
+        try:
+            yield
+        finally:
+            local.stream = prev
+
+    monkeypatch.setattr(torch.cuda, "current_stream", current_stream)
+    monkeypatch.setattr(torch.cuda, "stream", stream_ctx)
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: _FakeStream("side", log))
+    monkeypatch.setattr(torch.cuda, "Event", lambda: _FakeEvent(log))
+    monkeypatch.setattr(prefetch, "_side_streams", {})
+    return current_stream
+
+
+def _tagged(t, label, log):
+    out = torch.Tensor._make_subclass(_OnFakeCuda, t)
+    out.label, out.log = label, log
+    return out
+
+
+def test_side_stream_waits_for_the_producer_and_streams_are_recorded(monkeypatch):
+    log = _Log()
+    current_stream = _fake_cuda(monkeypatch, log)
+    ids = _tagged(torch.arange(6), "ids", log)
+    rows = torch.randn(10, 4)
+
+    def gather(flat):
+        log.add("gather", current_stream().name)
+        return _tagged(rows.index_select(0, flat.as_subclass(torch.Tensor)), "rows", log)
+
+    pending = prefetch.start_fetch(gather, ids, torch.device("cuda", 0))
+    out, _ = pending.wait()
+    assert torch.equal(out.as_subclass(torch.Tensor), rows[:6])
+    main = threading.current_thread().name
+    steps = [e[:-1] for e in log]
+    assert steps == [
+        ("wait_stream", "side", "consumer"),  # the ids' producer, before anything reads them
+        ("record_stream", "ids", "side"),
+        ("gather", "side"),  # the copies run on the side stream
+        ("event.record", "side"),  # after them
+        ("wait_event", "consumer", "event"),  # the consumer waits for the rows
+        ("record_stream", "rows", "consumer"),
+    ], steps
+    # the wait is enqueued at submit, on the caller's thread (not later on the worker, where it
+    # would also wait for everything the caller queued meanwhile); the gather runs on the worker
+    assert log[0][-1] == main and log[1][-1] == main
+    assert log[2][-1] != main and log[4][-1] == main
+
+
+def test_cpu_fetch_touches_no_streams(monkeypatch):
+    log = _Log()
+    _fake_cuda(monkeypatch, log)
+    rows = torch.randn(10, 4)
+    out, _ = prefetch.start_fetch(lambda f: rows[f], torch.arange(3), torch.device("cpu")).wait()
+    assert torch.equal(out, rows[:3]) and log == []
