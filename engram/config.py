@@ -24,8 +24,12 @@ class EngramConfig:
     """Shape and behaviour of the Engram modules of one model (all layers share it).
 
     Hashing fields (`layer_ids` .. `seed`) define the hash layout; module fields
-    (`hidden_size` ..) define the weights. `pad_id` and `compressed_vocab_size` are in
+    (`n_embed_per_ngram` ..) define the weights. `pad_id` and `compressed_vocab_size` are in
     the *compressed* id space (see `CompressedTokenizer`).
+
+    `hidden_size` and `n_branches` are the model's (D and M): inside a `ModelConfig` leave
+    them None, the model fills them in (`ModelConfig.engram_module_config`). Set them only to
+    build an `Engram` module on its own.
     """
 
     # -- hashing (PAPER.md step 3) --
@@ -37,8 +41,8 @@ class EngramConfig:
     n_head_per_ngram: int = 8
     seed: int = 0
     # -- module (PAPER.md steps 4-8) --
-    hidden_size: int
-    n_branches: int = 1
+    hidden_size: int | None = None  # D; None: the model's
+    n_branches: int | None = None  # M; None: the model's
     n_embed_per_ngram: int = 512
     kernel_size: int = 4
     use_short_conv: bool = True
@@ -96,8 +100,10 @@ class EngramConfig:
             f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by "
             f"n_head_per_ngram ({self.n_head_per_ngram}): each head gets an equal slice",
         )
-        _require(self.hidden_size >= 1, f"hidden_size must be >= 1, got {self.hidden_size}")
-        _require(self.n_branches >= 1, f"n_branches must be >= 1 (1 = plain residual), got {self.n_branches}")
+        _require(self.hidden_size is None or self.hidden_size >= 1,
+                 f"hidden_size must be >= 1 or None (the model's), got {self.hidden_size}")
+        _require(self.n_branches is None or self.n_branches >= 1,
+                 f"n_branches must be >= 1 (1 = plain residual) or None (the model's), got {self.n_branches}")
         _require(self.kernel_size >= 1, f"kernel_size must be >= 1, got {self.kernel_size}")
         for name in ("gate_norm_eps", "conv_norm_eps"):
             eps = getattr(self, name)
@@ -225,11 +231,16 @@ class ModelConfig:
             )
         if self.engram is not None:
             e = self.engram
-            _require(
-                e.hidden_size == self.hidden_size and e.n_branches == self.n_branches,
-                f"engram.hidden_size/n_branches ({e.hidden_size}/{e.n_branches}) must equal the model's "
-                f"hidden_size/n_branches ({self.hidden_size}/{self.n_branches})",
-            )
+            for name in ("hidden_size", "n_branches"):  # the model's; an equal copy (old files) is dropped
+                given, model = getattr(e, name), getattr(self, name)
+                _require(
+                    given is None or given == model,
+                    f"engram.{name}={given} conflicts with the model's {name}={model}; the Engram modules "
+                    f"take the model's {name}: leave engram.{name} unset and set {name} on ModelConfig",
+                )
+            if e.hidden_size is not None or e.n_branches is not None:
+                e = dataclasses.replace(e, hidden_size=None, n_branches=None)
+                object.__setattr__(self, "engram", e)
             _require(
                 max(e.layer_ids) < self.n_layers,
                 f"engram.layer_ids {list(e.layer_ids)} must be 0-based block indices < n_layers={self.n_layers}",
@@ -243,13 +254,21 @@ class ModelConfig:
     def attn_head_dim(self) -> int:
         return self.hidden_size // self.n_heads if self.head_dim is None else self.head_dim
 
+    @property
+    def engram_module_config(self) -> EngramConfig | None:
+        """`engram` with the model's width and streams filled in: what each `Engram` module gets."""
+        if self.engram is None:
+            return None
+        return dataclasses.replace(self.engram, hidden_size=self.hidden_size, n_branches=self.n_branches)
+
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.first_k_dense
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["moe"] = None if self.moe is None else self.moe.to_dict()
-        d["engram"] = None if self.engram is None else self.engram.to_dict()
+        if self.engram is not None:  # without the model's own hidden_size / n_branches
+            d["engram"] = {k: v for k, v in self.engram.to_dict().items() if k not in ("hidden_size", "n_branches")}
         return d
 
     @classmethod

@@ -3,7 +3,8 @@
 `tiny` and `small` run on a CPU (tests, the README's main job, benchmarks); `moe_27b` and
 `engram_27b` are the paper's shapes (PAPER.md "Training recipe") and are only meant to be
 built on the meta device for accounting and planning. Keyword overrides replace fields:
-`tiny(n_layers=6)`; `engram=False` gives the same backbone without Engram.
+`tiny(n_layers=6)`, `tiny(hidden_size=192, n_branches=4)` (Engram follows the model's width
+and streams); `engram=False` gives the same backbone without Engram.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ def tiny(*, engram: bool = True, vocab_size: int = 8192, compressed_vocab_size: 
         n_branches=1, max_seq_len=256,
         engram=EngramConfig(
             compressed_vocab_size=compressed_vocab_size or vocab_size, pad_id=pad_id, layer_ids=(1,),
-            vocab_size_per_ngram=(16384, 16384), max_ngram_size=3, n_head_per_ngram=4, hidden_size=D,
-            n_branches=1, n_embed_per_ngram=64, sparse_grad=False),
+            vocab_size_per_ngram=(16384, 16384), max_ngram_size=3, n_head_per_ngram=4, n_embed_per_ngram=64,
+            sparse_grad=False),
     ), engram, overrides)
 
 
@@ -46,7 +47,7 @@ def small(*, engram: bool = True, vocab_size: int = 8192, compressed_vocab_size:
         engram=EngramConfig(
             compressed_vocab_size=compressed_vocab_size or vocab_size, pad_id=pad_id, layer_ids=(1, 4),
             vocab_size_per_ngram=(table_rows_per_head,) * 2, max_ngram_size=3, n_head_per_ngram=8,
-            hidden_size=D, n_branches=M, n_embed_per_ngram=128, sparse_grad=True),
+            n_embed_per_ngram=128, sparse_grad=True),
     ), engram, overrides)
 
 
@@ -72,7 +73,7 @@ def engram_27b(*, compressed_vocab_size: int | None = None, pad_id: int = 2, **o
         engram=EngramConfig(
             compressed_vocab_size=compressed_vocab_size or base.vocab_size, pad_id=pad_id, layer_ids=(1, 14),
             vocab_size_per_ngram=(2_262_400, 2_262_400), max_ngram_size=3, n_head_per_ngram=8,
-            hidden_size=base.hidden_size, n_branches=base.n_branches, n_embed_per_ngram=640, sparse_grad=True),
+            n_embed_per_ngram=640, sparse_grad=True),
     ), True, overrides)
 
 

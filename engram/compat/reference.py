@@ -23,7 +23,9 @@ def reference_config(
     hc_mult: int, compressed_vocab_size: int, pad_id: int = 2, seed: int = 0,
 ) -> EngramConfig:
     """Our config for the demo's field names. `pad_id` is the *compressed* pad id (the demo
-    maps its raw pad id 2 through the compression table; for DeepSeek-V3 that is 2 again)."""
+    maps its raw pad id 2 through the compression table; for DeepSeek-V3 that is 2 again).
+    It carries `hidden_size` and `n_branches` (the demo's hc_mult) because the demo's module
+    stands alone; in a `ModelConfig` they are the model's (equal values are accepted)."""
     return EngramConfig(
         compressed_vocab_size=compressed_vocab_size, pad_id=pad_id, layer_ids=tuple(layer_ids),
         vocab_size_per_ngram=tuple(engram_vocab_size), max_ngram_size=max_ngram_size,

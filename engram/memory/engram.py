@@ -110,21 +110,29 @@ class Engram(nn.Module):
 
     `table_sizes` are the layer's primes (`NgramHasher.table_sizes[layer_id]`). `table` may
     be any `MemoryTable` (host, disk, sharded ...); by default an `InMemoryTable`.
+    `config.hidden_size` / `n_branches` must be set (a model's `engram_module_config` has them).
+    `init_std`: the value projection starts at the residual stream's scale (`reset_parameters`).
     """
 
     def __init__(
         self, config: EngramConfig, table_sizes: Sequence[int], *, layer_id: int | None = None,
         table: MemoryTable | None = None, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None, init_std: float = 0.02,
     ) -> None:
         super().__init__()
         c = config
+        if c.hidden_size is None or c.n_branches is None:
+            raise ValueError(
+                f"Engram needs the model's width and streams, got hidden_size={c.hidden_size}, "
+                f"n_branches={c.n_branches}; set them (dataclasses.replace(config, hidden_size=D, "
+                "n_branches=M)) or build the module from a ModelConfig (model_config.engram_module_config)"
+            )
         if len(table_sizes) != c.n_hash_heads:
             raise ValueError(
                 f"got {len(table_sizes)} table sizes, config needs (max_ngram_size-1)*n_head_per_ngram "
                 f"= {c.n_hash_heads}; pass NgramHasher.table_sizes[layer_id]"
             )
-        self.config, self.layer_id = c, layer_id
+        self.config, self.layer_id, self.init_std = c, layer_id, init_std
         D, M = c.hidden_size, c.n_branches
         self.table = table if table is not None else InMemoryTable(
             table_sizes, c.head_dim, sparse=c.sparse_grad, device=device, dtype=dtype)
@@ -143,11 +151,20 @@ class Engram(nn.Module):
             M, D, c.kernel_size, dilation=c.max_ngram_size, eps=c.conv_norm_eps,
             zero_init=c.conv_zero_init, device=device, dtype=dtype,
         ) if c.use_short_conv else None
+        self._reset_proj()  # the table, norms and conv initialize themselves
+
+    def _reset_proj(self) -> None:
+        """proj N(0, init_std / sqrt(d_mem)), bias 0: with N(0, 1) table rows, the value (and
+        each key) starts with rms init_std, the residual stream's scale. nn.Linear's default
+        (value rms 1/sqrt(3)) drowned the residual stream and cost 0.65 nats (docs/LOG.md)."""
+        nn.init.normal_(self.proj.weight, std=self.init_std / math.sqrt(self.config.memory_dim))
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
 
     def reset_parameters(self) -> None:
-        """Table N(0, 1); projections as nn.Linear (uniform +-1/sqrt(d_mem)); norms 1; conv 0."""
+        """Table N(0, 1); projection N(0, init_std / sqrt(d_mem)), bias 0; norms 1; conv 0."""
         self.table.reset_parameters()
-        self.proj.reset_parameters()
+        self._reset_proj()
         for norm in (getattr(self, "key_norm", None), getattr(self, "query_norm", None)):
             if norm is not None:
                 norm.reset_parameters()
@@ -181,8 +198,8 @@ class Engram(nn.Module):
         v_BTD = kv[..., :D]
         if c.use_gate:
             k_BTMD = kv[..., D:].unflatten(-1, (M, D))
-            s_BTM = self._gate_logit(hidden, k_BTMD)
-            gate_BTM = torch.sigmoid(s_BTM.sign() * s_BTM.abs().clamp_min(1e-6).sqrt())
+            s_BTM = self._gate_logit(hidden, k_BTMD)  # float32
+            gate_BTM = torch.sigmoid(s_BTM.sign() * s_BTM.abs().clamp_min(1e-6).sqrt()).to(hidden.dtype)
             v_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
         else:
             gate_BTM = hidden.new_ones(B, T, M)
@@ -195,18 +212,23 @@ class Engram(nn.Module):
         return (out, gate_BTM) if return_gates else out
 
     def _gate_logit(self, h_BTMD: torch.Tensor, k_BTMD: torch.Tensor) -> torch.Tensor:
-        """s = RMSNorm(h) . RMSNorm(k) / sqrt(D), per branch, without materializing either norm:
-        RMSNorm(x) = x * r(x) * w with a per-row scalar r(x) = rsqrt(mean(x^2) + eps), so
-        s = r(h) r(k) sum(h * k * w_q * w_k) / sqrt(D). Same numbers, fewer passes over [B,T,M,D]."""
+        """s = RMSNorm(h) . RMSNorm(k) / sqrt(D), per branch, in float32, without materializing
+        either norm: RMSNorm(x) = x * r(x) * w with a per-row scalar r(x) = rsqrt(mean(x^2) + eps),
+        so s = r(h) r(k) sum(h * k * w_q * w_k) / sqrt(D). Same numbers, fewer passes over
+        [B,T,M,D]. float32 because in fp16 |h|^2 overflows once |h| passes 256 (every gate
+        then sits at 0.5), and in bf16 rounding the products to 8 bits moves s, which the signed
+        square root magnifies near s = 0. Returns float32; the caller casts the gate back."""
         D = self.config.hidden_size
         eps = self.config.gate_norm_eps
-        if eps is None:  # what nn.RMSNorm(eps=None) uses
+        if eps is None:  # what nn.RMSNorm(eps=None) uses: the input dtype's
             eps = torch.finfo(h_BTMD.dtype).eps
+        h_BTMD, k_BTMD = h_BTMD.float(), k_BTMD.float()
+        w_MD = self.query_norm.weight.float() * self.key_norm.weight.float()
 
         def rsqrt_mean_square(x):
             return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / D + eps)
 
-        dot_BTM = (h_BTMD * k_BTMD * (self.query_norm.weight * self.key_norm.weight)).sum(-1)
+        dot_BTM = (h_BTMD * k_BTMD * w_MD).sum(-1)
         return dot_BTM * rsqrt_mean_square(h_BTMD) * rsqrt_mean_square(k_BTMD) / math.sqrt(D)
 
     def extra_repr(self) -> str:

@@ -29,7 +29,7 @@ class Block(nn.Module):
         self.layer = layer
         self.engram = None
         if config.engram is not None and layer in config.engram.layer_ids:
-            self.engram = Engram(config.engram, table_sizes, layer_id=layer, device=device, dtype=dtype)
+            self.engram = Engram(config.engram_module_config, table_sizes, layer_id=layer, device=device, dtype=dtype)
         self.attn_norm = nn.RMSNorm(D, eps=config.norm_eps, device=device, dtype=dtype)
         self.attn = Attention(config, device=device, dtype=dtype)
         self.mlp_norm = nn.RMSNorm(D, eps=config.norm_eps, device=device, dtype=dtype)

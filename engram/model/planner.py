@@ -74,8 +74,8 @@ def plan_sparsity(
     engram = EngramConfig(
         compressed_vocab_size=compressed_vocab_size or baseline.vocab_size, pad_id=pad_id,
         layer_ids=layer_ids or default_engram_layers(baseline.n_layers), max_ngram_size=max_ngram_size,
-        n_head_per_ngram=n_head_per_ngram, vocab_size_per_ngram=(2,) * (max_ngram_size - 1), hidden_size=D,
-        n_branches=baseline.n_branches, n_embed_per_ngram=n_embed, **{"sparse_grad": True, **engram_options})
+        n_head_per_ngram=n_head_per_ngram, vocab_size_per_ngram=(2,) * (max_ngram_size - 1),
+        n_embed_per_ngram=n_embed, **{"sparse_grad": True, **engram_options})
     planned = dataclasses.replace(
         baseline, moe=dataclasses.replace(moe, n_routed_experts=n_experts), engram=engram)
 

@@ -142,10 +142,13 @@ def preset_model(base: TrainConfig, data: PreparedData) -> ModelConfig:
 
 
 def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
-    """`config` with some Engram fields changed; `n_branches` changes the backbone's
-    hyper-connection streams too."""
-    engram = dataclasses.replace(config.engram, **engram_changes)
-    return dataclasses.replace(config, engram=engram, n_branches=engram.n_branches)
+    """`config` with some Engram fields changed. Width and streams are the model's: change
+    `hidden_size` / `n_branches` on the ModelConfig (`dataclasses.replace(config, n_branches=4)`)."""
+    model_fields = sorted({"hidden_size", "n_branches"} & set(engram_changes))
+    if model_fields:
+        raise ValueError(f"engram_changed: {model_fields} belong to the model, not its Engram config; "
+                         f"use dataclasses.replace(config, {model_fields[0]}=...)")
+    return dataclasses.replace(config, engram=dataclasses.replace(config.engram, **engram_changes))
 
 
 def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
@@ -163,7 +166,7 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
         if (layer,) != full.engram.layer_ids:
             arms[f"layer_{layer}"] = engram_changed(full, layer_ids=(layer,))
     other_m = 4 if full.n_branches == 1 else 1
-    arms[f"m{other_m}"] = engram_changed(full, n_branches=other_m)
+    arms[f"m{other_m}"] = dataclasses.replace(full, n_branches=other_m)  # Engram follows the streams
     arms[f"m{other_m}_no_engram"] = dataclasses.replace(arms[f"m{other_m}"], engram=None)
     return arms
 

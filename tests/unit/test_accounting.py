@@ -15,7 +15,7 @@ def configs():
     yield presets.tiny(engram=False)
     yield presets.small()
     yield dataclasses.replace(base, tie_embeddings=True, moe=None)
-    e = dataclasses.replace(base.engram, use_short_conv=False, use_gate=False, bias=True, n_branches=2)
+    e = dataclasses.replace(base.engram, use_short_conv=False, use_gate=False, bias=True)
     yield dataclasses.replace(base, n_branches=2, engram=e, moe=dataclasses.replace(base.moe, shared_hidden_size=77))
     yield dataclasses.replace(base, moe=dataclasses.replace(base.moe, n_shared_experts=0, first_k_dense=0))
 

@@ -180,3 +180,81 @@ def test_builds_on_meta_device_then_materializes():
     assert torch.count_nonzero(module.short_conv.weight) == 0
     ids, hidden, rows = inputs(hasher, cfg)
     assert torch.isfinite(module(hidden, rows)).all()
+
+
+# ---------------------------------------------------------------- low precision and init scale
+def gate_by_hand(h, k, w_q, w_k, eps=1e-6):
+    """The gate in float64, written out (RMSNorm, dot, signed square root, sigmoid)."""
+    h, k = h.double(), k.double()
+    D = h.shape[-1]
+    s = ((h * torch.rsqrt((h * h).mean(-1, keepdim=True) + eps) * w_q.double())
+         * (k * torch.rsqrt((k * k).mean(-1, keepdim=True) + eps) * w_k.double())).sum(-1) / math.sqrt(D)
+    return torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt())
+
+
+def gate_in_dtype(module, h, k):
+    """The gate as computed before issue 10: in the inputs' own dtype, no upcast."""
+    D, eps = module.config.hidden_size, module.config.gate_norm_eps
+
+    def r(x):
+        return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / D + eps)
+
+    s = (h * k * (module.query_norm.weight * module.key_norm.weight)).sum(-1) * r(h) * r(k) / math.sqrt(D)
+    return torch.sigmoid(s.sign() * s.abs().clamp_min(1e-6).sqrt())
+
+
+@pytest.mark.parametrize("dtype, half_ulp", [(torch.bfloat16, 2 ** -9), (torch.float16, 2 ** -12)])
+def test_gate_of_a_large_hidden_state_in_low_precision_matches_fp32(dtype, half_ulp, rng):
+    """|h| = 1e4 per branch. (1) On the same rounded h and k, the module's gate equals the float64
+    formula up to rounding the gate itself to `dtype` (half an ulp below 1.0), while computing in
+    `dtype` saturates in fp16 (mean(h^2) overflows: every gate 0.5) and in bf16 errs well beyond
+    that rounding. (2) Against the fp32 module on unrounded inputs the gap is what rounding h and
+    k to `dtype` costs; the signed square root magnifies it near s = 0, so the max over 8192 gates
+    reaches ~0.04 in bf16 (8 bits) while the mean stays near 1e-3."""
+    cfg, hasher, module = make(M=4, D=64)
+    D, M = 64, 4
+    ids = torch.randint(0, cfg.compressed_vocab_size, (16, 128))
+    rows = hasher.hash(ids)[1]
+    hidden = torch.randn(16, 128, M, D)
+    hidden = hidden / hidden.norm(dim=-1, keepdim=True) * 1e4
+    low = Engram(cfg, hasher.table_sizes[1], layer_id=1).to(dtype)
+    low.load_state_dict(module.state_dict())
+    h = hidden.to(dtype)
+    with torch.no_grad():
+        _, gates = low(h, rows, return_gates=True)
+        k = low.proj(low.table(rows).flatten(2).to(dtype))[..., D:].unflatten(-1, (M, D))
+        exact = gate_by_hand(h, k, low.query_norm.weight, low.key_norm.weight)
+        naive = gate_in_dtype(low, h, k)
+        _, gates32 = module(hidden, rows, return_gates=True)
+    assert gates.dtype == dtype
+    err = (gates.double() - exact).abs().max().item()
+    assert err <= half_ulp + 1e-6, f"{dtype} gate differs from the float64 formula by {err} (> rounding {half_ulp})"
+    err_naive = (naive.double() - exact).abs().max().item()
+    assert err_naive > (0.1 if dtype == torch.float16 else 2 * half_ulp), f"computing in {dtype} erred only {err_naive}"
+    gap = (gates.float() - gates32).abs()
+    max_tol, mean_tol = (6e-2, 3e-3) if dtype == torch.bfloat16 else (2e-2, 5e-4)
+    assert gap.max() < max_tol and gap.mean() < mean_tol, \
+        f"{dtype} vs fp32 module: max {gap.max().item():.4f}, mean {gap.mean().item():.5f}"
+
+
+def test_standalone_module_starts_at_the_residual_scale(rng):
+    """v = W e with table rows e ~ N(0, 1) and W ~ N(0, 0.02^2 / d_mem): rms(v) = 0.02. With the
+    zero-init conv the output is a * v, a = sigmoid(sign(s) sqrt|s|) and s = sqrt(D) cos(h, k)
+    ~ N(0, 1) for unrelated h and k; so rms(out) = 0.02 sqrt(E[a^2]), E over s ~ N(0, 1).
+    nn.Linear's default init (uniform +-1/sqrt(d_mem)) would give rms(v) = 1/sqrt(3)."""
+    cfg, hasher, module = make(M=4, D=64)
+    ids, hidden, rows = inputs(hasher, cfg, B=8, T=128)
+    with torch.no_grad():
+        out = module(hidden, rows)
+        v = module.proj(module.table(rows).flatten(2))[..., :64]
+    s = torch.linspace(-10, 10, 200_001, dtype=torch.float64)
+    pdf = torch.exp(-s * s / 2) / math.sqrt(2 * math.pi)
+    a2 = torch.sigmoid(s.sign() * s.abs().sqrt()) ** 2
+    expected = 0.02 * math.sqrt(torch.trapezoid(a2 * pdf, s).item())
+    rms_v, rms_out = v.pow(2).mean().sqrt().item(), out.pow(2).mean().sqrt().item()
+    assert abs(rms_v / 0.02 - 1) < 0.15, f"value rms {rms_v:.4f}, expected 0.02"
+    assert abs(rms_out / expected - 1) < 0.15, f"output rms {rms_out:.4f}, expected {expected:.4f}"
+    module.reset_parameters()
+    assert module.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(cfg.memory_dim), rel=0.15)
+    assert Engram(cfg, hasher.table_sizes[1], init_std=0.1).proj.weight.std().item() == pytest.approx(
+        0.1 / math.sqrt(cfg.memory_dim), rel=0.15)
