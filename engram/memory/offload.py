@@ -159,6 +159,10 @@ class HostTable(MemoryTable):
             _copy_in_slices(host, lambda a, b: piece[a:b], chunk_bytes)
         return cls(table_sizes, dim, host, device=device, pin=pin)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
         return _gather_rows(self.weight, flat_ids, self.offsets.device)
 
@@ -260,6 +264,10 @@ class DiskTable(MemoryTable):
         n_blocks = 0 if block_crc is None else len(block_crc)
         self._verified = np.zeros(n_blocks, dtype=bool)  # bitmap: block checked (set once, never cleared)
         self._unverified = n_blocks
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows_NE.dtype
 
     @property
     def verified_blocks(self) -> int:

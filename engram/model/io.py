@@ -66,6 +66,10 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
     served by the table the factory returns (e.g. a disk table), so memory stays bounded.
     """
     path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        raise FileNotFoundError(f"{path} is missing but {old} is there: a save was cut between its two renames; "
+                                f"rename {old.name} back to {path.name}")
     for name in ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an engram-torch model folder: {name} is missing")

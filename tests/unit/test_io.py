@@ -88,6 +88,13 @@ def test_save_checkpoint_fsyncs_every_file_and_the_folder_before_the_rename(tmp_
         assert torch.equal(a["exp_avg"], b["exp_avg"])
 
 
+def test_a_save_cut_between_its_renames_names_the_old_folder(tmp_path):
+    save_model(build(small_config()), tmp_path / "m")
+    os.replace(tmp_path / "m", tmp_path / ".m.old")  # the state after the first of the two renames
+    with pytest.raises(FileNotFoundError, match=r"\.m\.old is there.*rename \.m\.old back to m"):
+        load_model(tmp_path / "m")
+
+
 # ---------------------------------------------------------------- loading
 CONFIGS = {"engram_moe_mhc": dict(M=4), "tied_dense": dict(engram=False, tie_embeddings=True),
            "engram_tied": dict(tie_embeddings=True)}
