@@ -62,7 +62,8 @@ def test_ablation_arms_change_one_thing_each(small_dataset):
                        "capacity_1": {"single_row"}, "layer_0": {"layer_ids"}, "layer_2": {"layer_ids"},
                        "layer_3": {"layer_ids"}}
     assert arms["no_compression"].engram.compressed_vocab_size == full.vocab_size > full.engram.compressed_vocab_size
-    assert arms["m4"].n_branches == arms["m4"].engram.n_branches == 4 and arms["m4_no_engram"].n_branches == 4
+    assert arms["m4"].n_branches == arms["m4"].engram_module_config.n_branches == 4
+    assert arms["m4"].engram == full.engram and arms["m4_no_engram"].n_branches == 4
     assert all(dataclasses.replace(c, engram=None, n_branches=1) == arms["no_engram"] for c in arms.values())
 
 
