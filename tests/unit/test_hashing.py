@@ -228,3 +228,87 @@ def test_compiled_kernel_matches_reference(rng, monkeypatch):
         cfg["pad_id"] = 0
         ids = rng.integers(0, cfg["compressed_vocab_size"], size=(2, 64), dtype=np.int64)
         check_against_reference(cfg, ids, kernel="compiled")
+
+
+# ---------------------------------------------------------------- kernel="auto"
+def demo_hasher(kernel="auto", **kw):
+    cfg = dict(layer_ids=[1, 4], max_ngram_size=3, n_head_per_ngram=4, vocab_size_per_ngram=[5003, 5003],
+               compressed_vocab_size=1000, pad_id=0, seed=1)
+    cfg.update(kw)
+    return NgramHasher(**cfg, kernel=kernel)
+
+
+def test_auto_picks_compiled_only_for_big_cpu_calls_with_a_compiler(monkeypatch):
+    import engram.hashing.ngram as ngram
+
+    monkeypatch.setattr(ngram, "_compiled_failed", None)
+    monkeypatch.setattr(ngram, "_cpu_compiler", lambda: None)  # a compiler is present
+    h = demo_hasher()
+    assert h.kernel == "auto" and NgramHasher.from_layout(h.layout).kernel == "auto"
+    big = torch.zeros(4, ngram.COMPILED_MIN_TOKENS // 4 + 2, dtype=torch.long)
+    small = torch.zeros(4, 3, dtype=torch.long)  # a decode step
+    assert h.kernel_for(big) == "compiled" and h.kernel_for(small) == "eager"
+    assert demo_hasher("eager").kernel_for(big) == "eager"
+    assert demo_hasher("compiled").kernel_for(big) == "compiled"
+    assert h.kernel_for(big.to("meta")) == "eager"  # not a CPU tensor: the int64 kernel
+    # primes past the float kernel's exact range: auto stays eager, "compiled" refuses
+    huge = [ngram.MAX_PRIME_FOR_FLOAT_KERNEL + 10] * 2
+    assert demo_hasher(vocab_size_per_ngram=huge).kernel_for(big) == "eager"
+    with pytest.raises(ValueError, match="kernel='eager'"):
+        demo_hasher("compiled", vocab_size_per_ngram=huge)
+    with pytest.raises(ValueError, match="'auto', 'eager' or 'compiled'"):
+        demo_hasher("fast")
+    # inside a torch.compile'd caller the eager int64 ops are traced into its graph
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert h.kernel_for(big) == "eager" and demo_hasher("compiled").kernel_for(big) == "eager"
+
+
+def test_auto_without_a_compiler_falls_back_exactly_and_says_so_once(monkeypatch, caplog, rng):
+    import engram.hashing.ngram as ngram
+
+    monkeypatch.setattr(ngram, "_compiled_failed", None)
+    monkeypatch.setattr(ngram, "_cpu_compiler", lambda: "no C++ compiler for torch.compile (InvalidCxxCompiler)")
+    monkeypatch.setattr(ngram, "_get_compiled", lambda: pytest.fail("the compiled kernel must not run"))
+    h = demo_hasher()
+    ids = torch.from_numpy(rng.integers(0, 1000, size=(4, ngram.COMPILED_MIN_TOKENS // 4), dtype=np.int64))
+    with caplog.at_level("WARNING", logger="engram.hashing.ngram"):
+        rows = h.hash(ids)
+        again = h.hash(ids[:2])
+    assert all(torch.equal(rows[l], demo_hasher("eager").hash(ids)[l]) for l in rows)
+    assert torch.equal(again[4], rows[4][:2])
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and "no C++ compiler" in lines[0] and "eager int64 kernel" in lines[0], lines
+
+
+def test_auto_survives_a_compiler_that_fails(monkeypatch, caplog, rng):
+    import engram.hashing.ngram as ngram
+
+    def broken():
+        def run(*args):
+            raise RuntimeError("C++ compile error: cannot find Python.h")
+        return run
+
+    monkeypatch.setattr(ngram, "_compiled_failed", None)
+    monkeypatch.setattr(ngram, "_cpu_compiler", lambda: None)
+    monkeypatch.setattr(ngram, "_get_compiled", broken)
+    ids = torch.from_numpy(rng.integers(0, 1000, size=(2, ngram.COMPILED_MIN_TOKENS), dtype=np.int64))
+    with caplog.at_level("WARNING", logger="engram.hashing.ngram"):
+        rows = demo_hasher().hash(ids)
+    assert all(torch.equal(rows[l], demo_hasher("eager").hash(ids)[l]) for l in rows)
+    assert "torch.compile failed (RuntimeError: C++ compile error" in caplog.records[0].getMessage()
+    assert demo_hasher().kernel_for(ids) == "eager"  # decided once for the process
+    monkeypatch.setattr(ngram, "_compiled_failed", None)
+    with pytest.raises(RuntimeError, match="C\\+\\+ compile error"):  # asked for explicitly: no fallback
+        demo_hasher("compiled").hash(ids)
+
+
+def test_unchecked_hashing_equals_checked(rng):
+    h = demo_hasher("eager")
+    ids = torch.from_numpy(rng.integers(0, 1000, size=(3, 17), dtype=np.int64))
+    a, b = h.hash(ids), h.hash(ids, check=False)
+    assert all(torch.equal(a[l], b[l]) for l in a)
+    hist = h.initial_history(3)
+    (ra, ha), (rb, hb) = h.hash_step(hist, ids[:, :5]), h.hash_step(hist, ids[:, :5], check=False)
+    assert torch.equal(ha, hb) and all(torch.equal(ra[l], rb[l]) for l in ra)
+    with pytest.raises(ValueError, match="compressed vocabulary"):
+        h.hash(ids + 1000)

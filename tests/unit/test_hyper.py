@@ -166,3 +166,31 @@ def test_expand_merge_and_shape_errors(rng):
         HyperConnection(D, 4)(h, lambda t: t)
     with pytest.raises(ValueError, match="n_branches"):
         expand_streams(h, 0)
+
+
+def test_sinkhorn_equals_the_all_log_domain_version_with_fewer_ops():
+    """One log-domain step, then plain sums: the same matrices as every step in the log domain
+    (the original, kept as oracle) within 1e-6, at least as close to a float64 reference, and
+    finite where exp() of the raw logits underflows a whole column."""
+    from engram.model.hyper import sinkhorn_log_domain
+
+    off_diag = torch.where(torch.eye(4, dtype=torch.bool), 0.0, -8.0)  # the init's b_res
+    for scale in (0.01, 0.5, 2.0, 5.0):
+        logits = scale * torch.randn(512, 4, 4) + off_diag
+        new, old = sinkhorn(logits, 20), sinkhorn_log_domain(logits, 20)
+        diff = (new - old).abs().max().item()
+        assert diff < 1e-6, f"scale {scale}: max |new - log-domain| = {diff:.2e}"
+        ref = sinkhorn_reference(logits, 20)
+        assert (new.double() - ref).abs().max() <= (old.double() - ref).abs().max() + 1e-7
+    cold = torch.randn(64, 4, 4)
+    cold[..., 0] -= 200.0  # exp(-200) = 0 in float32: column 0 underflows before normalizing
+    new, old = sinkhorn(cold, 20), sinkhorn_log_domain(cold, 20)
+    assert torch.isfinite(new).all() and (new - old).abs().max() < 1e-6
+    assert ((new.sum(-2) - 1).abs().max() < 1e-4) and ((new.sum(-1) - 1).abs().max() < 1e-5)
+
+    counts = []  # aten ops run per call, nested ones included (logsumexp is ~7 of them)
+    for fn in (sinkhorn, sinkhorn_log_domain):
+        with torch.profiler.profile() as prof:
+            fn(torch.randn(1, 1, 4, 4), 20)
+        counts.append(sum(e.name.startswith("aten::") for e in prof.events()))
+    assert counts[0] * 3 < counts[1], f"aten ops per call: {counts[0]} vs the log-domain version's {counts[1]}"
