@@ -403,7 +403,7 @@ class DiskTable(MemoryTable):
                                      f"in blocks of {block_rows}; {fix}")
         if verify and _sha256_file(bin_path) != head["sha256"]:
             raise TableCorruptError(f"{bin_path}: checksum (sha256) does not match {json_path}; the data is "
-                                    f"corrupt: {fix}, or open with check_blocks=False at your own risk")
+                                    f"corrupt: {fix}, or open with verify=False, check_blocks=False at your own risk")
         # Mode "r" maps the file read-only (PROT_READ, MAP_SHARED): nothing can ever write the
         # table file, and a stray in-place write faults instead of silently diverging from
         # the file (with mode "c" it would, and release_pages would then undo it). torch
