@@ -289,7 +289,7 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
         log(f"no usable checkpoint in {out}; starting from step 0")
     if ckpt is not None:
         check_same_run(out, json.loads((out / "run.json").read_text()), cfg, config, data)
-        model, trainer = load_checkpoint(ckpt)
+        model, trainer = load_checkpoint(ckpt, device=str(device))
         start, skipped_total = trainer["step"], trainer.get("skipped_steps", 0)
         log(f"resuming from {ckpt.name} (step {start})")
     else:

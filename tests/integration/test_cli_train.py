@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from engram.cli.main import main
 
@@ -44,10 +45,14 @@ def test_data_build_from_files(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["train", "--preset", "huge", "--out", "{tmp}/r", "--data", "{data}"], "unknown or untrainable preset 'huge'"),
-    (["train", "--preset", "tiny", "--out", "{tmp}/r", "--data", "{tmp}/nothing"], "not a prepared dataset"),
-    (["train", "--out", "{tmp}/r", "--data", "{data}", "--batch-size", "0"], "batch_size must be >= 1"),
-    (["train", "--out", "{tmp}/r", "--data", "{data}", "--max-steps", "x"], "invalid int value"),
+    (["train", "--preset", "huge", "--out", "{tmp}/r", "--data", "{data}"], "unknown preset 'huge'"),
+    (["train", "--preset", "tiny", "--out", "{tmp}/r", "--data", "{tmp}/empty"], "not a prepared dataset"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--batch-size", "6", "--grad-accum", "4"],
+     "batch_size (6) must be a multiple of grad_accum (4)"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--seq-len", "300"],
+     "seq_len 300 is longer than the model's max_seq_len 256"),
+    (["train", "--out", "{tmp}/r", "--data", "{data}", "--device", "cuda:0"] if not torch.cuda.is_available()
+     else ["train", "--out", "{tmp}/r", "--data", "{data}", "--device", "cuda:99"], "cuda"),
     (["data", "build", "--corpus", "wiki-xx", "--out", "{tmp}/d"], "wiki-xx"),
     (["data", "build", "--input", "{tmp}/empty", "--out", "{tmp}/d"], "empty"),
     (["data", "build", "--input", "{tmp}/latin1.txt", "--out", "{tmp}/d"], "latin1.txt"),

@@ -35,6 +35,22 @@ def comparable_metrics(out):
     return [{k: v for k, v in r.items() if k != "tokens_per_s"} for r in records]
 
 
+def newest_step(out):
+    checkpoints = list_checkpoints(out)
+    return int(checkpoints[-1].name.removeprefix("step_")) if checkpoints else 0
+
+
+def logged_steps(out):
+    """Steps in metrics.jsonl (a kill may tear the last line: it is left out)."""
+    steps = []
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except ValueError:
+            pass
+    return steps
+
+
 def test_loss_falls_and_artifacts_exist(small_dataset, tmp_path):
     cfg = TrainConfig(max_steps=30, batch_size=8, seq_len=32, eval_every=10, checkpoint_every=10, lr=3e-3,
                       warmup_steps=5, sample_prompt="the river")
@@ -56,13 +72,20 @@ def test_resume_after_sigkill_is_exact(small_dataset, tmp_path, table_optimizer)
     out = tmp_path / "killed"
     for delay_checkpoints in (1, 2):  # kill twice, at different moments
         proc = run_cli(out, small_dataset, *extra, *(["--resume"] if out.exists() else []), wait=False)
-        target = delay_checkpoints + len(list_checkpoints(out))
+        # wait for 1 (then 2) more checkpoints (every 3 steps), never the final one at step 12
+        target = min(newest_step(out) + 3 * delay_checkpoints, 9)
         deadline = time.time() + 300
-        while len(list_checkpoints(out)) < target and proc.poll() is None and time.time() < deadline:
+        while newest_step(out) < target and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(0.05 * delay_checkpoints)  # somewhere inside the next steps, maybe mid-write
         proc.send_signal(signal.SIGKILL)
         proc.wait()
+        # the kill landed mid-run: the run had started (its checkpoints are there) and had not
+        # finished (killed by the signal, not exited; no final checkpoint, no summary)
+        assert proc.returncode == -signal.SIGKILL, f"the run ended by itself (exit {proc.returncode}) before the kill"
+        assert newest_step(out) >= target, "killed before the run got going (deadline passed?)"
+        assert logged_steps(out), "no training step was logged before the kill"
+        assert not (out / "summary.json").exists(), "the run had finished before the kill"
     done = run_cli(out, small_dataset, *extra, "--resume")
     assert done.returncode == 0, done.stderr[-2000:]
     a, b = final_weights(tmp_path / "ref"), final_weights(out)
