@@ -21,18 +21,26 @@ class KVCache:
 
     Columns [0, length) are written. `length` is the decode state's counter (a 0-d tensor
     shared by every layer), so the write position is data, not a Python int: one compiled
-    graph (or CUDA graph) serves every decode step. Unwritten columns hold zeros (finite, so a
-    masked-out key contributes exactly 0) and are masked out by the caller.
+    graph (or CUDA graph) serves every decode step, reading all C columns, of which the
+    caller's mask hides the unwritten ones (zeros: finite, so they weigh exactly 0). An eager
+    forward sets `start`, the host's count of written columns: it writes there and reads
+    only the columns written so far, so its cost does not grow with the capacity.
     """
 
     k: torch.Tensor  # [B, G, C, E]
     v: torch.Tensor  # [B, G, C, E]
     length: torch.Tensor  # [] long, shared with DecodeState.length
+    start: int | None = None  # set per forward by EngramLM: None = at `length`, all C columns
 
     def write(self, k_BGSE: torch.Tensor, v_BGSE: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store S new keys and values at columns [length, length + S); return the whole buffers.
-        The caller advances `length` once all layers have written."""
+        """Store S new keys and values at columns [length, length + S); return the buffers
+        to attend over. The caller advances `length` once all layers have written."""
         S = k_BGSE.shape[2]
+        if self.start is not None:
+            end = self.start + S
+            self.k[:, :, self.start:end] = k_BGSE
+            self.v[:, :, self.start:end] = v_BGSE
+            return self.k[:, :, :end], self.v[:, :, :end]
         cols_S = self.length.view(1) if S == 1 else self.length + torch.arange(S, device=self.length.device)
         self.k.index_copy_(2, cols_S, k_BGSE.to(self.k.dtype))
         self.v.index_copy_(2, cols_S, v_BGSE.to(self.v.dtype))
@@ -54,8 +62,8 @@ class Attention(nn.Module):
         self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, *, cache: KVCache | None = None,
         mask_BTK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask_BTK[b, i, j]`: may query i see key j (keys: the cache's C columns when a cache is
-        given, else the S new positions). None: plain causal (no cache)."""
+        """`mask_BTK[b, i, j]`: may query i see key j (keys: the cache columns `cache.write`
+        returns when a cache is given, else the S new positions). None: plain causal (no cache)."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, E]
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, E]
@@ -66,7 +74,7 @@ class Attention(nn.Module):
             if mask_BTK is None:
                 raise ValueError("attention over a KV cache needs mask_BTK (which of the C columns each "
                                  "query may see); EngramLM.forward builds it from the decode state")
-            k, v = cache.write(k, v)  # [B, G, C, E]: the whole buffer, unwritten columns masked
+            k, v = cache.write(k, v)  # [B, G, K, E]: K columns, unwritten ones masked
         gqa = self.n_heads != self.n_kv_heads
         if mask_BTK is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=gqa)

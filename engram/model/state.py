@@ -35,6 +35,9 @@ class DecodeState:
     next_position: torch.Tensor  # [B] long: real tokens seen so far per sequence
     ngram_history: torch.Tensor | None = None  # [B, N-1]
     conv: dict[int, ShortConvState] = field(default_factory=dict)
+    # `length` as the host knows it without a sync, so an eager forward attends over the
+    # written columns only; None once a compiled step ran (it reads all C columns instead).
+    written: int | None = 0
 
     @property
     def batch_size(self) -> int:

@@ -197,7 +197,8 @@ class EngramLM(nn.Module):
         else:
             if state.batch_size != B:
                 raise ValueError(f"state holds {state.batch_size} sequences, input_ids has {B}")
-            used, room, what = int(state.length), state.capacity, f"the decode state's capacity {state.capacity}"
+            used = int(state.length) if state.written is None else state.written
+            room, what = state.capacity, f"the decode state's capacity {state.capacity}"
         if used + S + new_positions > room:
             raise ValueError(
                 f"input longer than {what}: {used} positions held + {S} given + {new_positions} to decode "
@@ -241,15 +242,29 @@ class EngramLM(nn.Module):
         if state is None and S > c.max_seq_len:
             raise ValueError(f"input longer than max_seq_len: {S} > {c.max_seq_len} positions; split it "
                              "into windows of at most max_seq_len, or build the model with a larger max_seq_len")
+        start = None  # the first cache column this forward writes, when the host knows it
         if state is not None:
             if state.batch_size != B:
                 raise ValueError(f"state holds {state.batch_size} sequences, input_ids has {B}")
             if S > state.capacity:
                 raise ValueError(f"input longer than the decode state's capacity: {S} > {state.capacity} "
                                  "positions; create it with new_state(batch, max_len=...) up to max_seq_len")
-            # a value check without a host sync: immediate on a CPU, a device assert on a GPU
-            torch._assert_async(state.length + S <= state.capacity,
-                                "input longer than the decode state's capacity (see EngramLM.check_inputs)")
+            if torch.compiler.is_compiling() or state.written is None:
+                # A compiled step writes at `length` (a tensor) and reads all C columns, so one
+                # graph serves every step; the host no longer knows how far the cache is filled.
+                # A value check without a host sync: immediate on a CPU, a device assert on a GPU.
+                torch._assert_async(state.length + S <= state.capacity,
+                                    "input longer than the decode state's capacity (see EngramLM.check_inputs)")
+                state.written = None
+            else:  # eager: the host counts the columns, so attention reads only the written ones
+                start = state.written
+                if start + S > state.capacity:
+                    raise ValueError(
+                        f"input longer than the decode state's capacity {state.capacity}: {start} positions "
+                        f"held + {S} given; create the state with new_state(batch, max_len=...) up to max_seq_len")
+                state.written = start + S
+            for cache in state.kv:
+                cache.start = start
         valid_BS = None if valid is None else valid.to(torch.bool)
 
         # positions: each sequence counts only its real tokens
@@ -264,17 +279,23 @@ class EngramLM(nn.Module):
 
         # attention mask: static decisions only (whether a state / padding is given, never values)
         mask_BSK = None
-        if state is not None:  # keys: the cache's C columns; this chunk writes [length, length + S)
-            cols_S = state.length.view(1) if S == 1 else state.length + torch.arange(S, device=dev)
-            if valid_BS is None:
-                state.key_valid.index_fill_(1, cols_S, True)
-            else:
-                state.key_valid.index_copy_(1, cols_S, valid_BS)
-            mask_BSK = state.key_valid.unsqueeze(1)  # [B, 1, C]: unwritten columns are False
+        if state is not None:  # keys: the cache's columns; this chunk writes [length, length + S)
+            if start is None:  # all C columns; the write position is a tensor
+                K = state.capacity
+                cols_S = state.length.view(1) if S == 1 else state.length + torch.arange(S, device=dev)
+                if valid_BS is None:
+                    state.key_valid.index_fill_(1, cols_S, True)
+                else:
+                    state.key_valid.index_copy_(1, cols_S, valid_BS)
+            else:  # the written columns [0, start + S)
+                K = start + S
+                cols_S = torch.arange(start, K, device=dev)
+                state.key_valid[:, start:K] = True if valid_BS is None else valid_BS
+            mask_BSK = state.key_valid[:, :K].unsqueeze(1)  # [B, 1, K]: unwritten columns are False
             if S > 1:  # causal inside the chunk
-                mask_BSK = mask_BSK & (torch.arange(state.capacity, device=dev) <= cols_S.unsqueeze(1))
+                mask_BSK = mask_BSK & (torch.arange(K, device=dev) <= cols_S.unsqueeze(1))
             if valid_BS is not None:  # every query sees itself (a padded query has no other key)
-                mask_BSK = mask_BSK | (torch.arange(state.capacity, device=dev) == cols_S.unsqueeze(1))
+                mask_BSK = mask_BSK | (torch.arange(K, device=dev) == cols_S.unsqueeze(1))
         elif valid_BS is not None:
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
             self_SS = torch.eye(S, dtype=torch.bool, device=dev)

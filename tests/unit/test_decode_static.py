@@ -34,6 +34,14 @@ def test_tight_capacity_chunks_and_left_padding_equal_the_full_forward():
         t += s
     err = (torch.cat(pieces, 1) - full).abs().max().item()
     assert err < 1e-4, f"max |chunked - full| = {err}"
+    # the host's count dropped midway (a compiled step does that): all C columns from then on
+    state, pieces = model.new_state(2, max_len=30), []
+    for t, s in ((0, 6), (6, 1), (7, 8), (15, 1), (16, 7)):
+        if t == 7:
+            state.written = None
+        pieces.append(model(ids[:, t:t + s], state).logits)
+    err = (torch.cat(pieces, 1) - full).abs().max().item()
+    assert err < 1e-4 and state.written is None and int(state.length) == 23, err
     # a left-padded batch, decoded token by token after the prompt, equals each row alone
     long, short = ids[0], ids[1, :14]
     padded = torch.zeros(2, 18, dtype=torch.long)
@@ -66,6 +74,11 @@ def test_length_limits_are_clear_errors_at_the_boundary():
     model(torch.randint(0, 97, (1, 6)), state)
     model.check_inputs(torch.randint(0, 97, (1, 4)), state=state)  # exactly fills it
     model(torch.randint(0, 97, (1, 4)), state)
+    with pytest.raises(ValueError, match="longer than the decode state's capacity 10: 10 positions held"):
+        model.check_inputs(torch.randint(0, 97, (1, 1)), state=state)
+    with pytest.raises(ValueError, match="capacity 10: 10 positions held \\+ 1 given"):
+        model(torch.randint(0, 97, (1, 1)), state)  # eager: the host counts the columns
+    state.written = None  # as after a compiled step: the count lives on the device only
     with pytest.raises(ValueError, match="longer than the decode state's capacity 10: 10 positions held"):
         model.check_inputs(torch.randint(0, 97, (1, 1)), state=state)
     with pytest.raises(RuntimeError, match="longer than the decode state's capacity"):
