@@ -59,21 +59,26 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * E, D, bias=False, device=device, dtype=dtype)
 
     def forward(
-        self, x_BSD: torch.Tensor, positions_BS: torch.Tensor, *, cache: KVCache | None = None,
-        mask_BTK: torch.Tensor | None = None,
+        self, x_BSD: torch.Tensor, positions_BS: torch.Tensor | tuple[torch.Tensor, torch.Tensor], *,
+        cache: KVCache | None = None, mask_BTK: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """`mask_BTK[b, i, j]`: may query i see key j (keys: the cache columns `cache.write`
-        returns when a cache is given, else the S new positions). None: plain causal (no cache)."""
+        """`positions_BS`: integer positions [B, S], or their `rope_angles` (cos, sin), which
+        EngramLM computes once per forward for all blocks. `mask_BTK[b, i, j]`: may query i
+        see key j (keys: the cache columns `cache.write` returns when a cache is given, else
+        the S new positions). None: plain causal without a cache; with one, only for a single
+        query after the written columns, all real tokens (an eager decode step without padding)."""
         B, S, _ = x_BSD.shape
         q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)  # [B, H, S, E]
         k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)  # [B, G, S, E]
         v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope_angles(positions_BS, self.head_dim, self.rope_theta)
+        if isinstance(positions_BS, torch.Tensor):
+            positions_BS = rope_angles(positions_BS, self.head_dim, self.rope_theta)
+        cos, sin = positions_BS
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            if mask_BTK is None:
-                raise ValueError("attention over a KV cache needs mask_BTK (which of the C columns each "
-                                 "query may see); EngramLM.forward builds it from the decode state")
+            if mask_BTK is None and (cache.start is None or S > 1):
+                raise ValueError("attention over a KV cache needs mask_BTK (which cache columns each query "
+                                 "may see); EngramLM.forward builds it from the decode state")
             k, v = cache.write(k, v)  # [B, G, K, E]: K columns, unwritten ones masked
         gqa = self.n_heads != self.n_kv_heads
         if mask_BTK is None:

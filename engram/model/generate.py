@@ -68,7 +68,8 @@ def generate(
     was_training = model.training
     model.eval()
     state = model.new_state(B, device, max_len=fed)
-    logits = model(ids, state, valid=valid).logits[:, -1]
+    padded = any(len(p) < S for p in prompts)  # known on the host: no padding, no masks while decoding
+    logits = model(ids, state, valid=valid if padded else None).logits[:, -1]
     tokens_BN = torch.empty(B, max_new_tokens, dtype=torch.long, device=device)
     done_B = torch.zeros(B, dtype=torch.bool, device=device)
     n = 0

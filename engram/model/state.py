@@ -38,6 +38,8 @@ class DecodeState:
     # `length` as the host knows it without a sync, so an eager forward attends over the
     # written columns only; None once a compiled step ran (it reads all C columns instead).
     written: int | None = 0
+    # a forward was given `valid` (the cache may hold padding): every later step needs a mask
+    padded: bool = False
 
     @property
     def batch_size(self) -> int:

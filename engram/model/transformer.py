@@ -23,6 +23,7 @@ from .attention import KVCache
 from .block import Block
 from .hyper import expand_streams, merge_streams
 from .moe import MoE
+from .rope import rope_angles
 from .state import DecodeState
 
 
@@ -289,13 +290,17 @@ class EngramLM(nn.Module):
                     state.key_valid.index_copy_(1, cols_S, valid_BS)
             else:  # the written columns [0, start + S)
                 K = start + S
-                cols_S = torch.arange(start, K, device=dev)
+                cols_S = None if S == 1 and valid_BS is None else torch.arange(start, K, device=dev)
                 state.key_valid[:, start:K] = True if valid_BS is None else valid_BS
-            mask_BSK = state.key_valid[:, :K].unsqueeze(1)  # [B, 1, K]: unwritten columns are False
-            if S > 1:  # causal inside the chunk
-                mask_BSK = mask_BSK & (torch.arange(K, device=dev) <= cols_S.unsqueeze(1))
-            if valid_BS is not None:  # every query sees itself (a padded query has no other key)
-                mask_BSK = mask_BSK | (torch.arange(K, device=dev) == cols_S.unsqueeze(1))
+            if valid_BS is not None:
+                state.padded = True
+            if start is None or state.padded or S > 1:
+                mask_BSK = state.key_valid[:, :K].unsqueeze(1)  # [B, 1, K]: unwritten columns are False
+                if S > 1:  # causal inside the chunk
+                    mask_BSK = mask_BSK & (torch.arange(K, device=dev) <= cols_S.unsqueeze(1))
+                if valid_BS is not None:  # every query sees itself (a padded query has no other key)
+                    mask_BSK = mask_BSK | (torch.arange(K, device=dev) == cols_S.unsqueeze(1))
+            # else: one query after written columns that are all real tokens: nothing to hide
         elif valid_BS is not None:
             causal_SS = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
             self_SS = torch.eye(S, dtype=torch.bool, device=dev)
@@ -322,12 +327,13 @@ class EngramLM(nn.Module):
             for layer in self.engram_layers:
                 self.blocks[layer].engram.table.prefetch(rows[layer])
 
+        rope = rope_angles(positions_BS, c.attn_head_dim, c.rope_theta)  # once for every block
         x = expand_streams(self.embed(input_ids), c.n_branches)  # [B, S, M, D]
         inter = {"hidden_states": [], "gates": {}, "rows": rows} if return_intermediates else None
         for i, block in enumerate(self.blocks):
             record = {} if (inter is not None and block.engram is not None) else None
             x = block(
-                x, positions_BS, rows_BTH=None if rows is None else rows.get(i),
+                x, rope, rows_BTH=None if rows is None else rows.get(i),
                 cache=None if state is None else state.kv[i], mask_BTK=mask_BSK,
                 conv_state=None if state is None else state.conv.get(i),
                 valid_BT=valid_BS, record=record,

@@ -274,3 +274,16 @@ def test_single_row_reads_one_row_per_head_and_counts_it():
     state = model.new_state(2)
     step = torch.cat([model(ids[:, t:t + 1], state=state).logits for t in range(12)], dim=1)
     torch.testing.assert_close(step, out.logits, atol=1e-4, rtol=1e-4)
+
+
+def test_rope_is_bit_identical_to_the_half_rotation_formula():
+    from engram.model.rope import apply_rope, rope_angles
+
+    positions = torch.randint(0, 5000, (3, 7))
+    x = torch.randn(3, 4, 7, 16)
+    inv_freq = 10000.0 ** (-torch.arange(0, 16, 2, dtype=torch.float32) / 16)
+    angles = (positions.float().unsqueeze(-1) * inv_freq).unsqueeze(1)  # [B, 1, S, 8]
+    x1, x2 = x.chunk(2, dim=-1)
+    want = torch.cat([x1 * angles.cos() - x2 * angles.sin(), x1 * angles.sin() + x2 * angles.cos()], dim=-1)
+    assert torch.equal(apply_rope(x, *rope_angles(positions, 16, 10000.0)), want)
+    assert apply_rope(x.bfloat16(), *rope_angles(positions, 16, 10000.0)).dtype == torch.bfloat16
