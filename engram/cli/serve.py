@@ -77,6 +77,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
         raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {model.config.max_seq_len}; "
                         f"use {model.config.max_seq_len} or less")
     data = PreparedData.open(args.data or run["data_dir"])
+    if data.tokenizer.get_vocab_size() != model.config.vocab_size:
+        raise UserError(f"{data.root} has a tokenizer of {data.tokenizer.get_vocab_size():,} ids, the model reads "
+                        f"{model.config.vocab_size:,}; evaluate on a dataset built with the run's tokenizer "
+                        "(engram data build --tokenizer RUN_DATA/tokenizer.json)")
     result = evaluate(model, data, seq_len, args.windows, dtype=args.dtype or "fp32")
     print(f"{ckpt.name}: val loss {result['val_loss']:.4f}, {result['val_bpb']:.3f} bits/byte "
           f"over {result['val_tokens']:,} tokens")

@@ -300,6 +300,9 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
             {"train": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "data": data.fingerprint(),
              "model": model.config.to_dict()}, indent=1))
     model.to(device)
+    # the data loader's boundary check, once (the token files hold the tokenizer's ids; the
+    # forward itself checks nothing, to stay free of host syncs)
+    model.check_inputs(data.train.batch(start, cfg.batch_size, cfg.seq_len, cfg.seed)[:, :-1].to(device))
     engine.cast_tables(model, cfg.table_dtype)
     if cfg.activation_checkpointing:
         engine.checkpoint_blocks(model)
