@@ -237,7 +237,7 @@ class NgramHasher:
                 _fall_back(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if rows_LBTH is None:
             rows_LBTH = _rows_int(ctx, *consts[:2])
-        return {layer_id: rows_LBTH[i] for i, layer_id in enumerate(self.layer_ids)}
+        return dict(zip(self.layer_ids, rows_LBTH.unbind(0)))
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The N-1 ids 'before the start' of a sequence: all pad, [B, N-1]."""
@@ -268,7 +268,7 @@ class NgramHasher:
                 f"history must be [batch={ids.shape[0]}, N-1={self.max_ngram_size - 1}], got "
                 f"{tuple(hist.shape)}; start a sequence with initial_history(batch_size)"
             )
-        ctx = torch.cat([hist.to(ids.device), ids], dim=1)
+        ctx = torch.cat([hist if hist.device == ids.device else hist.to(ids.device), ids], dim=1)
         return self._rows(ctx), ctx[:, ctx.shape[1] - (self.max_ngram_size - 1):]
 
     def __repr__(self) -> str:
