@@ -75,9 +75,9 @@ def existing_path(text: str) -> str:
 
 
 def out_dir(text: str) -> str:
-    """A folder to write into: it may not exist yet, but it must not be a file."""
+    """A folder that may not exist yet (one to write into), but must not be a file."""
     if Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder to write into")
+        raise argparse.ArgumentTypeError(f"{text} is a file; give a folder")
     return text
 
 

@@ -209,7 +209,7 @@ def add_commands(sub) -> None:
     ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, table_size, knowledge_probes, "
                     "entity_gates")
     ex.add_argument("--out", type=out_dir, default="docs/results", help="results folder (default docs/results)")
-    ex.add_argument("--data", type=existing_dir, help="dataset folder (default: build wiki-en in OUT/data)")
+    ex.add_argument("--data", type=out_dir, help="dataset folder (default: build wiki-en in OUT/data)")
     ex.add_argument("--seeds", type=positive_int, default=3)
     ex.add_argument("--steps", type=positive_int, default=None,
                     help="training steps per run (default: 400; 1000 for knowledge_probes and entity_gates)")
