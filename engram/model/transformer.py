@@ -163,8 +163,9 @@ class EngramLM(nn.Module):
             ngram_history=None if self.hasher is None else self.hasher.initial_history(batch_size, device),
             conv=conv,
         )
-        for t in state.tensors():  # updated in place at fixed addresses: CUDA graphs need no copies
-            torch._dynamo.mark_static_address(t)
+        if not torch.compiler.is_compiling():  # (inside a compiled forward the state is internal)
+            for t in state.tensors():  # updated in place at fixed addresses: CUDA graphs need no copies
+                torch._dynamo.mark_static_address(t)
         return state
 
     def compress(self, input_ids_BS: torch.Tensor) -> torch.Tensor:

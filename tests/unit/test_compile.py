@@ -52,6 +52,8 @@ def test_train_forward_and_decode_step_have_no_graph_breaks(M):
         assert n == 0, f"prefill: {n} graph breaks: {why}"
         n, why = breaks(model, ids[:, :1], state)  # one decode step
         assert n == 0, f"decode step: {n} graph breaks: {why}"
+        n, why = breaks(model, ids, use_cache=True)  # a prefill that makes its own state
+        assert n == 0, f"prefill with use_cache: {n} graph breaks: {why}"
 
 
 def test_traced_forward_backward_and_decode_equal_eager():

@@ -312,3 +312,19 @@ def test_unchecked_hashing_equals_checked(rng):
     assert torch.equal(ha, hb) and all(torch.equal(ra[l], rb[l]) for l in ra)
     with pytest.raises(ValueError, match="compressed vocabulary"):
         h.hash(ids + 1000)
+
+
+@pytest.mark.slow
+def test_auto_compiles_big_cpu_batches_exactly(rng, monkeypatch):
+    """The real thing: where inductor finds a C++ compiler, auto runs the compiled kernel."""
+    import engram.hashing.ngram as ngram
+
+    if ngram._cpu_compiler() is not None:
+        pytest.skip(ngram._cpu_compiler())
+    calls = []
+    compiled = ngram._get_compiled()
+    monkeypatch.setattr(ngram, "_get_compiled", lambda: (lambda *a: calls.append(1) or compiled(*a)))
+    h = demo_hasher()
+    ids = torch.from_numpy(rng.integers(0, 1000, size=(4, ngram.COMPILED_MIN_TOKENS // 4), dtype=np.int64))
+    rows, want = h.hash(ids), demo_hasher("eager").hash(ids)
+    assert calls and all(torch.equal(rows[l], want[l]) for l in rows)
