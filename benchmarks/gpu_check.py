@@ -141,14 +141,15 @@ def check_host_table(device, sequences: int, table_gib: float, max_len: int) -> 
     resident_out = run()
     t_resident = timed(run, device, 3)
     resident = model.blocks[1].engram.table
-    model.set_table(1, HostTable.from_table(resident))
+    host = HostTable.from_table(resident)
+    model.set_table(1, host)
     host_out = run()
     t_host = timed(run, device, 3)
     model.set_table(1, resident)
     exact = all(torch.equal(a, b) for a, b in zip(resident_out, host_out))
     tokens = sum(lengths)
     return {"host_sequences": sequences, "host_table_gib": table_gib, "host_exact": exact,
-            "host_pinned": bool(torch.cuda.is_available()),
+            "host_pinned": host.pinned,
             "resident_tok_s": tokens / t_resident, "host_tok_s": tokens / t_host,
             "host_vs_resident": t_resident / t_host}
 

@@ -84,25 +84,46 @@ class ShortConv(nn.Module):
     def forward(self, v_BTMD: torch.Tensor, state: ShortConvState | None = None) -> torch.Tensor:
         B, T, M, D = v_BTMD.shape
         C, ctx = M * D, self.context
-        x_BTC = self.norm(v_BTMD).reshape(B, T, C)
         if state is not None and state.history is not None:
-            left = state.history.to(x_BTC.dtype)
+            left = state.history
             if left.shape != (B, ctx, C):
                 raise ValueError(
                     f"short-conv history has shape {tuple(left.shape)}, expected {(B, ctx, C)}; "
                     "reset the decode state when the batch changes"
                 )
+            if T == 1 and ctx > 0:
+                return self._step(v_BTMD, state)
+            left = left.to(v_BTMD.dtype)
         else:
-            left = x_BTC.new_zeros(B, ctx, C)  # zeros before the sequence start
+            left = v_BTMD.new_zeros(B, ctx, C)  # zeros before the sequence start
+        x_BTC = self.norm(v_BTMD).reshape(B, T, C)
         full = torch.cat([left, x_BTC], dim=1)  # [B, ctx + T, C]
         if state is not None:
-            state.history = full[:, full.shape[1] - ctx:].detach()
+            history = full[:, full.shape[1] - ctx:].detach()
+            if state.history is None:
+                state.history = history
+            else:  # in place: the decode state keeps its buffers (compiled steps, CUDA graphs)
+                state.history.copy_(history)
         w_KC = self.weight[:, 0, :].t()
         # tap j reads position t - (kernel-1-j)*dilation, i.e. column t + j*dilation of `full`
         y_BTC = full[:, :T] * w_KC[0]
         for j in range(1, self.kernel_size):
             y_BTC = torch.addcmul(y_BTC, full[:, j * self.dilation : j * self.dilation + T], w_KC[j])
         return F.silu(y_BTC).reshape(B, T, M, D)
+
+    def _step(self, v_B1MD: torch.Tensor, state: ShortConvState) -> torch.Tensor:
+        """One decode step: the same sums as `forward` in fewer ops (decode time is per-op
+        overhead, docs/LOG.md). The RMSNorm as a per-row scalar, and the K taps read at once:
+        the history plus the new input are ctx + 1 = (K-1)*dilation + 1 columns, and columns
+        0, dilation, ..., ctx are the taps, oldest first."""
+        B, _, M, D = v_B1MD.shape
+        eps = self.norm.eps if self.norm.eps is not None else torch.finfo(v_B1MD.dtype).eps
+        r_B1M1 = torch.rsqrt(torch.linalg.vector_norm(v_B1MD, dim=-1, keepdim=True).square() / D + eps)
+        x_B1C = (v_B1MD * r_B1M1 * self.norm.weight).view(B, 1, M * D)
+        full = torch.cat([state.history.to(x_B1C.dtype), x_B1C], dim=1)  # [B, ctx + 1, C]
+        state.history.copy_(full[:, 1:])
+        y_B1C = (full[:, ::self.dilation] * self.weight[:, 0, :].t()).sum(1, keepdim=True)
+        return F.silu(y_B1C).view(B, 1, M, D)
 
 
 class Engram(nn.Module):
@@ -222,14 +243,13 @@ class Engram(nn.Module):
         eps = self.config.gate_norm_eps
         if eps is None:  # what nn.RMSNorm(eps=None) uses: the input dtype's
             eps = torch.finfo(h_BTMD.dtype).eps
-        h_BTMD, k_BTMD = h_BTMD.float(), k_BTMD.float()
+        h_BTMD, k_BTMD = h_BTMD.float(), k_BTMD.float()  # no-ops (no copy) in float32
         w_MD = self.query_norm.weight.float() * self.key_norm.weight.float()
-
-        def rsqrt_mean_square(x):
-            return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / D + eps)
-
+        # |h|^2 and |k|^2 in one reduction over the two stacked vectors
+        sq_BTM2 = torch.linalg.vector_norm(torch.stack([h_BTMD, k_BTMD], dim=-2), dim=-1).square()
+        r_BTM = torch.rsqrt(sq_BTM2 / D + eps).prod(-1)  # r(h) * r(k)
         dot_BTM = (h_BTMD * k_BTMD * w_MD).sum(-1)
-        return dot_BTM * rsqrt_mean_square(h_BTMD) * rsqrt_mean_square(k_BTMD) / math.sqrt(D)
+        return dot_BTM * r_BTM * (1 / math.sqrt(D))
 
     def extra_repr(self) -> str:
         c = self.config

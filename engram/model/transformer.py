@@ -101,16 +101,18 @@ class EngramLM(nn.Module):
           GPT-2's scaling so the residual stream's variance does not grow with depth;
         - RMSNorm gains 1; MoE routing bias 0;
         - hyper-connections: see `HyperConnection.reset_parameters` (H_res starts near identity);
-        - Engram: table N(0, 1); W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0, so the value
-          starts at the residual stream's scale (rms ~0.02) instead of nn.Linear's default,
-          which made it ~15x larger than the embedding and drowned the stream at the start
-          of training (docs/LOG.md); gate norms 1; short conv 0 (a new module starts as a
-          plain gated add, PAPER.md step 6);
+        - Engram: `Engram.reset_parameters`, once per module (its table is drawn once): table
+          N(0, 1); W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0, so the value starts at the
+          residual stream's scale (docs/LOG.md: nn.Linear's default cost 0.65 nats); gate
+          norms 1; short conv 0 (a new module starts as a plain gated add, PAPER.md step 6);
         - buffers: the compression table and the tables' offsets are filled in again.
         """
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        # an Engram module initializes its own children (table, projection, norms, conv)
+        inside_engram = {id(m) for b in self.blocks if b.engram is not None
+                         for m in b.engram.modules() if m is not b.engram}
         for module in self.modules():
-            if module is self:
+            if module is self or id(module) in inside_engram:
                 continue
             if hasattr(module, "reset_parameters"):
                 module.reset_parameters()
@@ -124,11 +126,6 @@ class EngramLM(nn.Module):
                     nn.init.normal_(p, std=out_std if is_out else std)
         if not self.config.tie_embeddings:
             nn.init.normal_(self.lm_head.weight, std=std)
-        for layer in self.engram_layers:
-            proj = self.blocks[layer].engram.proj
-            nn.init.normal_(proj.weight, std=std / math.sqrt(self.config.engram.memory_dim))
-            if proj.bias is not None:
-                nn.init.zeros_(proj.bias)
         if self.hasher is not None:
             self.compression.copy_(torch.from_numpy(self._compression_np))
 

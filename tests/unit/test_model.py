@@ -248,6 +248,24 @@ def test_engram_starts_at_the_residual_streams_scale():
     assert 0.1 < ratio < 2.0, ratio
 
 
+def test_init_weights_draws_each_table_once_and_keeps_the_engram_projection_init(monkeypatch):
+    """Tables are the model's biggest tensors: one draw each. The projection keeps Engram's own
+    residual-scale init (nn.Linear's reset must not run after it)."""
+    from engram.memory.table import InMemoryTable
+
+    calls = []
+    original = InMemoryTable.reset_parameters
+    monkeypatch.setattr(InMemoryTable, "reset_parameters", lambda self: (calls.append(self), original(self)))
+    config = presets.tiny()
+    model = EngramLM(config, device="meta").to_empty(device="cpu")
+    calls.clear()  # the constructor's draws on the meta device cost nothing
+    model.init_weights()
+    assert len(calls) == len(model.engram_layers) == 1
+    proj = model.blocks[1].engram.proj.weight
+    expected = 0.02 / config.engram.memory_dim ** 0.5
+    assert abs(proj.std().item() / expected - 1) < 0.05, (proj.std().item(), expected)
+
+
 def test_single_row_reads_one_row_per_head_and_counts_it():
     """The capacity-1 control: every n-gram of a head reads the same row, for any input."""
     from engram.model.accounting import count_params, param_counts
