@@ -71,12 +71,15 @@ def our_train_step(model, ids, autocast: bool = False):
 
 
 @torch.no_grad()
-def our_decode(model, prompt, steps):
-    out = model(prompt, use_cache=True)
-    state, token = out.state, out.logits[:, -1:].argmax(-1)
+def our_decode(model, prompt, steps, step_fn=None):
+    """Greedy: prefill eagerly, then `steps` one-token steps through `step_fn` (default the
+    model itself; a `torch.compile`d model for the compiled rows), in a state sized to fit."""
+    state = model.new_state(prompt.shape[0], max_len=prompt.shape[1] + steps)
+    out = model(prompt, state)
+    token = out.logits[:, -1:].argmax(-1)
+    step_fn = model if step_fn is None else step_fn
     for _ in range(steps):
-        out = model(token, state)
-        state, token = out.state, out.logits[:, -1:].argmax(-1)
+        token = step_fn(token, state).logits[:, -1:].argmax(-1)
     return token
 
 
@@ -175,6 +178,23 @@ def main() -> None:
         result.update({f"decode_b{b}_tok_s_dense": tok["dense"], f"decode_b{b}_tok_s_engram": tok["engram"],
                        f"decode_b{b}_engram_ratio": ratio})
 
+    if not args.skip_compile:  # the same, with the one-token step compiled (fullgraph, static state)
+        steps = {k: torch.compile(m, fullgraph=True) for k, m in models.items()}
+        for b, prompt in prompts.items():
+            t0 = time.perf_counter()
+            for k, m in models.items():
+                our_decode(m, prompt, 2, steps[k])  # compiles this batch size
+            result[f"compile_decode_b{b}_s"] = time.perf_counter() - t0
+            t = interleaved({k: (lambda m=m, k=k: our_decode(m, prompt, args.decode_steps, steps[k]))
+                             for k, m in models.items()}, args.repeats)
+            ratio = pair_ratio(t, "engram", "dense")
+            tok = {k: b * args.decode_steps / statistics.median(v) for k, v in t.items()}
+            rows.append((f"compiled decode b{b}, Engram vs none", "engram", "dense", tok["engram"], tok["dense"],
+                         "tok/s", ratio, 0.95))
+            result.update({f"compiled_decode_b{b}_tok_s_dense": tok["dense"],
+                           f"compiled_decode_b{b}_tok_s_engram": tok["engram"],
+                           f"compiled_decode_b{b}_engram_ratio": ratio})
+
     # 2. our dense backbone vs transformers' LlamaForCausalLM of the same shape
     if not args.skip_hf:
         hf = hf_llama()
@@ -234,7 +254,9 @@ def main() -> None:
         print(f"{name:38s} {va:14.1f} {vb:14.1f} {unit:>6s} {ratio:10.3f} "
               f"{'' if target is None else f'>={target}':>7s}{mark}")
     if "compile_s" in result:
-        print(f"\ncompiling the training step took {result['compile_s']:.0f} s")
+        print(f"\ncompiling took {result['compile_s']:.0f} s (training step), "
+              f"{result['compile_decode_b1_s']:.0f} s and {result['compile_decode_b8_s']:.0f} s (decode steps "
+              "of both models, batch 1 and 8)")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}))
 
 

@@ -163,7 +163,18 @@ class InMemoryTable(MemoryTable):
         nn.init.normal_(self.weight)
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(flat_ids, self.weight, sparse=self.sparse)
+        if self.sparse:
+            return _sparse_embedding(flat_ids, self.weight)
+        return F.embedding(flat_ids, self.weight)
 
     def extra_repr(self) -> str:
         return f"heads={len(self.table_sizes)}, rows={self.num_rows}, dim={self.embedding_dim}, sparse={self.sparse}"
+
+
+@torch.compiler.disable
+def _sparse_embedding(flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A lookup whose weight gradient is sparse (only the rows read). Kept out of compiled
+    graphs: inductor cannot hold sparse tensors, so under torch.compile the gather runs
+    eagerly between two graphs (one break per Engram layer) and its gradient stays sparse.
+    Dense tables compile into one graph (`fullgraph=True`)."""
+    return F.embedding(flat_ids, weight, sparse=True)

@@ -90,6 +90,31 @@ def test_traced_forward_backward_and_decode_equal_eager():
     assert traced_state.written is None and eager_state.written == 12
 
 
+def test_sparse_table_gradients_survive_compile():
+    """Sparse table gradients (sparse_adam / row_adam) cannot live in a compiled graph: the
+    gather runs eagerly between graphs, and every gradient equals eager, the table's sparse."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    config = presets.tiny(n_layers=2, max_seq_len=64)
+    model = EngramLM(dataclasses.replace(config, engram=dataclasses.replace(config.engram, sparse_grad=True)))
+    ids = torch.randint(0, config.vocab_size, (2, 33))
+
+    def grads(fn):
+        model.zero_grad(set_to_none=True)
+        F.cross_entropy(fn(ids[:, :-1]).logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    eager = grads(model)
+    traced = grads(torch.compile(model, backend="aot_eager"))
+    assert traced.keys() == eager.keys() and traced["blocks.1.engram.table.weight"].is_sparse
+    for name, g in eager.items():
+        diff = (g.to_dense() - traced[name].to_dense()).abs().max().item()
+        assert diff < 1e-6, (name, diff)
+
+
 @pytest.mark.slow
 def test_inductor_compiled_train_step_and_decode_equal_eager():
     """Inductor on CPU (a few minutes on two cores): forward + backward and a decode loop."""
