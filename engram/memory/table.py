@@ -163,8 +163,8 @@ class InMemoryTable(MemoryTable):
         nn.init.normal_(self.weight)
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        if self.sparse:
-            return _sparse_embedding(flat_ids, self.weight)
+        if self.sparse and torch.is_grad_enabled() and self.weight.requires_grad:
+            return _sparse_embedding(flat_ids, self.weight)  # inference gathers compile in-graph
         return F.embedding(flat_ids, self.weight)
 
     def extra_repr(self) -> str:
@@ -176,5 +176,5 @@ def _sparse_embedding(flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Ten
     """A lookup whose weight gradient is sparse (only the rows read). Kept out of compiled
     graphs: inductor cannot hold sparse tensors, so under torch.compile the gather runs
     eagerly between two graphs (one break per Engram layer) and its gradient stays sparse.
-    Dense tables compile into one graph (`fullgraph=True`)."""
+    Dense tables, and any table under no_grad (decoding), compile into one graph."""
     return F.embedding(flat_ids, weight, sparse=True)
