@@ -130,15 +130,20 @@ def cmd_info(args: argparse.Namespace) -> None:
                                               if c.engram else ""))
 
 
+def _add_serving_options(parser) -> None:
+    """Where the model runs and where its tables are served from (eval and generate)."""
+    parser.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this folder (engram offload)")
+    parser.add_argument("--cache-rows", type=positive_int, help="hot rows kept in memory in front of --tables")
+    add_device_options(parser)
+
+
 def add_commands(sub) -> None:
     ev = sub.add_parser("eval", help=cmd_eval.__doc__, description=cmd_eval.__doc__)
     ev.add_argument("run", type=existing_dir, help="run folder")
     ev.add_argument("--data", type=existing_dir, help="another dataset folder to evaluate on")
     ev.add_argument("--seq-len", type=positive_int)
     ev.add_argument("--windows", type=positive_int, default=256, help="validation windows to average (default 256)")
-    ev.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this folder (engram offload)")
-    ev.add_argument("--cache-rows", type=positive_int, help="hot rows kept in memory in front of --tables")
-    add_device_options(ev)
+    _add_serving_options(ev)
     ev.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help=cmd_generate.__doc__, description=cmd_generate.__doc__)
@@ -149,9 +154,7 @@ def add_commands(sub) -> None:
     gen.add_argument("--top-k", type=positive_int, default=50)
     gen.add_argument("--top-p", type=probability)
     gen.add_argument("--seed", type=nonneg_int, default=0)
-    gen.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this folder (engram offload)")
-    gen.add_argument("--cache-rows", type=positive_int, help="hot rows kept in memory in front of --tables")
-    add_device_options(gen)
+    _add_serving_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     off = sub.add_parser("offload", help=cmd_offload.__doc__, description=cmd_offload.__doc__)

@@ -11,25 +11,6 @@ from engram import durable
 pytestmark = pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced fds via /proc")
 
 
-@pytest.fixture
-def fsync_log(monkeypatch):
-    """Record ('fsync', path) and ('replace', src, dst) in call order."""
-    log: list[tuple] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        log.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        log.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return log
-
-
 def test_atomic_write_text_fsyncs_file_then_renames_then_fsyncs_parent(tmp_path, fsync_log):
     target = tmp_path / "summary.json"
     target.write_text("old")

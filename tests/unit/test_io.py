@@ -23,23 +23,6 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 # ---------------------------------------------------------------- durable writes
-@pytest.fixture
-def io_log(monkeypatch):
-    """('fsync', real path) and ('replace', src, dst) in call order."""
-    log: list[tuple] = []
-    real_fsync, real_replace = os.fsync, os.replace
-
-    def fsync(fd):
-        log.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
-        real_fsync(fd)
-
-    def replace(src, dst):
-        log.append(("replace", os.path.realpath(src), os.path.realpath(dst)))
-        real_replace(src, dst)
-
-    monkeypatch.setattr(os, "fsync", fsync)
-    monkeypatch.setattr(os, "replace", replace)
-    return log
 
 
 def _assert_durable(log, final: Path):
@@ -57,25 +40,25 @@ def _assert_durable(log, final: Path):
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced fds via /proc")
-def test_save_model_fsyncs_every_file_and_the_folder_before_the_rename(tmp_path, io_log):
+def test_save_model_fsyncs_every_file_and_the_folder_before_the_rename(tmp_path, fsync_log):
     model = build(small_config())
     save_model(model, tmp_path / "m")
-    _assert_durable(io_log, tmp_path / "m")
-    io_log.clear()
+    _assert_durable(fsync_log, tmp_path / "m")
+    fsync_log.clear()
     save_model(model, tmp_path / "m")  # replacing an existing folder
-    _assert_durable(io_log, tmp_path / "m")
+    _assert_durable(fsync_log, tmp_path / "m")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"], "temporary or old folders left behind"
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="names fsynced fds via /proc")
-def test_save_checkpoint_fsyncs_every_file_and_the_folder_before_the_rename(tmp_path, io_log):
+def test_save_checkpoint_fsyncs_every_file_and_the_folder_before_the_rename(tmp_path, fsync_log):
     model = build(small_config())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     model(torch.randint(0, 97, (2, 8))).logits.sum().backward()
     opt.step()
     final = save_checkpoint(tmp_path, 5, model, [opt], {"seed": 1})
-    _assert_durable(io_log, final)
+    _assert_durable(fsync_log, final)
     names = sorted(p.name for p in final.iterdir())
     assert names == sorted(["config.json", "hash_layout.json", "model.safetensors", "optimizer.safetensors",
                             "optimizer.json", "trainer.json", "checksums.json"])
