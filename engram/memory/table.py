@@ -154,6 +154,8 @@ class InMemoryTable(MemoryTable):
     ) -> None:
         super().__init__(table_sizes, embedding_dim, device=device)
         self.sparse = sparse
+        if sparse:
+            _sparse_lookup()  # wrapped now, eagerly, not first inside a compiled trace
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -164,17 +166,28 @@ class InMemoryTable(MemoryTable):
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
         if self.sparse and torch.is_grad_enabled() and self.weight.requires_grad:
-            return _sparse_embedding(flat_ids, self.weight)  # inference gathers compile in-graph
+            return _sparse_lookup()(flat_ids, self.weight)  # inference gathers compile in-graph
         return F.embedding(flat_ids, self.weight)
 
     def extra_repr(self) -> str:
         return f"heads={len(self.table_sizes)}, rows={self.num_rows}, dim={self.embedding_dim}, sparse={self.sparse}"
 
 
-@torch.compiler.disable
 def _sparse_embedding(flat_ids: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """A lookup whose weight gradient is sparse (only the rows read). Kept out of compiled
+    return F.embedding(flat_ids, weight, sparse=True)
+
+
+_SPARSE_LOOKUP = None
+
+
+def _sparse_lookup():
+    """A lookup whose weight gradient is sparse (only the rows read), kept out of compiled
     graphs: inductor cannot hold sparse tensors, so under torch.compile the gather runs
     eagerly between two graphs (one break per Engram layer) and its gradient stays sparse.
-    Dense tables, and any table under no_grad (decoding), compile into one graph."""
-    return F.embedding(flat_ids, weight, sparse=True)
+    Dense tables, and any table under no_grad (decoding), compile into one graph. Wrapped on
+    first use (a sparse table's construction): `torch.compiler.disable` imports dynamo, which
+    `import engram` must not pay for."""
+    global _SPARSE_LOOKUP
+    if _SPARSE_LOOKUP is None:
+        _SPARSE_LOOKUP = torch.compiler.disable(_sparse_embedding)
+    return _SPARSE_LOOKUP
