@@ -181,6 +181,9 @@ def main() -> None:
                                "GPU throughput (CPU numbers instead)"]
     torch.manual_seed(0)
     _, cfg = engram_config(table_ratio=10.0 if cuda else 2.0)
+    # dense table gradients (the paper's recipe: dense Adam) so the whole training step is one
+    # graph; sparse ones run their gather between graphs (tests/unit/test_compile.py)
+    cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, sparse_grad=False))
     model = EngramLM(cfg, device=device)
     ids = torch.randint(0, SHAPE["vocab_size"], (8, 257), device=device)
     result = {"benchmark": "gpu_check", "machine": machine(), "device": torch.cuda.get_device_name() if cuda
