@@ -88,6 +88,10 @@ def check_parity(model, ids) -> dict:
             "parity_gate_max_diff": gate_diff, "parity_ok": ok}
 
 
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None])
+
+
 def check_compile(model, ids, device) -> dict:
     """fullgraph compile of the training step and the decode step, against eager."""
     out = {}
@@ -95,14 +99,12 @@ def check_compile(model, ids, device) -> dict:
     compiled = torch.compile(model, fullgraph=True)
     torch.manual_seed(0)
     eager_loss = train_step(model, ids, bf16=False)
-    eager_grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None
-                            and not p.grad.is_sparse])
+    eager_grad = flat_grads(model)
     t0 = time.perf_counter()
     compiled_loss = train_step(compiled, ids, bf16=False)
     sync(device)
     out["compile_train_s"] = time.perf_counter() - t0
-    compiled_grad = torch.cat([p.grad.flatten().float() for p in model.parameters() if p.grad is not None
-                               and not p.grad.is_sparse])
+    compiled_grad = flat_grads(model)
     out["compile_train_loss_diff"] = abs(eager_loss.item() - compiled_loss.item())
     out["compile_train_grad_max_diff"] = (eager_grad - compiled_grad).abs().max().item()
     model.eval()

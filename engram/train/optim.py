@@ -68,7 +68,26 @@ def _load_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
                     opt.state[p][key] = value.to(device=p.device, copy=True)
 
 
-class SparseRowAdam(torch.optim.Optimizer):
+class _PerParameterOptimizer(torch.optim.Optimizer):
+    """`step` runs the subclass's `_update(p, group)` on every parameter that has a gradient."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    self._update(p, group)
+        return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        raise NotImplementedError
+
+
+class SparseRowAdam(_PerParameterOptimizer):
     """Adam for embedding tables [R, E] that updates only the rows whose gradient is present.
 
     A row is *touched* in a step when `touched_rows` lists it. Untouched rows keep their values
@@ -112,18 +131,6 @@ class SparseRowAdam(torch.optim.Optimizer):
                 raise ValueError(f"SparseRowAdam updates tables [rows, dim], got a parameter of shape {tuple(p.shape)}; "
                                  "give the other parameters to another optimizer")
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None:
-                    self._update(p, group)
-        return loss
-
     def _update(self, p: torch.Tensor, group: dict) -> None:
         rows_N, grad_NE = touched_rows(p.grad)
         if rows_N.numel() == 0:
@@ -164,7 +171,7 @@ class SparseRowAdam(torch.optim.Optimizer):
         _load_keeping_dtypes(self, state_dict)
 
 
-class Float32StateAdam(torch.optim.Optimizer):
+class Float32StateAdam(_PerParameterOptimizer):
     """torch.optim.Adam for parameters stored in low precision (bfloat16 tables): the moments
     are float32 and the update is computed in float32, the parameter is rounded once per step.
     torch.optim.Adam would keep bfloat16 moments (exp_avg_sq of a small gradient underflows
@@ -183,40 +190,30 @@ class Float32StateAdam(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
         self.chunk_rows = chunk_rows
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise ValueError("Float32StateAdam takes dense gradients; use SparseRowAdam for sparse ones")
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                           memory_format=torch.preserve_format)
-                state["step"] += 1
-                t = state["step"]
-                step_size, bc2_sqrt = lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5
-                rows = [...] if p.dim() == 0 else [slice(i, i + self.chunk_rows)
-                                                   for i in range(0, p.shape[0], self.chunk_rows)]
-                for r in rows:  # chunks of rows: views into the parameter and its state
-                    w, g = p[r].float(), p.grad[r].float()  # float32 parameters: views, updated in place
-                    if wd:
-                        g = g.add(w, alpha=wd)
-                    m, v = state["exp_avg"][r], state["exp_avg_sq"][r]
-                    m.lerp_(g, 1 - beta1)
-                    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                    w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
-                    p[r].copy_(w)
-        return loss
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        if p.grad.is_sparse:
+            raise ValueError("Float32StateAdam takes dense gradients; use SparseRowAdam for sparse ones")
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
+                                                   memory_format=torch.preserve_format)
+        state["step"] += 1
+        t = state["step"]
+        step_size, bc2_sqrt = lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5
+        rows = [...] if p.dim() == 0 else [slice(i, i + self.chunk_rows)
+                                           for i in range(0, p.shape[0], self.chunk_rows)]
+        for r in rows:  # chunks of rows: views into the parameter and its state
+            w, g = p[r].float(), p.grad[r].float()  # float32 parameters: views, updated in place
+            if wd:
+                g = g.add(w, alpha=wd)
+            m, v = state["exp_avg"][r], state["exp_avg_sq"][r]
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            w.addcdiv_(m, (v.sqrt() / bc2_sqrt).add_(eps), value=-step_size)
+            p[r].copy_(w)
 
     def load_state_dict(self, state_dict: dict) -> None:
         _load_keeping_dtypes(self, state_dict)
