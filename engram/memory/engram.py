@@ -212,6 +212,11 @@ class Engram(nn.Module):
         B, T = hidden.shape[:2]
         if rows_BTH.shape[:2] != (B, T):
             raise ValueError(f"row ids {tuple(rows_BTH.shape)} must match hidden states' [B={B}, T={T}]")
+        if (T == 1 and valid_BT is None and not return_gates and c.use_gate and self.short_conv is not None
+                and conv_state is not None and conv_state.history is not None and self.short_conv.context > 0
+                and not torch.is_grad_enabled()):
+            out = self._step(hidden, rows_BTH, conv_state)
+            return out.squeeze(2) if flat and M == 1 else out
 
         mem_BTHE = self.table(rows_BTH)
         e_BTd = mem_BTHE.flatten(2).to(hidden.dtype)  # concat heads: [B, T, H*E = d_mem]
@@ -231,6 +236,26 @@ class Engram(nn.Module):
         if flat and M == 1:
             out = out.squeeze(2)
         return (out, gate_BTM) if return_gates else out
+
+    def _step(self, h_B1MD: torch.Tensor, rows_B1H: torch.Tensor, conv_state: ShortConvState) -> torch.Tensor:
+        """One decode step (no grad, gate and conv on): the numbers of `forward` in about half
+        its ops, since a decode step's cost is the count of tiny ops, not their size
+        (docs/LOG.md). The gate logit as in `_gate_logit`, with both norms folded into one
+        rsqrt: r(h) r(k) / sqrt(D) = sqrt(D) / sqrt((|h|^2 + D eps)(|k|^2 + D eps))."""
+        c = self.config
+        D, M = c.hidden_size, c.n_branches
+        B = h_B1MD.shape[0]
+        eps = c.gate_norm_eps if c.gate_norm_eps is not None else torch.finfo(h_B1MD.dtype).eps
+        e_Bd = self.table(rows_B1H).view(B, -1).to(h_B1MD.dtype)
+        kv_BX = F.linear(e_Bd, self.proj.weight, self.proj.bias)
+        h_BMD = h_B1MD.view(B, M, D).float()
+        k_BMD = kv_BX[:, D:].view(B, M, D).float()
+        w_MD = self.query_norm.weight.float() * self.key_norm.weight.float()
+        norms_BM = (torch.linalg.vecdot(h_BMD, h_BMD) + D * eps) * (torch.linalg.vecdot(k_BMD, k_BMD) + D * eps)
+        s_BM = torch.linalg.vecdot(h_BMD * w_MD, k_BMD) * norms_BM.rsqrt() * math.sqrt(D)
+        gate_BM1 = torch.sigmoid(s_BM.sign() * s_BM.abs().clamp_min(1e-6).sqrt()).to(h_B1MD.dtype).unsqueeze(-1)
+        v_B1MD = (gate_BM1 * kv_BX[:, None, :D]).view(B, 1, M, D)
+        return v_B1MD + self.short_conv._step(v_B1MD, conv_state)
 
     def _gate_logit(self, h_BTMD: torch.Tensor, k_BTMD: torch.Tensor) -> torch.Tensor:
         """s = RMSNorm(h) . RMSNorm(k) / sqrt(D), per branch, in float32, without materializing

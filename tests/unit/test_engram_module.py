@@ -128,6 +128,29 @@ def test_chunked_conv_state_equals_full_forward():
     assert err < 1e-5, err
 
 
+@pytest.mark.parametrize("M, bias, eps", [(1, False, 1e-6), (4, True, None)])
+def test_decode_step_equals_full_forward(M, bias, eps, monkeypatch):
+    """Under no_grad a one-token step with conv history takes the lean `_step` path: same
+    outputs as the full forward, and the same conv history as the general path leaves."""
+    cfg, hasher, module = make(M=M, conv_zero_init=False, bias=bias, gate_norm_eps=eps)
+    randomize(module)
+    ids, hidden, rows = inputs(hasher, cfg, T=11)
+    steps = []
+    monkeypatch.setattr(module, "_step", lambda *a, f=module._step: steps.append(1) or f(*a))
+    with torch.no_grad():
+        full = module(hidden, rows)
+        lean, general = ShortConvState(), ShortConvState()
+        outs = [module(hidden[:, :3], rows[:, :3], conv_state=lean)]
+        module(hidden[:, :3], rows[:, :3], conv_state=general)
+        for t in range(3, 11):
+            outs.append(module(hidden[:, t:t + 1], rows[:, t:t + 1], conv_state=lean))
+            module(hidden[:, t:t + 1], rows[:, t:t + 1], conv_state=general, return_gates=True)  # general path
+    assert len(steps) == 8
+    err = (torch.cat(outs, 1) - full).abs().max().item()
+    assert err < 1e-5, err
+    assert torch.allclose(lean.history, general.history, atol=1e-6)
+
+
 def test_no_gate_ablation_passes_value_to_all_branches():
     cfg, hasher, module = make(M=2, use_gate=False)
     ids, hidden, rows = inputs(hasher, cfg)
