@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import EngramConfig
+from ..precision import upcast
 from .table import InMemoryTable, MemoryTable
 
 
@@ -248,9 +249,9 @@ class Engram(nn.Module):
         eps = c.gate_norm_eps if c.gate_norm_eps is not None else torch.finfo(h_B1MD.dtype).eps
         e_Bd = self.table(rows_B1H).view(B, -1).to(h_B1MD.dtype)
         kv_BX = F.linear(e_Bd, self.proj.weight, self.proj.bias)
-        h_BMD = h_B1MD.view(B, M, D).float()
-        k_BMD = kv_BX[:, D:].view(B, M, D).float()
-        w_MD = self.query_norm.weight.float() * self.key_norm.weight.float()
+        h_BMD = upcast(h_B1MD.view(B, M, D))
+        k_BMD = upcast(kv_BX[:, D:].view(B, M, D))
+        w_MD = upcast(self.query_norm.weight) * upcast(self.key_norm.weight)
         norms_BM = (torch.linalg.vecdot(h_BMD, h_BMD) + D * eps) * (torch.linalg.vecdot(k_BMD, k_BMD) + D * eps)
         s_BM = torch.linalg.vecdot(h_BMD * w_MD, k_BMD) * norms_BM.rsqrt() * math.sqrt(D)
         gate_BM1 = torch.sigmoid(s_BM.sign() * s_BM.abs().clamp_min(1e-6).sqrt()).to(h_B1MD.dtype).unsqueeze(-1)
@@ -268,8 +269,8 @@ class Engram(nn.Module):
         eps = self.config.gate_norm_eps
         if eps is None:  # what nn.RMSNorm(eps=None) uses: the input dtype's
             eps = torch.finfo(h_BTMD.dtype).eps
-        h_BTMD, k_BTMD = h_BTMD.float(), k_BTMD.float()  # no-ops (no copy) in float32
-        w_MD = self.query_norm.weight.float() * self.key_norm.weight.float()
+        h_BTMD, k_BTMD = upcast(h_BTMD), upcast(k_BTMD)  # no-ops (no copy) in float32 and float64
+        w_MD = upcast(self.query_norm.weight) * upcast(self.key_norm.weight)
         # |h|^2 and |k|^2 in one reduction over the two stacked vectors
         sq_BTM2 = torch.linalg.vector_norm(torch.stack([h_BTMD, k_BTMD], dim=-2), dim=-1).square()
         r_BTM = torch.rsqrt(sq_BTM2 / D + eps).prod(-1)  # r(h) * r(k)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..precision import upcast
+
 ALPHA_INIT = 0.01  # the gating factors a_*: mHC Table 5 ("Gating Factor Init 0.01")
 PRE_LOGIT = 2.0  # b_pre: +2 on the layer's own stream, -2 elsewhere (see reset_parameters)
 RES_OFF_DIAG_LOGIT = -8.0  # b_res: 0 on the diagonal, -8 off it: H_res ~ I (exp(-8) ~ 3e-4)
@@ -46,7 +48,7 @@ def sinkhorn(logits_XMM: torch.Tensor, iters: int) -> torch.Tensor:
         raise ValueError(f"sinkhorn needs iters >= 1, got {iters}")
     if logits_XMM.dim() < 2 or logits_XMM.shape[-1] != logits_XMM.shape[-2]:
         raise ValueError(f"sinkhorn needs square matrices [..., M, M], got {tuple(logits_XMM.shape)}")
-    log_p = logits_XMM.float()
+    log_p = upcast(logits_XMM)
     log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)  # columns sum to 1
     log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)  # rows sum to 1
     p = log_p.exp()
@@ -58,7 +60,7 @@ def sinkhorn(logits_XMM: torch.Tensor, iters: int) -> torch.Tensor:
 
 def sinkhorn_log_domain(logits_XMM: torch.Tensor, iters: int) -> torch.Tensor:
     """Every step in the log domain: the original formulation, kept as the test oracle."""
-    log_p = logits_XMM.float()
+    log_p = upcast(logits_XMM)
     for _ in range(iters):
         log_p = log_p - torch.logsumexp(log_p, dim=-2, keepdim=True)
         log_p = log_p - torch.logsumexp(log_p, dim=-1, keepdim=True)

@@ -30,13 +30,16 @@ FORMAT_VERSION = 1
 _TABLE_KEY = re.compile(r"\.engram\.table\.")
 
 
-def write_model_files(model: EngramLM, folder: str | os.PathLike) -> None:
-    """config.json, hash_layout.json and model.safetensors into an existing folder (not fsynced)."""
+def write_model_files(model: EngramLM, folder: str | os.PathLike, *, weights: bool = True) -> None:
+    """config.json, hash_layout.json and (with `weights`) model.safetensors into an existing
+    folder (not fsynced). Distributed checkpoints keep their weights in DCP files instead."""
     folder = Path(folder)
     config = {"format_version": FORMAT_VERSION, "model": model.config.to_dict()}
     (folder / "config.json").write_text(json.dumps(config, indent=1))
     if model.layout is not None:
         model.layout.save(folder / "hash_layout.json")
+    if not weights:
+        return
     # contiguous, untied copies (safetensors refuses shared storage)
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
                if not (model.config.tie_embeddings and k == "lm_head.weight")}
@@ -70,7 +73,8 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
     if not path.exists() and old.is_dir():
         raise FileNotFoundError(f"{path} is missing but {old} is there: a save was cut between its two renames; "
                                 f"rename {old.name} back to {path.name}")
-    for name in ("config.json", "model.safetensors"):
+    sharded = (path / "dcp" / ".metadata").is_file()  # a distributed run's checkpoint
+    for name in ("config.json",) if sharded else ("config.json", "model.safetensors"):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path} is not an engram-torch model folder: {name} is missing")
     try:
@@ -88,12 +92,15 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
                                     "cannot be addressed as they were in training")
         layout = HashLayout.load(path / "hash_layout.json", expect=config.engram)
     device = torch.device(device if device is not None else "cpu")
-    try:  # on the CPU safetensors maps the file: tensors are read lazily, never copied twice
-        with safe_open(str(path / "model.safetensors"), framework="pt", device=str(device)) as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()
-                       if table_factory is None or not _TABLE_KEY.search(k)}
-    except Exception as e:  # safetensors raises its own error types for truncated files
-        raise ValueError(f"{path / 'model.safetensors'} cannot be read ({e}); the file may be truncated") from None
+    keep = (lambda k: True) if table_factory is None else (lambda k: not _TABLE_KEY.search(k))
+    if sharded:
+        tensors = _read_distributed(path / "dcp", device, keep)
+    else:
+        try:  # on the CPU safetensors maps the file: tensors are read lazily, never copied twice
+            with safe_open(str(path / "model.safetensors"), framework="pt", device=str(device)) as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+        except Exception as e:  # safetensors raises its own error types for truncated files
+            raise ValueError(f"{path / 'model.safetensors'} cannot be read ({e}); the file may be truncated") from None
     compression = tensors["compression"].cpu().numpy() if "compression" in tensors else None
     model = EngramLM(config, compression=compression, layout=layout, device="meta")
     # Assign the loaded tensors in place of the meta ones: no random init, no second copy.
@@ -117,6 +124,23 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
         raise ValueError(f"{path}: {left[:5]} were neither saved nor rebuilt; the folder does not match "
                          "this engram-torch's model")
     return model
+
+
+def _read_distributed(folder: Path, device: torch.device, keep) -> dict[str, torch.Tensor]:
+    """The model's tensors of a distributed checkpoint (torch.distributed.checkpoint), whole,
+    in this process: any number of ranks wrote them; no process group is needed to read."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        reader = dcp.FileSystemReader(str(folder))
+        saved = reader.read_metadata().state_dict_metadata
+        tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype, device=device) for k, m in saved.items()
+                   if k.startswith("model.") and keep(k[len("model."):])}
+        dcp.load(tensors, storage_reader=reader, no_dist=True)
+    except Exception as e:
+        raise ValueError(f"{folder} cannot be read as a distributed checkpoint ({type(e).__name__}: {e}); "
+                         "it may be incomplete or corrupt") from None
+    return {k[len("model."):]: v for k, v in tensors.items()}
 
 
 def _materialize_unsaved_buffers(model: nn.Module, device: torch.device) -> None:

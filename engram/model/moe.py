@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoEConfig
+from ..precision import upcast
 
 
 class MLP(nn.Module):
@@ -53,7 +54,25 @@ class MLP(nn.Module):
         return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
+def _grouped_mm_loop(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """The grouped product one group at a time, for dtypes torch._grouped_mm has no kernel for
+    (float64: exactness tests). Reads the offsets on the host."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:  # a [S, D] x b [E, D, F] -> [S, F]
+        out = a.new_zeros(a.shape[0], b.shape[-1])
+        for e, (s, t) in enumerate(zip(starts, ends)):
+            out[s:t] = a[s:t] @ b[e]
+        return out
+    out = a.new_zeros(len(ends), a.shape[0], b.shape[1])  # a [D, S] x b [S, F] -> [E, D, F]
+    for e, (s, t) in enumerate(zip(starts, ends)):
+        out[e] = a[:, s:t] @ b[s:t]
+    return out
+
+
 def _grouped_mm_impl(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if a.dtype == torch.float64:
+        return _grouped_mm_loop(a, b, offs)
     if a.dtype in (torch.bfloat16, torch.float16) and not _aligned(a, b):
         return torch._grouped_mm(a.float(), b.float(), offs=offs).to(a.dtype)  # needs 16-byte strides
     return torch._grouped_mm(a, b, offs=offs)
@@ -99,7 +118,8 @@ def grouped_mm(x_SD: torch.Tensor, w_EDF: torch.Tensor, offs_E: torch.Tensor) ->
     bf16 with aligned strides calls `torch._grouped_mm` itself (CUDA's grouped GEMM on sm90+,
     compiled by inductor); every other case goes through the `engram::grouped_mm` custom op,
     which runs the same kernel eagerly but lets `torch.compile` trace it (torch's own meta
-    function accepts only bf16). Under autocast both operands take the autocast dtype.
+    function accepts only bf16); float64 loops over the groups. Under autocast both operands
+    take the autocast dtype.
     """
     if torch.is_autocast_enabled(x_SD.device.type):
         dtype = torch.get_autocast_dtype(x_SD.device.type)
@@ -189,7 +209,7 @@ class MoE(nn.Module):
 
     def route(self, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pick K experts per token (by score + bias) and their weights (by score alone)."""
-        logits_NE = F.linear(x_ND.float(), self.router.weight.float())
+        logits_NE = F.linear(upcast(x_ND), upcast(self.router.weight))
         scores_NE = torch.sigmoid(logits_NE)
         experts_NK = torch.topk(scores_NE + self.router_bias, self.config.top_k, dim=-1).indices
         picked_NK = scores_NE.gather(-1, experts_NK)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import upcast
+
 
 def rope_angles(positions_BS: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin of shape [B, 1, S, head_dim] (float32) for integer positions: the head_dim/2
@@ -23,7 +25,7 @@ def apply_rope(x_BHSE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     """Rotate pairs (first half, second half) of each head vector:
     (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as x cos + (-x2, x1) sin in 5 ops, bit for
     bit the same numbers (a - b is a + (-b) in IEEE arithmetic, and + commutes)."""
-    x = x_BHSE.float()
+    x = upcast(x_BHSE)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x * cos + rotated * sin).to(x_BHSE.dtype)

@@ -11,6 +11,7 @@ torch.compile) is set up by `engine`; one optimizer step is `train_step`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -28,9 +29,11 @@ from ..config import ModelConfig
 from ..durable import atomic_write_text
 from ..hashing.compression import CompressedTokenizer
 from ..model.generate import generate
+from ..precision import upcast
 from ..model.transformer import EngramLM
 from . import engine
-from .checkpoint import latest_good_checkpoint, load_checkpoint, restore_optimizers, save_checkpoint
+from .checkpoint import (latest_good_checkpoint, load_checkpoint, restore_optimizers, save_checkpoint,
+                         verify_checkpoint)
 from .dataset import PreparedData
 from .metrics import MetricsLogger, plot_losses
 from .optim import build_optimizers, clip_grad_norm
@@ -38,7 +41,7 @@ from .tokenizer import special_ids
 
 PAPER_SIZED = ("moe_27b", "engram_27b")
 # Settings a resumed run may change: none of them changes the numbers of the steps taken.
-RESUME_MAY_CHANGE = ("max_steps", "max_bad_steps", "activation_checkpointing")
+RESUME_MAY_CHANGE = ("max_steps", "max_bad_steps", "activation_checkpointing", "fsdp")
 
 
 class TrainingDiverged(RuntimeError):
@@ -71,6 +74,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the training forward and backward
     max_bad_steps: int = 5  # stop after this many steps in a row with a non-finite loss or gradient
+    fsdp: bool = False  # under torchrun: shard the backbone with FSDP2 (default DDP); tables are always sharded
 
     def __post_init__(self) -> None:
         if self.preset not in presets.PRESETS:
@@ -158,21 +162,33 @@ def check_fits_data(config: ModelConfig, data: PreparedData, compression: Compre
 
 @torch.no_grad()
 def evaluate(model: EngramLM, data: PreparedData, seq_len: int, max_windows: int, *,
-             dtype: str = "fp32") -> dict[str, float]:
-    """Mean validation cross-entropy over consecutive windows, and bits per byte."""
+             dtype: str = "fp32", parallel=None) -> dict[str, float]:
+    """Mean validation cross-entropy over consecutive windows, and bits per byte.
+
+    With `parallel` the windows are dealt out to the ranks and the sums added up; every rank
+    runs the same number of forwards (a sharded table's lookup is a collective), the last ones
+    repeating a window with weight 0 where the windows do not divide evenly."""
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
-    for window in data.val.windows(seq_len, max_windows=max_windows):
+    windows = [(w, 1.0) for w in data.val.windows(seq_len, max_windows=max_windows)]
+    if parallel is not None:
+        W, rank = parallel.world_size, parallel.rank
+        windows = windows[rank::W] + [(windows[0][0], 0.0)] * (math.ceil(len(windows) / W) - len(windows[rank::W]))
+    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
+    for window, weight in windows:
         window = window.to(device)
         with engine.autocast(device, dtype):
             logits = model(window[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), window[:, 1:].flatten(), reduction="sum")
-        n += window.shape[1] - 1
+        ce = F.cross_entropy(upcast(logits.flatten(0, 1)), window[:, 1:].flatten(), reduction="sum")
+        sums += torch.stack([ce.double(), torch.tensor(float(window[:, 1:].numel()), device=device,
+                                                        dtype=torch.float64)]) * weight
+    if parallel is not None:
+        torch.distributed.all_reduce(sums, group=parallel.group)
     model.train(was_training)
-    loss = total.item() / n
-    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token("val"), "val_tokens": n}
+    total, n = sums.tolist()
+    loss = total / n
+    return {"val_loss": loss, "val_bpb": loss / math.log(2) / data.bytes_per_token("val"), "val_tokens": int(n)}
 
 
 def _set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> float:
@@ -193,7 +209,7 @@ class StepResult:
 def train_step(model: EngramLM, optimizers: list[torch.optim.Optimizer], ids_BT1: torch.Tensor, *,
                grad_accum: int = 1, grad_clip: float = 1.0, dtype: str = "fp32",
                logits_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               recomputes: bool = False) -> StepResult:
+               recomputes: bool = False, parallel=None) -> StepResult:
     """One optimizer step on windows `ids_BT1` [B, T + 1] (inputs [:, :-1], targets [:, 1:]).
 
     The batch is split into `grad_accum` micro-batches, each forward and backward on its own.
@@ -203,20 +219,34 @@ def train_step(model: EngramLM, optimizers: list[torch.optim.Optimizer], ids_BT1
     biases move once, after the optimizer step. A non-finite loss or gradient norm skips the
     step: gradients and load counts are dropped and no weight changes. `logits_fn` is the
     (possibly compiled) forward; `recomputes`: the model is activation-checkpointed.
+
+    `parallel` (`engram.distributed.Parallel`): this rank's share of the global batch; the loss
+    and gradient norm are the global ones and the MoE loads are summed over ranks, so every
+    rank takes the step one process would take on the whole batch (and all skip together).
     """
     device = ids_BT1.device
-    logits_fn = logits_fn or (lambda ids: model(ids).logits)
+    if logits_fn is None:
+        logits_fn = parallel.logits if parallel is not None else (lambda ids: model(ids).logits)
     B, T = ids_BT1.shape[0], ids_BT1.shape[1] - 1
-    loss_sum = torch.zeros((), device=device)
-    for micro_bT1 in ids_BT1.split(B // grad_accum):
-        with engine.autocast(device, dtype):
-            logits_bTV = logits_fn(micro_bT1[:, :-1])
-        ce = F.cross_entropy(logits_bTV.flatten(0, 1).float(), micro_bT1[:, 1:].flatten(), reduction="sum") / (B * T)
-        with engine.restore_buffers(model, enabled=recomputes):
-            ce.backward()
+    loss_sum = 0  # a tensor after the first micro-batch, in the loss's own precision
+    micro = ids_BT1.split(B // grad_accum)
+    for i, micro_bT1 in enumerate(micro):
+        with contextlib.ExitStack() as sync:
+            if parallel is not None:
+                sync.enter_context(parallel.micro_batch(last=i == len(micro) - 1))
+            with engine.autocast(device, dtype):
+                logits_bTV = logits_fn(micro_bT1[:, :-1])
+            ce = F.cross_entropy(upcast(logits_bTV.flatten(0, 1)), micro_bT1[:, 1:].flatten(),
+                                 reduction="sum") / (B * T)
+            with engine.restore_buffers(model, enabled=recomputes):
+                ce.backward()
         loss_sum += ce.detach()
-    loss = loss_sum.item()
-    grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], grad_clip)
+    if parallel is None:
+        loss = loss_sum.item()
+        grad_norm = clip_grad_norm([p for p in model.parameters() if p.grad is not None], grad_clip)
+    else:
+        loss = parallel.mean(loss_sum)
+        grad_norm = parallel.clip_grad_norm(grad_clip)
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
     if not skipped:
         for opt in optimizers:
@@ -227,6 +257,8 @@ def train_step(model: EngramLM, optimizers: list[torch.optim.Optimizer], ids_BT1
         for moe in model.moe_layers():
             moe.expert_load.zero_()
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=True, balance={})
+    if parallel is not None:
+        parallel.sum_moe_loads()
     return StepResult(loss=loss, grad_norm=grad_norm, skipped=False, balance=model.update_router_biases())
 
 
@@ -262,8 +294,25 @@ def check_same_run(out: Path, run: dict, cfg: TrainConfig, config: ModelConfig, 
                          f"tokenizer or other token files); resume with --data {run['data_dir']}")
 
 
-def _all_finite(model: torch.nn.Module) -> bool:
-    return all(bool(torch.isfinite(p).all()) for p in model.parameters() if p.is_floating_point())
+def _all_finite(model: torch.nn.Module, parallel=None) -> bool:
+    """Every weight finite (on every rank: FSDP shards and table slices are checked where they
+    live, and the ranks agree on the answer)."""
+    ok = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+             for p in model.parameters() if p.is_floating_point())
+    if parallel is None:
+        return ok
+    flag = torch.tensor([float(ok)], device=next(model.parameters()).device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN, group=parallel.group)
+    return bool(flag.item())
+
+
+def _silent(*args, **kwargs) -> None:
+    """The `log` of ranks other than 0."""
+
+
+def _log_metrics(metrics: MetricsLogger | None, record: dict) -> None:
+    if metrics is not None:
+        metrics.log(record)
 
 
 def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.PathLike, resume: bool = False,
@@ -274,31 +323,53 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
     The model is `cfg.preset` sized to the dataset (with `model_overrides`), or `model_config`
     as given (its vocabulary must match the dataset's tokenizer). Raises `TrainingDiverged`
     after `cfg.max_bad_steps` non-finite steps in a row (the newest checkpoint stays good)."""
+    from .. import distributed as dist_
+
+    W, rank = dist_.runtime.world_size(), dist_.runtime.rank()
+    main = rank == 0  # the one rank that prints and writes files (all ranks write checkpoints)
+    if not main:
+        log = _silent
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = PreparedData.open(data_dir)
     compression = CompressedTokenizer.from_tokenizer(data.tokenizer)
     config = model_config or model_config_for(cfg, data, compression, **(model_overrides or {}))
     check_fits_data(config, data, compression, cfg.seq_len)
-    device = engine.resolve_device(cfg.device)
+    if cfg.batch_size % W or (cfg.batch_size // W) % cfg.grad_accum:
+        raise ValueError(f"batch_size {cfg.batch_size} must split into {W} ranks x grad_accum {cfg.grad_accum} "
+                         f"equal micro-batches; use a --batch-size that is a multiple of {W * cfg.grad_accum}")
+    dist_.runtime.check_same_on_all_ranks("run (settings, model config or dataset)",
+                                          {"train": cfg.to_dict(), "model": config.to_dict(),
+                                           "data": data.fingerprint()})
+    device = dist_.runtime.rank_device(cfg.device) if W > 1 else engine.resolve_device(cfg.device)
     warning = engine.fit_warning(config, device, cfg.table_dtype)
     if warning:
         log(warning)
     ckpt = latest_good_checkpoint(out, warn=log) if resume else None
     if resume and ckpt is None:
         log(f"no usable checkpoint in {out}; starting from step 0")
+    sharded_ckpt = ckpt is not None and dist_.checkpoint.is_distributed_checkpoint(ckpt)
     if ckpt is not None:
         check_same_run(out, json.loads((out / "run.json").read_text()), cfg, config, data)
-        model, trainer = load_checkpoint(ckpt, device=str(device))
+        if sharded_ckpt:  # the weights come with the optimizer state, after the model is set up
+            verify_checkpoint(ckpt)
+            trainer = json.loads((ckpt / "trainer.json").read_text())
+            model = EngramLM(config, compression=None if hashes_raw_ids(config) else compression)
+        elif W > 1:
+            raise ValueError(f"{ckpt} is a single-process checkpoint; resuming it on {W} ranks is not supported: "
+                             "resume it in one process (without torchrun), or start the distributed run afresh")
+        else:
+            model, trainer = load_checkpoint(ckpt, device=str(device))
         start, skipped_total = trainer["step"], trainer.get("skipped_steps", 0)
-        log(f"resuming from {ckpt.name} (step {start})")
+        log(f"resuming from {ckpt.name} (step {start}, written by {trainer.get('world_size', 1)} rank(s))")
     else:
         torch.manual_seed(cfg.seed)
         model = EngramLM(config, compression=None if hashes_raw_ids(config) else compression)
         start, skipped_total = 0, 0
-        atomic_write_text(out / "run.json", json.dumps(
-            {"train": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "data": data.fingerprint(),
-             "model": model.config.to_dict()}, indent=1))
+        if main:
+            atomic_write_text(out / "run.json", json.dumps(
+                {"train": cfg.to_dict(), "data_dir": str(Path(data_dir).resolve()), "data": data.fingerprint(),
+                 "model": model.config.to_dict()}, indent=1))
     model.to(device)
     # the data loader's boundary check, once (the token files hold the tokenizer's ids; the
     # forward itself checks nothing, to stay free of host syncs)
@@ -306,19 +377,24 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
     engine.cast_tables(model, cfg.table_dtype)
     if cfg.activation_checkpointing:
         engine.checkpoint_blocks(model)
-    logits_fn = engine.compile_logits(model) if cfg.compile else None
+    parallel = dist_.parallelize(model, fsdp=cfg.fsdp) if W > 1 else None
+    logits_fn = None
+    if cfg.compile:
+        logits_fn = engine.compile_logits(model if parallel is None else parallel.forward_module)
     optimizers = build_optimizers(model, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   table_lr_multiplier=cfg.table_lr_multiplier, table_optimizer=cfg.table_optimizer)
     for opt in optimizers:
         for group in opt.param_groups:
             group.setdefault("initial_lr", group["lr"])
-    if ckpt is not None:
+    if sharded_ckpt:
+        dist_.checkpoint.load_training_state(ckpt, model, optimizers)
+    elif ckpt is not None:
         restore_optimizers(ckpt, optimizers)
-    metrics = MetricsLogger(out, resume_step=start if ckpt is not None else None)
+    metrics = MetricsLogger(out, resume_step=start if ckpt is not None else None) if main else None
     model.train()
 
     bar = None
-    if progress:
+    if progress and main:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.max_steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
@@ -329,13 +405,16 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
         for step in range(start, cfg.max_steps):
             t0 = time.perf_counter()
             lr = _set_lr(optimizers, lr_factor(step, cfg))
-            ids = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed).to(device, non_blocking=True)
+            ids = data.train.batch(step, cfg.batch_size, cfg.seq_len, cfg.seed)  # the global batch: a rank's share
+            share = cfg.batch_size // W
+            ids = ids[rank * share:(rank + 1) * share].to(device, non_blocking=True)
             result = train_step(model, optimizers, ids, grad_accum=cfg.grad_accum, grad_clip=cfg.grad_clip,
-                                dtype=cfg.dtype, logits_fn=logits_fn, recomputes=cfg.activation_checkpointing)
+                                dtype=cfg.dtype, logits_fn=logits_fn, recomputes=cfg.activation_checkpointing,
+                                parallel=parallel)
             done = step + 1
             skipped_total += result.skipped
             bad_streak = bad_streak + 1 if result.skipped else 0
-            metrics.log({"kind": "train", "step": done, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
+            _log_metrics(metrics, {"kind": "train", "step": done, "loss": result.loss, "lr": lr, "grad_norm": result.grad_norm,
                          "skipped": result.skipped, "skipped_steps": skipped_total, **result.balance,
                          "tokens_per_s": tokens_per_step / (time.perf_counter() - t0)})
             if result.skipped:
@@ -348,16 +427,20 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
                     f"the newest good checkpoint is {newest or 'none (no checkpoint was written yet)'}; "
                     "resume from it with a lower --lr (or fix the data), or allow more with --max-bad-steps")
             if done % cfg.eval_every == 0 or done == cfg.max_steps:
-                last_eval = evaluate(model, data, cfg.seq_len, cfg.eval_windows, dtype=cfg.dtype)
-                metrics.log({"kind": "eval", "step": done, **last_eval})
+                last_eval = evaluate(model, data, cfg.seq_len, cfg.eval_windows, dtype=cfg.dtype, parallel=parallel)
+                _log_metrics(metrics, {"kind": "eval", "step": done, **last_eval})
                 say(f"step {done}: val loss {last_eval['val_loss']:.4f}, {last_eval['val_bpb']:.3f} bits/byte")
             if done % cfg.checkpoint_every == 0 or done == cfg.max_steps:
                 if bad_streak:  # the last step was skipped: the newest checkpoint stays the last good state
                     say(f"step {done}: no checkpoint (the step was skipped)")
-                elif not _all_finite(model):
+                elif not _all_finite(model, parallel):
                     raise TrainingDiverged(f"stopped at step {done}: the weights hold NaN or infinity although every "
                                            "step's loss and gradient norm were finite; the newest checkpoint "
                                            "stays the last good one; resume from it with a lower --lr")
+                elif parallel is not None:
+                    dist_.checkpoint.save_distributed_checkpoint(
+                        out, done, model, optimizers, {"seed": cfg.seed, "skipped_steps": skipped_total},
+                        keep_last=cfg.keep_last)
                 else:
                     save_checkpoint(out, done, model, optimizers, {"seed": cfg.seed, "skipped_steps": skipped_total},
                                     keep_last=cfg.keep_last)
@@ -367,7 +450,13 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
     finally:
         if bar is not None:
             bar.close()
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
+    sample = None
+    if cfg.sample_prompt:  # on every rank: decoding looks rows up in the sharded tables too
+        sample = sample_text(model, data.tokenizer, cfg.sample_prompt, seed=cfg.seed, dtype=cfg.dtype)
+    if not main:
+        return {"steps": cfg.max_steps, "run_dir": str(out), "rank": rank}
     records = metrics.read()
     plot_losses(records, out / "loss_curve.png", title=f"{cfg.preset}, seed {cfg.seed}: {_source(data_dir)}")
     evals = [r for r in records if r.get("kind") == "eval"]
@@ -377,8 +466,8 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
                "final_val_bpb": evals[-1]["val_bpb"] if evals else None,
                "skipped_steps": train_records[-1].get("skipped_steps", 0) if train_records else 0,
                "run_dir": str(out)}
-    if cfg.sample_prompt:
-        summary["sample"] = sample_text(model, data.tokenizer, cfg.sample_prompt, seed=cfg.seed, dtype=cfg.dtype)
+    if sample is not None:
+        summary["sample"] = sample
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
     return summary
 

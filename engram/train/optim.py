@@ -107,8 +107,8 @@ class SparseRowAdam(_PerParameterOptimizer):
     no weight decay. "row" is row-wise Adam (as row-wise Adagrad for recommender embeddings):
     all elements of a row share one adaptive scale; with E = 1 it equals "full".
 
-    State, float32 whatever the parameter's dtype (the update is computed in float32 and the
-    row is rounded back to the parameter's dtype once):
+    State, float32 for float32 and lower-precision tables (float64 for float64 ones); the
+    update is computed in that precision and the row rounded back to the parameter's dtype once:
         "full": exp_avg [R, E], exp_avg_sq [R, E], step [R] int32  -> 8 bytes/element + 4/row
         "row":  exp_avg [R, E], exp_avg_sq [R],    step [R] int32  -> 4 bytes/element + 8/row
     """
@@ -139,18 +139,20 @@ class SparseRowAdam(_PerParameterOptimizer):
         if not state:
             R, E = p.shape
             state["step"] = torch.zeros(R, dtype=torch.int32, device=p.device)
-            state["exp_avg"] = torch.zeros(R, E, dtype=torch.float32, device=p.device)
-            state["exp_avg_sq"] = torch.zeros((R, E) if full else (R,), dtype=torch.float32, device=p.device)
+            acc = torch.promote_types(p.dtype, torch.float32)  # float32, or float64 for a float64 table
+            state["exp_avg"] = torch.zeros(R, E, dtype=acc, device=p.device)
+            state["exp_avg_sq"] = torch.zeros((R, E) if full else (R,), dtype=acc, device=p.device)
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
 
         step_N = state["step"].index_select(0, rows_N) + 1
         state["step"].index_copy_(0, rows_N, step_N)
         # bias corrections per row, in float64 as torch.optim.Adam computes them (Python floats)
         k_N1 = step_N.to(torch.float64).unsqueeze(1)
-        neg_step_size_N1 = (-lr / (1 - beta1 ** k_N1)).float()
-        bc2_sqrt_N1 = (1 - beta2 ** k_N1).sqrt().float()
+        acc = state["exp_avg"].dtype
+        neg_step_size_N1 = (-lr / (1 - beta1 ** k_N1)).to(acc)
+        bc2_sqrt_N1 = (1 - beta2 ** k_N1).sqrt().to(acc)
 
-        g_NE = grad_NE.float()
+        g_NE = grad_NE.to(acc)
         m_NE = state["exp_avg"].index_select(0, rows_N).lerp_(g_NE, 1 - beta1)
         if full:
             v_NE = state["exp_avg_sq"].index_select(0, rows_N).mul_(beta2).addcmul_(g_NE, g_NE, value=1 - beta2)
@@ -158,7 +160,7 @@ class SparseRowAdam(_PerParameterOptimizer):
         else:
             v_N = state["exp_avg_sq"].index_select(0, rows_N).mul_(beta2).add_(g_NE.square().mean(1), alpha=1 - beta2)
             denom_NE = (v_N.sqrt().unsqueeze(1) / bc2_sqrt_N1).add_(eps)  # [N, 1], broadcast over E
-        w_NE = p.index_select(0, rows_N).float()
+        w_NE = p.index_select(0, rows_N).to(acc)
         if wd:
             w_NE.mul_(1 - lr * wd)
         w_NE.addcdiv_(m_NE * neg_step_size_N1, denom_NE)
@@ -197,16 +199,17 @@ class Float32StateAdam(_PerParameterOptimizer):
         state = self.state[p]
         if not state:
             state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32,
-                                                   memory_format=torch.preserve_format)
+            acc = torch.promote_types(p.dtype, torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=acc, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=acc, memory_format=torch.preserve_format)
         state["step"] += 1
         t = state["step"]
         step_size, bc2_sqrt = lr / (1 - beta1 ** t), (1 - beta2 ** t) ** 0.5
         rows = [...] if p.dim() == 0 else [slice(i, i + self.chunk_rows)
                                            for i in range(0, p.shape[0], self.chunk_rows)]
         for r in rows:  # chunks of rows: views into the parameter and its state
-            w, g = p[r].float(), p.grad[r].float()  # float32 parameters: views, updated in place
+            acc = state["exp_avg"].dtype
+            w, g = p[r].to(acc), p.grad[r].to(acc)  # parameters already in `acc`: views, updated in place
             if wd:
                 g = g.add(w, alpha=wd)
             m, v = state["exp_avg"][r], state["exp_avg_sq"][r]
@@ -278,7 +281,8 @@ def clip_grad_norm(params: Iterable[torch.Tensor] | torch.Tensor, max_norm: floa
     if not grads:
         return 0.0
     device = grads[0].device
-    norms = [torch.linalg.vector_norm(g, dtype=torch.float32).to(device) for g in grads]
+    norms = [torch.linalg.vector_norm(g, dtype=torch.promote_types(g.dtype, torch.float32)).to(device)
+             for g in grads]
     total = float(torch.linalg.vector_norm(torch.stack(norms)))
     if total > max_norm and total != float("inf"):
         for g in grads:
