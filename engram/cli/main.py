@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
         args.func(args)
     except (UserError, CheckpointError, ValueError, FileNotFoundError, UnicodeDecodeError, TrainingDiverged) as e:
         if os.environ.get("ENGRAM_DEBUG"):

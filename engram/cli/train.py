@@ -46,8 +46,17 @@ def cmd_train(args: argparse.Namespace) -> None:
     from engram.train.loop import TrainConfig, hashes_raw_ids, train
     from engram.train.system import tune_malloc
 
+    from engram.distributed import init_distributed, is_main, launched_by_torchrun
+
     if args.config and args.preset:
         raise UserError("give either --preset NAME or --config FILE, not both")
+    if args.nproc > 1 and not launched_by_torchrun():
+        _relaunch_under_torchrun(args.nproc, args.argv)
+        return
+    if launched_by_torchrun():
+        init_distributed(args.device or "auto")
+    elif args.fsdp:
+        raise UserError("--fsdp shards the backbone across processes: add --nproc N (or run under torchrun)")
     if not args.no_tune_malloc:
         tune_malloc()
     model_config = None
@@ -60,13 +69,19 @@ def cmd_train(args: argparse.Namespace) -> None:
                   "compression", file=sys.stderr)
     out = Path(args.out)
     data = Path(args.data) if args.data else out / "data"
-    if not args.data and not (data / "tokens.json").is_file():
+    if not args.data and not (data / "tokens.json").is_file() and is_main():
         print(f"no --data given: building the default corpus in {data}")
         prepare_dataset(data, vocab_size=args.vocab_size, seed=args.seed or 0)
+    if launched_by_torchrun():
+        import torch.distributed as dist
+
+        dist.barrier()  # the other ranks wait for rank 0's corpus
     fields = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
-    fields.update({k: True for k in ("activation_checkpointing", "compile") if getattr(args, k)})
+    fields.update({k: True for k in ("activation_checkpointing", "compile", "fsdp") if getattr(args, k)})
     cfg = TrainConfig(**fields)
     summary = train(out, cfg, data_dir=data, resume=args.resume, model_config=model_config)
+    if not is_main():
+        return
     if summary["first_val_loss"] is not None:
         print(f"validation loss {summary['first_val_loss']:.4f} -> {summary['final_val_loss']:.4f} "
               f"({summary['final_val_bpb']:.3f} bits/byte); metrics in {out / 'metrics.jsonl'}, "
@@ -75,6 +90,26 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(f"{summary['skipped_steps']} step(s) were skipped for a non-finite loss or gradient norm")
     if "sample" in summary:
         print(f"sample: {summary['sample']!r}")
+
+
+def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
+    """`engram train --nproc N ...` = `torchrun --standalone --nproc-per-node=N -m engram train ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "engram", *rest]
+    print("running: torchrun " + " ".join(cmd[3:]), file=sys.stderr)
+    code = subprocess.call(cmd)
+    if code:
+        raise UserError(f"the {nproc} training processes stopped with exit code {code} (their errors are above)")
 
 
 TRAIN_FIELDS = ("preset", "seed", "max_steps", "batch_size", "seq_len", "lr", "warmup_steps", "table_optimizer",
@@ -194,6 +229,10 @@ def add_commands(sub) -> None:
     tr.add_argument("--compile", action="store_true", help="torch.compile the training forward and backward")
     tr.add_argument("--max-bad-steps", type=positive_int, help="stop after this many steps in a row with a "
                     "non-finite loss or gradient norm (default 5; such steps are skipped)")
+    tr.add_argument("--nproc", type=positive_int, default=1, help="train on N processes of this machine (runs "
+                    "torchrun --standalone for you; one GPU each when there are N, else CPU processes over gloo)")
+    tr.add_argument("--fsdp", action="store_true", help="with several processes: shard the backbone with FSDP2 "
+                    "(default DDP); the Engram tables are always row-sharded")
     tr.add_argument("--vocab-size", type=positive_int, default=8192, help="BPE size when building the default corpus")
     tr.add_argument("--no-tune-malloc", action="store_true", help="leave glibc's allocator settings alone")
     tr.set_defaults(func=cmd_train)

@@ -74,9 +74,20 @@ def _param_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
+def reshard(model: nn.Module) -> None:
+    """Put FSDP2's sharded parameters back in place (a forward without backward, as in
+    evaluation, leaves the root's parameters gathered), so names map to the optimizer's."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def training_state(model: nn.Module, optimizers: list[torch.optim.Optimizer]) -> tuple[dict, list[dict]]:
     """(tensors for DCP, JSON-able optimizer metadata). Keys: `model.<name>`,
     `optim.<i>.<parameter name>.<state key>`, `rng.torch`."""
+    reshard(model)
     tables = _tables_by_param(model)
     mesh = _mesh(next(model.parameters()).device) if tables and dist.is_initialized() else None
     names = _param_names(model)

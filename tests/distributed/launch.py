@@ -54,9 +54,11 @@ def _entry(fn, rank: int, world_size: int, port: int, results, args, env: dict) 
             dist.destroy_process_group()
 
 
-def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, env: dict | None = None) -> list:
+def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, env: dict | None = None,
+              outcomes: bool = False) -> list:
     """[fn(rank, world_size, *args) for each rank], each in its own process. `fn` must be a
-    module-level function (spawned processes import it)."""
+    module-level function (spawned processes import it). With `outcomes`, nothing is raised
+    for a failing rank: each rank's ("ok", value), ("error", traceback) or ("died", exit code)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
@@ -64,25 +66,33 @@ def run_ranks(fn, world_size: int, *args, timeout: float = 120.0, env: dict | No
              for r in range(world_size)]
     for p in procs:
         p.start()
-    out, errors = {}, []
+    out, errors, reported = {}, [], {}
     deadline = time.monotonic() + timeout
     try:
-        while len(out) + len(errors) < world_size:
+        while len(reported) < world_size:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(out))} did not finish in {timeout} s")
+                raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(reported))} did not finish in "
+                                   f"{timeout} s")
             try:
                 rank, status, value = results.get(timeout=min(left, 1.0))
             except queue.Empty:
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in out]
-                if dead and not errors:
+                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in reported]
+                if dead and outcomes:
+                    time.sleep(0.5)  # a rank that failed cleanly may still be delivering its report
+                    if results.empty():
+                        reported.update({r: ("died", procs[r].exitcode) for r in dead})
+                elif dead and not errors:
                     raise RuntimeError(f"ranks {dead} died (exit codes {[procs[r].exitcode for r in dead]})")
                 continue
+            reported[rank] = (status, _portable(value, to_numpy=False) if status == "ok" else value)
             if status == "ok":
-                out[rank] = _portable(value, to_numpy=False)
-            else:
+                out[rank] = reported[rank][1]
+            elif not outcomes:
                 errors.append(f"rank {rank}:\n{value}")
                 break  # the other ranks may now wait on the dead one: stop them all
+        if outcomes:
+            return [reported[r] for r in range(world_size)]
         if errors:
             raise AssertionError("\n".join(errors))
         return [out[r] for r in range(world_size)]

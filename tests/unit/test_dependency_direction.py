@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "engram"
-FORBIDDEN = {"hashing": {"model", "train", "analysis", "cli", "memory"},
-             "memory": {"model", "train", "analysis", "cli"},
-             "model": {"train", "analysis", "cli"}}
+FORBIDDEN = {"hashing": {"model", "train", "analysis", "cli", "memory", "distributed"},
+             "memory": {"model", "train", "analysis", "cli", "distributed"},
+             "model": {"train", "analysis", "cli", "distributed"},
+             "train": {"cli"}, "distributed": {"cli", "analysis"}}
 
 
 def imported_engram_packages(path):
