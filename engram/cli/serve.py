@@ -55,7 +55,21 @@ def cmd_offload(args: argparse.Namespace) -> None:
 
     path = Path(args.path)
     source = newest_checkpoint(path) if (path / "run.json").is_file() else path
-    stems = convert_checkpoint_tables(source, args.out)
+    if (source / "dcp" / ".metadata").is_file():  # a distributed run's checkpoint: consolidate it first
+        import shutil
+        import tempfile
+
+        from engram.model.io import load_model, save_model
+
+        print(f"{source} is a distributed checkpoint: consolidating it in memory first", file=sys.stderr)
+        tmp = Path(tempfile.mkdtemp(dir=Path(args.out).parent if Path(args.out).parent.is_dir() else None))
+        try:
+            save_model(load_model(source), tmp / "model")
+            stems = convert_checkpoint_tables(tmp / "model", args.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        stems = convert_checkpoint_tables(source, args.out)
     if not stems:
         raise UserError(f"{source} has no Engram tables")
     for layer, stem in stems.items():

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -198,7 +199,9 @@ def load_training_state(path: str | Path, model: nn.Module, optimizers: list[tor
                                   tables.get(id(p)), mesh)
     # In place: the model's entries are its own tensors (a table's DTensor wraps its slice
     # without a copy), so loading them loads the model.
-    dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # without a process group DCP warns that it loads in one process: it does
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     torch.set_rng_state(state["rng.torch"])
     for i, (opt, m) in enumerate(zip(optimizers, meta)):
         for saved_group, group in zip(m["param_groups"], opt.param_groups):

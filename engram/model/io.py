@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -136,7 +137,9 @@ def _read_distributed(folder: Path, device: torch.device, keep) -> dict[str, tor
         saved = reader.read_metadata().state_dict_metadata
         tensors = {k: torch.empty(tuple(m.size), dtype=m.properties.dtype, device=device) for k, m in saved.items()
                    if k.startswith("model.") and keep(k[len("model."):])}
-        dcp.load(tensors, storage_reader=reader, no_dist=True)
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process": it is
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(tensors, storage_reader=reader, no_dist=True)
     except Exception as e:
         raise ValueError(f"{folder} cannot be read as a distributed checkpoint ({type(e).__name__}: {e}); "
                          "it may be incomplete or corrupt") from None

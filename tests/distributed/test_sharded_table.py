@@ -32,7 +32,8 @@ def _lookup(rank, world_size, sparse, sizes):
             "sparse": grad.is_sparse, "grad": grad.to_dense()}
 
 
-@pytest.mark.parametrize("world_size, sparse, sizes", [(2, True, SIZES), (3, False, SIZES), (4, True, (2,))])
+@pytest.mark.parametrize("world_size, sparse, sizes", [
+    (2, True, SIZES), (4, False, (2,)), pytest.param(3, False, SIZES, marks=pytest.mark.slow)])
 def test_rows_and_gradients_equal_the_whole_table(world_size, sparse, sizes):
     """Each rank reads the same rows as the whole table; the owners' gradient slices equal the
     whole table's gradient of the mean over ranks of their losses (1/W: data-parallel mean).

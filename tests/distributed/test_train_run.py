@@ -3,6 +3,8 @@ world size or in one process, and load as a plain model for eval/generate."""
 
 import json
 
+import pytest
+
 import torch
 
 from .launch import run_ranks
@@ -52,12 +54,22 @@ def _reload(rank, world_size, ckpt):
     return reloaded(ckpt, parallel=True)
 
 
-def test_two_ranks_resume_exactly_and_reshard_bit_equal(tmp_path, small_dataset):
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory, small_dataset):
+    """A 2-rank run stopped after step 2 (checkpoint step_00000002)."""
+    run = tmp_path_factory.mktemp("dist") / "run"
+    run_ranks(_train, 2, run, small_dataset, {"max_steps": 2}, False, timeout=300)
+    return run
+
+
+def test_two_ranks_resume_exactly_and_reshard_bit_equal(tmp_path, small_dataset, two_rank_run):
+    import shutil
+
     from engram.model.io import load_model
 
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     a = run_ranks(_train, 2, whole, small_dataset, {}, False, timeout=300)[0]
-    run_ranks(_train, 2, cut, small_dataset, {"max_steps": 2}, False, timeout=300)
+    shutil.copytree(two_rank_run, cut)
     ckpt = cut / "checkpoints" / "step_00000002"
     assert (ckpt / "dcp" / ".metadata").is_file()
     assert json.loads((ckpt / "trainer.json").read_text())["world_size"] == 2
@@ -79,3 +91,35 @@ def test_two_ranks_resume_exactly_and_reshard_bit_equal(tmp_path, small_dataset)
     # and as a plain model (engram eval / generate / info): the same weights
     model = load_model(ckpt)
     assert all(torch.equal(p, one[f"w.{n}"]) for n, p in model.named_parameters())
+
+
+def test_cli_reads_a_distributed_run(tmp_path, two_rank_run, capsys):
+    """`engram info`, `offload`, and `eval` served from the offloaded tables, on a 2-rank run."""
+    from engram.cli.main import main
+
+    run = two_rank_run
+    assert main(["info", str(run)]) == 0
+    assert main(["offload", str(run), "--out", str(tmp_path / "tables")]) == 0
+    assert main(["eval", str(run), "--device", "cpu"]) == 0
+    plain = capsys.readouterr().out
+    assert main(["eval", str(run), "--device", "cpu", "--tables", str(tmp_path / "tables")]) == 0
+    served = capsys.readouterr().out
+    loss = [line for line in plain.splitlines() if "loss" in line][0]
+    assert loss in served  # the same validation loss from the disk tables
+
+
+@pytest.mark.slow
+def test_resume_on_other_world_sizes(tmp_path, small_dataset):
+    """4 ranks -> 2 ranks, and 4 ranks -> one process: both resume and finish the run."""
+    from engram.train.loop import train
+
+    for name, resume in (("two", lambda out: run_ranks(_train, 2, out, small_dataset, {}, True, timeout=300)[0]),
+                         ("one", lambda out: train(out, cfg(), data_dir=small_dataset, resume=True, progress=False,
+                                                   log=lambda *a: None))):
+        out = tmp_path / name
+        run_ranks(_train, 4, out, small_dataset, {"max_steps": 2}, False, timeout=300)
+        summary = resume(out)
+        assert summary["steps"] == 4 and summary["final_val_loss"] is not None
+        steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+        assert steps == [1, 2, 3, 4]
