@@ -29,8 +29,8 @@ from ..config import ModelConfig
 from ..durable import atomic_write_text
 from ..hashing.compression import CompressedTokenizer
 from ..model.generate import generate
-from ..precision import upcast
 from ..model.transformer import EngramLM
+from ..precision import upcast
 from . import engine
 from .checkpoint import (latest_good_checkpoint, load_checkpoint, restore_optimizers, save_checkpoint,
                          verify_checkpoint)

@@ -1,5 +1,6 @@
 """Bad distributed input is a clear error on every rank, never a hang."""
 
+import json
 import os
 import subprocess
 import sys
@@ -31,12 +32,30 @@ def test_configs_that_differ_across_ranks_fail_on_every_rank(tmp_path, small_dat
         assert status == "error" and "differs across ranks" in value, value
 
 
-def test_a_rank_that_dies_is_an_error_on_the_others_not_a_hang(tmp_path, small_dataset):
-    got = run_ranks(_train_with, 2, tmp_path / "r", small_dataset, [{}, {}], 2, outcomes=True, timeout=120)
+def test_a_rank_that_dies_is_an_error_on_the_others_and_the_job_resumes(tmp_path, small_dataset):
+    """Rank 1 is killed in step 3: rank 0 fails (gloo reports the lost peer; the launcher's
+    120 s deadline is not needed), the step-2 checkpoint stays good, and the restarted job
+    finishes from it (that such a resume equals an uninterrupted run exactly is
+    test_train_run's)."""
+    from engram.train.checkpoint import list_checkpoints, verify_checkpoint
+
+    run = tmp_path / "r"
+    got = run_ranks(_train_with, 2, run, small_dataset, [{}, {}], 3, outcomes=True, timeout=120)
     assert got[1] == ("died", 3)
-    status, value = got[0]
-    assert status == "error", value  # gloo reports the lost peer; the launcher's 120 s deadline was not needed
-    assert not (tmp_path / "r" / "checkpoints" / "step_00000002").exists()
+    assert got[0][0] == "error", got[0][1]
+    assert [c.name for c in list_checkpoints(run)] == ["step_00000002"]
+    verify_checkpoint(run / "checkpoints" / "step_00000002")
+    resumed = run_ranks(_resume, 2, run, small_dataset, timeout=120)[0]
+    assert resumed["steps"] == 4
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert steps == [1, 2, 3, 4]
+
+
+def _resume(rank, world_size, out, data):
+    from engram.train.loop import train
+
+    return train(out, cfg(), data_dir=data, resume=True, progress=False, log=lambda *a: None)
 
 
 def test_cli_nproc_runs_torchrun_and_rejects_a_batch_it_cannot_split(tmp_path, small_dataset):
