@@ -8,17 +8,20 @@ from pathlib import Path
 
 from .args import UserError, existing_dir, out_dir, positive_int
 from .data import SAMPLE
-from .serve import open_run
+from .serve import open_run, run_data
+
+
+def _seq_len(run: dict) -> int:
+    """The run's training window (an exported model folder may not say: then 128)."""
+    return run.get("train", {}).get("seq_len") or 128
 
 
 def _analysis_windows(run: dict, n: int, seq_len: int | None = None):
     """The first `n` validation windows of the run's dataset, [n, T] ids."""
     import torch
 
-    from engram.train.dataset import PreparedData
-
-    data = PreparedData.open(run["data_dir"])
-    windows = list(data.val.windows(seq_len or run["train"]["seq_len"], max_windows=n))
+    data = run_data(run)
+    windows = list(data.val.windows(seq_len or _seq_len(run), max_windows=n))
     return data, torch.cat([w[:, :-1] for w in windows])
 
 
@@ -29,15 +32,14 @@ def cmd_analyze(args: argparse.Namespace) -> None:
     model, run, ckpt = open_run(args.run, device="cpu")
     if args.what == "gates":
         from engram.analysis.gates import plot_gates
-        from engram.train.dataset import PreparedData
 
-        paths = plot_gates(model, PreparedData.open(run["data_dir"]).tokenizer, args.text, out)
+        paths = plot_gates(model, run_data(run).tokenizer, args.text, out)
         print("\n".join(f"{k}: {v}" for k, v in paths.items()))
     elif args.what == "ablation":
         from engram.analysis.ablation import ablation_eval
 
         data, _ = _analysis_windows(run, 1)
-        report = ablation_eval(model, data, run["train"]["seq_len"], args.windows)
+        report = ablation_eval(model, data, _seq_len(run), args.windows)
         for name, r in report.items():
             print(f"{name:10s} full {r['full']:.4f}  Engram zeroed {r['ablated']:.4f}  kept {r['kept_fraction']:.1%}")
         (out / "ablation.json").write_text(json.dumps(report, indent=1))
@@ -50,7 +52,7 @@ def cmd_analyze(args: argparse.Namespace) -> None:
         other = None
         if args.other:
             other, other_run, _ = open_run(args.other, device="cpu")
-            if other_run["data_dir"] != run["data_dir"]:
+            if other_run.get("data_dir") != run.get("data_dir"):
                 print("note: the two runs used different datasets; both are fed the first run's text")
         _, ids = _analysis_windows(run, args.windows)
         if args.what == "logit-lens":

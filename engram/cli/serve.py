@@ -22,16 +22,34 @@ def newest_checkpoint(run: Path) -> Path:
     return ckpt
 
 
+HF_RUN_FILE = "engram_run.json"  # in an `engram export-hf` folder: the run's settings and dataset
+
+
+def is_hf_folder(path: Path) -> bool:
+    """A transformers folder of an EngramForCausalLM (`engram export-hf`, `save_pretrained`)."""
+    try:
+        return json.loads((path / "config.json").read_text()).get("model_type") == "engram"
+    except (OSError, ValueError):
+        return False
+
+
 def open_run(run_dir: str, tables: str | None = None, cache_rows: int | None = None, device: str | None = None):
-    """(model, run.json, checkpoint path) of a run's newest good checkpoint, on `device`; with
-    `tables` (a folder from `engram offload`) the Engram tables are served from disk, never loaded."""
+    """(model, run.json, checkpoint path) of a run's newest good checkpoint (or of a transformers
+    folder from `engram export-hf`), on `device`; with `tables` (a folder from `engram offload`)
+    the Engram tables are served from disk, never loaded."""
     from engram.model.io import load_model
     from engram.train.checkpoint import verify_checkpoint
     from engram.train.engine import resolve_device
 
     run = Path(run_dir)
-    ckpt = newest_checkpoint(run)
-    verify_checkpoint(ckpt)
+    if is_hf_folder(run):
+        ckpt = run
+        info = run / HF_RUN_FILE
+        run_json = json.loads(info.read_text()) if info.is_file() else {"train": {}, "data_dir": None}
+    else:
+        ckpt = newest_checkpoint(run)
+        verify_checkpoint(ckpt)
+        run_json = json.loads((run / "run.json").read_text())
     factory = None
     if tables:
         from engram.memory.cache import CachedTable
@@ -46,7 +64,48 @@ def open_run(run_dir: str, tables: str | None = None, cache_rows: int | None = N
     elif cache_rows:
         raise UserError("--cache-rows needs --tables (a folder made by engram offload)")
     model = load_model(ckpt, device=resolve_device(device or "auto"), table_factory=factory)
-    return model.eval(), json.loads((run / "run.json").read_text()), ckpt
+    return model.eval(), run_json, ckpt
+
+
+def run_data(run: dict, data: str | None = None):
+    """The dataset a command reads: --data, else the one the run trained on."""
+    from engram.train.dataset import PreparedData
+
+    if not (data or run.get("data_dir")):
+        raise UserError("this model folder names no dataset; pass --data DIR (a folder from engram data build)")
+    return PreparedData.open(data or run["data_dir"])
+
+
+def cmd_export_hf(args: argparse.Namespace) -> None:
+    """Write a run's newest checkpoint as a transformers folder (EngramForCausalLM + tokenizer)."""
+    import shutil
+    import tempfile
+
+    from transformers import PreTrainedTokenizerFast
+
+    from engram.durable import replace_dir
+    from engram.hf import EngramForCausalLM
+    from engram.train.tokenizer import special_ids
+
+    model, run, ckpt = open_run(args.run, device="cpu")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        EngramForCausalLM.from_engram(model).save_pretrained(tmp)
+        if run.get("data_dir"):
+            tok = run_data(run).tokenizer
+            ids = special_ids(tok)
+            names = {f"{role}_token": tok.id_to_token(i) for role, i in ids.items() if i is not None}
+            PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(tmp)
+        (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run.get("train", {}), "data_dir": run.get("data_dir"),
+                                                   "source": str(ckpt)}, indent=1))
+        replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print(f"wrote {out} (from {ckpt}); load it with: import engram.hf; "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 def cmd_offload(args: argparse.Namespace) -> None:
@@ -86,11 +145,11 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from engram.train.loop import evaluate
 
     model, run, ckpt = open_run(args.run, args.tables, args.cache_rows, args.device)
-    seq_len = args.seq_len or run["train"]["seq_len"]
+    seq_len = args.seq_len or run["train"].get("seq_len") or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {model.config.max_seq_len}; "
                         f"use {model.config.max_seq_len} or less")
-    data = PreparedData.open(args.data or run["data_dir"])
+    data = run_data(run, args.data)
     if data.tokenizer.get_vocab_size() != model.config.vocab_size:
         raise UserError(f"{data.root} has a tokenizer of {data.tokenizer.get_vocab_size():,} ids, the model reads "
                         f"{model.config.vocab_size:,}; evaluate on a dataset built with the run's tokenizer "
@@ -113,7 +172,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engram.train.loop import sample_text
 
     model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device)
-    tok = PreparedData.open(run["data_dir"]).tokenizer
+    tok = run_data(run).tokenizer
     print(sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype or "fp32"))
 
@@ -124,7 +183,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     from engram.model.io import load_model
 
     path = Path(args.path)
-    if (path / "run.json").is_file():
+    if (path / "run.json").is_file() or is_hf_folder(path):
         model, run, ckpt = open_run(args.path, device="cpu")
         print(f"run {path}: checkpoint {ckpt.name}, data {run['data_dir']}")
     else:
@@ -175,6 +234,11 @@ def add_commands(sub) -> None:
     off.add_argument("path", type=existing_dir, help="run folder (its newest checkpoint) or model folder")
     off.add_argument("--out", required=True, type=out_dir, help="folder for the table files (layerN.json + layerN.bin)")
     off.set_defaults(func=cmd_offload)
+
+    ex = sub.add_parser("export-hf", help=cmd_export_hf.__doc__, description=cmd_export_hf.__doc__)
+    ex.add_argument("run", type=existing_dir, help="run folder (its newest good checkpoint)")
+    ex.add_argument("--out", required=True, type=out_dir, help="the transformers folder to write")
+    ex.set_defaults(func=cmd_export_hf)
 
     info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)
     info.add_argument("path", type=existing_dir, help="run folder or model folder")

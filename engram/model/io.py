@@ -63,7 +63,8 @@ def save_model(model: EngramLM, path: str | os.PathLike) -> Path:
 
 def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None,
                table_factory: Callable[[int, tuple[int, ...], int], nn.Module] | None = None) -> EngramLM:
-    """Rebuild the model from its folder; the saved hash layout is checked against the config.
+    """Rebuild the model from its folder (ours, a distributed checkpoint's, or a transformers
+    folder of `EngramForCausalLM`); the saved hash layout is checked against the config.
 
     With `table_factory(layer_id, table_sizes, embedding_dim) -> MemoryTable`, the Engram tables
     are not read from model.safetensors at all (only the other tensors are): each layer is
@@ -82,12 +83,19 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
         meta = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path / 'config.json'} is not valid JSON ({e}); the folder may be corrupt") from None
-    if meta.get("format_version") != FORMAT_VERSION:
+    hf = meta.get("model_type") == "engram" and "engram_model" in meta  # `engram export-hf` / save_pretrained
+    if not hf and meta.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: model format {meta.get('format_version')!r} is not supported "
                          f"(this engram-torch reads {FORMAT_VERSION})")
-    config = ModelConfig.from_dict(meta["model"])
+    config = ModelConfig.from_dict(meta["engram_model"] if hf else meta["model"])
     layout = None
-    if config.engram is not None:
+    if config.engram is not None and hf:
+        if not meta.get("hash_layout"):
+            raise ValueError(f"{path}/config.json has no hash_layout; without it the table rows cannot be "
+                             "addressed as they were in training")
+        layout = HashLayout.from_dict(meta["hash_layout"])
+        layout.check_matches(config.engram, f"{path}/config.json")
+    elif config.engram is not None:
         if not (path / "hash_layout.json").is_file():
             raise FileNotFoundError(f"{path}: hash_layout.json is missing; without it the table rows "
                                     "cannot be addressed as they were in training")
@@ -99,7 +107,9 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
     else:
         try:  # on the CPU safetensors maps the file: tensors are read lazily, never copied twice
             with safe_open(str(path / "model.safetensors"), framework="pt", device=str(device)) as f:
-                tensors = {k: f.get_tensor(k) for k in f.keys() if keep(k)}
+                prefix = "model." if hf else ""  # EngramForCausalLM keeps the EngramLM as `.model`
+                tensors = {k[len(prefix):]: f.get_tensor(k) for k in f.keys()
+                           if k.startswith(prefix) and keep(k[len(prefix):])}
         except Exception as e:  # safetensors raises its own error types for truncated files
             raise ValueError(f"{path / 'model.safetensors'} cannot be read ({e}); the file may be truncated") from None
     compression = tensors["compression"].cpu().numpy() if "compression" in tensors else None

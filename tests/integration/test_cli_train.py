@@ -112,3 +112,32 @@ def test_cka_needs_two_runs(trained_run, tmp_path, capsys):
     code, out, err = run(capsys, "analyze", "cka", str(trained_run), "--other", str(trained_run), "--out",
                          str(tmp_path), "--windows", "4")
     assert code == 0 and "soft-alignment index" in out, err
+
+
+def test_export_hf_folder_reads_like_the_run(trained_run, tmp_path, capsys):
+    """`engram export-hf`: transformers loads it (model and tokenizer) with the run's numbers, and
+    the engram commands read it like the run."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import engram.hf  # noqa: F401
+    from engram.model.io import load_model
+    from engram.train.checkpoint import latest_good_checkpoint
+
+    hf_dir = tmp_path / "hf"
+    code, out, _ = run(capsys, "export-hf", str(trained_run), "--out", str(hf_dir))
+    assert code == 0, out
+    ours = load_model(latest_good_checkpoint(trained_run)).eval()
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), load_model(hf_dir).state_dict().values()))
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([tok("the river city north")["input_ids"]])
+    with torch.no_grad():  # the same weights; loaded apart (mapped file vs copy), BLAS may sum in another order
+        err = (hf(ids, use_cache=False).logits - ours(ids).logits).abs().max().item()
+    assert err < 1e-5, err
+    for argv in (["eval", "--windows", "4"], ["generate", "--prompt", "the river", "--max-new-tokens", "5"]):
+        code_run, out_run, _ = run(capsys, argv[0], str(trained_run), *argv[1:])
+        code_hf, out_hf, _ = run(capsys, argv[0], str(hf_dir), *argv[1:])
+        assert code_run == code_hf == 0
+        assert out_run.split(":", 1)[-1] == out_hf.split(":", 1)[-1]  # the same numbers / text
+    code, out, _ = run(capsys, "info", str(hf_dir))
+    assert code == 0 and "engram_tables" in out

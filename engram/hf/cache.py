@@ -1,0 +1,85 @@
+"""`EngramCache`: a transformers `Cache` that carries engram's `DecodeState`.
+
+The state holds the KV cache *and* what Engram needs to continue a sequence (the last N-1
+compressed ids and the short-conv history): the cache transformers passes from step to step
+carries them, so cached generation, beam search and padded batches equal the full forward.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from ..model.attention import KVCache
+from ..model.state import DecodeState
+
+
+class EngramCache(Cache):
+    """`state` is None until the first forward fills it (`EngramForCausalLM` creates it)."""
+
+    def __init__(self, state: DecodeState | None = None) -> None:
+        super().__init__(layers=[])
+        self.state = state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Columns written (left padding included), as `generate` counts its input ids."""
+        if self.state is None:
+            return 0
+        return self.state.written if self.state.written is not None else int(self.state.length)
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1 if self.state is None else self.state.capacity
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_dummy(self) -> list[bool]:
+        return [False]
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.state is not None
+
+    @property
+    def batch_size(self) -> int:
+        return -1 if self.state is None else self.state.batch_size
+
+    def _map_batch(self, fn) -> None:
+        """Replace every per-sequence tensor of the state by `fn(tensor)` (its rows picked or
+        repeated); the shared counters stay."""
+        s = self.state
+        if s is None:
+            return
+        s.kv = [KVCache(fn(c.k), fn(c.v), s.length, c.start) for c in s.kv]
+        s.key_valid, s.next_position = fn(s.key_valid), fn(s.next_position)
+        if s.ngram_history is not None:
+            s.ngram_history = fn(s.ngram_history)
+        for conv in s.conv.values():
+            if conv.history is not None:
+                conv.history = fn(conv.history)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def reset(self) -> None:
+        self.state = None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("EngramCache cannot drop tokens (the n-gram and conv histories do not rewind); "
+                                  "assisted or speculative decoding is not supported yet")

@@ -1,0 +1,37 @@
+"""`EngramLMConfig`: a transformers config that carries an engram `ModelConfig` and its hash layout."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from ..config import ModelConfig
+
+
+class EngramLMConfig(PretrainedConfig):
+    """`engram_model`: `ModelConfig.to_dict()`; `hash_layout`: `HashLayout.to_dict()` (saved
+    with the weights and checked against the model config on load). The usual transformers
+    fields (vocab_size, hidden_size, ...) mirror the model config for tools that read them."""
+
+    model_type = "engram"
+
+    def __init__(self, engram_model: dict[str, Any] | None = None, hash_layout: dict[str, Any] | None = None,
+                 **kwargs) -> None:
+        self.engram_model = engram_model
+        self.hash_layout = hash_layout
+        if engram_model is not None:
+            c = ModelConfig.from_dict(engram_model)
+            for key, value in (("vocab_size", c.vocab_size), ("hidden_size", c.hidden_size),
+                               ("num_hidden_layers", c.n_layers), ("num_attention_heads", c.n_heads),
+                               ("num_key_value_heads", c.n_kv_heads), ("max_position_embeddings", c.max_seq_len)):
+                kwargs.setdefault(key, value)
+            kwargs["tie_word_embeddings"] = c.tie_embeddings
+        super().__init__(**kwargs)
+
+    @property
+    def model_config(self) -> ModelConfig:
+        if self.engram_model is None:
+            raise ValueError("this EngramLMConfig has no engram_model; build it with "
+                             "EngramLMConfig(engram_model=model_config.to_dict(), hash_layout=...)")
+        return ModelConfig.from_dict(self.engram_model)
