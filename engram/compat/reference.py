@@ -8,8 +8,9 @@ state dict saved from the demo loads here and gives the demo's outputs.
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 
 from ..config import EngramConfig
@@ -20,14 +21,30 @@ from ..memory.engram import Engram
 def reference_config(
     *, engram_vocab_size: Sequence[int], max_ngram_size: int, n_embed_per_ngram: int,
     n_head_per_ngram: int, layer_ids: Sequence[int], kernel_size: int, hidden_size: int,
-    hc_mult: int, compressed_vocab_size: int, pad_id: int = 2, seed: int = 0,
+    hc_mult: int, compressed_vocab_size: int, pad_id: int | None = None, compressed_pad_id: int | None = None,
+    compression: Any = None, seed: int = 0,
 ) -> EngramConfig:
-    """Our config for the demo's field names. `pad_id` is the *compressed* pad id (the demo
-    maps its raw pad id 2 through the compression table; for DeepSeek-V3 that is 2 again).
-    It carries `hidden_size` and `n_branches` (the demo's hc_mult) because the demo's module
-    stands alone; in a `ModelConfig` they are the model's (equal values are accepted)."""
+    """Our config for the demo's field names (its `EngramConfig` and `hc_mult`).
+
+    The pad: the demo's `pad_id` is a *raw* token id, which it maps through the compression
+    table; ours is a compressed id. Give the demo's `pad_id` together with `compression` (a
+    `CompressedTokenizer` or its lookup table) and it is mapped the demo's way, or give
+    `compressed_pad_id` directly. With neither, 2 (the demo's default, which DeepSeek-V3's
+    compression maps to 2). `pad_id` alone is refused: an int that silently means another id
+    would address other rows. It carries `hidden_size` and `n_branches` (the demo's hc_mult)
+    because the demo's module stands alone; in a `ModelConfig` they are the model's."""
+    if pad_id is not None and compressed_pad_id is not None:
+        raise ValueError("give the demo's raw pad_id (with compression) or compressed_pad_id, not both")
+    if pad_id is not None:
+        if compression is None:
+            raise ValueError(f"pad_id={pad_id} is the demo's raw token id, which the demo maps through its "
+                             "compression table; pass compression=CompressedTokenizer(...) to map it the same way, "
+                             "or give compressed_pad_id= (the id after compression)")
+        table = np.asarray(getattr(compression, "lookup_table", compression))
+        compressed_pad_id = int(table[pad_id])
     return EngramConfig(
-        compressed_vocab_size=compressed_vocab_size, pad_id=pad_id, layer_ids=tuple(layer_ids),
+        compressed_vocab_size=compressed_vocab_size, pad_id=2 if compressed_pad_id is None else compressed_pad_id,
+        layer_ids=tuple(layer_ids),
         vocab_size_per_ngram=tuple(engram_vocab_size), max_ngram_size=max_ngram_size,
         n_head_per_ngram=n_head_per_ngram, seed=seed, hidden_size=hidden_size, n_branches=hc_mult,
         n_embed_per_ngram=n_embed_per_ngram, kernel_size=kernel_size, use_short_conv=True,
@@ -36,16 +53,21 @@ def reference_config(
 
 
 def reference_engram(
-    *, layer_id: int, state_dict: Mapping[str, torch.Tensor] | None = None,
-    layout: HashLayout | None = None, **demo_fields,
+    *, layer_id: int, engram_vocab_size: Sequence[int], max_ngram_size: int, n_embed_per_ngram: int,
+    n_head_per_ngram: int, layer_ids: Sequence[int], kernel_size: int, hidden_size: int, hc_mult: int,
+    compressed_vocab_size: int, pad_id: int | None = None, compressed_pad_id: int | None = None,
+    compression: Any = None, seed: int = 0, state_dict: Mapping[str, torch.Tensor] | None = None,
+    layout: HashLayout | None = None,
 ) -> Engram:
-    """Build the Engram module of `layer_id` from the demo's config fields; load a demo state dict.
-
-    `demo_fields`: engram_vocab_size, max_ngram_size, n_embed_per_ngram, n_head_per_ngram,
-    layer_ids, kernel_size, hidden_size, hc_mult, compressed_vocab_size (and optionally pad_id,
-    seed). Pass `layout` to reuse a saved hash layout instead of recomputing the primes.
-    """
-    config = reference_config(**demo_fields)
+    """Build the Engram module of `layer_id` from the demo's config fields (named as in the
+    demo; a missing one is a TypeError naming it) and load a demo state dict. The pad as in
+    `reference_config`. Pass `layout` to reuse a saved hash layout instead of recomputing the
+    primes."""
+    config = reference_config(
+        engram_vocab_size=engram_vocab_size, max_ngram_size=max_ngram_size, n_embed_per_ngram=n_embed_per_ngram,
+        n_head_per_ngram=n_head_per_ngram, layer_ids=layer_ids, kernel_size=kernel_size, hidden_size=hidden_size,
+        hc_mult=hc_mult, compressed_vocab_size=compressed_vocab_size, pad_id=pad_id,
+        compressed_pad_id=compressed_pad_id, compression=compression, seed=seed)
     if layout is None:
         layout = HashLayout.from_config(config)
     else:

@@ -92,6 +92,21 @@ def vocab_fingerprint(lookup_table: np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def _first_difference(mine: Any, theirs: Any) -> str:
+    """Where two values first differ: per layer and index for the multiplier and prime tables
+    (long lists whose printed prefixes look alike), else both values whole."""
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        if set(mine) != set(theirs):
+            return f"layout has layers {sorted(mine)}, other has {sorted(theirs)}"
+        for key in sorted(mine):
+            if tuple(mine[key]) != tuple(theirs[key]):
+                return f"layer {key}: " + _first_difference(tuple(mine[key]), tuple(theirs[key]))
+    if isinstance(mine, tuple) and isinstance(theirs, tuple) and len(mine) == len(theirs):
+        i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
+        return f"first differs at index {i}: layout has {mine[i]!r}, other has {theirs[i]!r}"
+    return f"layout has {mine!r}, other has {theirs!r}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class HashLayout:
     """Everything needed to turn compressed ids into row ids, with no random generator.
@@ -203,7 +218,7 @@ class HashLayout:
             if isinstance(theirs, list):
                 theirs = tuple(theirs)
             if mine != theirs:
-                out.append(f"{name}: layout has {mine!r}, other has {theirs!r}")
+                out.append(f"{name}: {_first_difference(mine, theirs)}")
         return out
 
     def check_matches(self, other: "HashLayout | Any", what: str = "the model's config") -> None:

@@ -202,6 +202,9 @@ class Engram(nn.Module):
         zero and reach the short conv as the zeros it sees before a sequence starts."""
         c = self.config
         D, M = c.hidden_size, c.n_branches
+        if isinstance(rows_BTH, dict):
+            raise ValueError(f"got the rows of every Engram layer ({sorted(rows_BTH)}); pass this layer's: "
+                             f"rows[{self.layer_id if self.layer_id is not None else 'layer_id'}]")
         flat = hidden.dim() == 3
         if flat and M == 1:
             hidden = hidden.unsqueeze(2)  # [B, T, D] -> [B, T, 1, D]

@@ -281,3 +281,10 @@ def test_standalone_module_starts_at_the_residual_scale(rng):
     assert module.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(cfg.memory_dim), rel=0.15)
     assert Engram(cfg, hasher.table_sizes[1], init_std=0.1).proj.weight.std().item() == pytest.approx(
         0.1 / math.sqrt(cfg.memory_dim), rel=0.15)
+
+
+def test_passing_every_layers_rows_says_which_to_pass():
+    cfg, hasher, module = make()
+    ids, hidden, rows = inputs(hasher, cfg)
+    with pytest.raises(ValueError, match=r"pass this layer's: rows\[1\]"):
+        module(hidden, hasher.hash(ids))

@@ -141,8 +141,15 @@ def test_mismatched_layout_is_a_clear_error(tmp_path):
         HashLayout.load(path, expect=cfg)
     other = HashLayout.build(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2,
                              vocab_size_per_ngram=[100, 100], compressed_vocab_size=500, pad_id=0, seed=1)
-    with pytest.raises(ValueError, match=r"seed.*multipliers"):
+    with pytest.raises(ValueError, match=r"seed.*multipliers: layer 1: first differs at index 0"):
         layout.check_matches(other, "the checkpoint")
+    # one prime changed deep in the list: the message points at it, not at two equal-looking prefixes
+    data = layout.to_dict()
+    data["primes"]["1"][3] += 2
+    while not all(data["primes"]["1"][3] % d for d in range(2, int(data["primes"]["1"][3] ** 0.5) + 1)):
+        data["primes"]["1"][3] += 2
+    with pytest.raises(ValueError, match=r"primes: layer 1: first differs at index 3: layout has \d+, other has"):
+        layout.check_matches(HashLayout.from_dict(data))
 
 
 def test_layout_checks_the_tokenizer_fingerprint():

@@ -83,7 +83,7 @@ def demo():
 
 def test_forward_matches_the_demo(demo, rng):
     ref, mults, primes = demo
-    ours = reference_engram(layer_id=LAYER, compressed_vocab_size=V, pad_id=PAD,
+    ours = reference_engram(layer_id=LAYER, compressed_vocab_size=V, compressed_pad_id=PAD,
                             state_dict=ref.state_dict(), **DEMO)
     ids = rng.integers(0, V, size=(3, 40), dtype=np.int64)
     ref_rows = torch.from_numpy(numpy_hash(ids, DEMO["layer_ids"], mults, primes, PAD)[LAYER])
@@ -100,7 +100,8 @@ def test_forward_matches_the_demo(demo, rng):
 
 def test_export_round_trips_the_demo_state_dict(demo):
     ref, _, _ = demo
-    ours = reference_engram(layer_id=LAYER, compressed_vocab_size=V, pad_id=PAD, state_dict=ref.state_dict(), **DEMO)
+    ours = reference_engram(layer_id=LAYER, compressed_vocab_size=V, compressed_pad_id=PAD,
+                            state_dict=ref.state_dict(), **DEMO)
     exported = export_reference_state_dict(ours)
     expected = ref.state_dict()
     assert sorted(exported) == sorted(expected)
@@ -114,9 +115,26 @@ def test_mismatched_state_dicts_are_clear_errors(demo):
     ref, _, _ = demo
     sd = ref.state_dict()
     with pytest.raises(ValueError, match="hash layout mismatch"):
-        reference_engram(layer_id=1, compressed_vocab_size=V, pad_id=PAD, state_dict=sd, **DEMO)
+        reference_engram(layer_id=1, compressed_vocab_size=V, compressed_pad_id=PAD, state_dict=sd, **DEMO)
     sd.pop("norm2.3.weight")
     with pytest.raises(ValueError, match=r"missing \['norm2.3.weight'\]"):
-        reference_engram(layer_id=LAYER, compressed_vocab_size=V, pad_id=PAD, state_dict=sd, **DEMO)
+        reference_engram(layer_id=LAYER, compressed_vocab_size=V, compressed_pad_id=PAD, state_dict=sd, **DEMO)
     with pytest.raises(ValueError, match="not one of the Engram layers"):
-        reference_engram(layer_id=7, compressed_vocab_size=V, pad_id=PAD, **DEMO)
+        reference_engram(layer_id=7, compressed_vocab_size=V, compressed_pad_id=PAD, **DEMO)
+
+
+def test_demo_fields_are_named_and_the_raw_pad_id_needs_its_compression():
+    """The demo's pad_id is a raw id; ours is compressed. A bare int is refused, the raw id is
+    mapped through the compression the demo's way, and a missing field is named."""
+    import numpy as np
+
+    from engram.compat.reference import reference_config
+
+    with pytest.raises(ValueError, match="raw token id"):
+        reference_engram(layer_id=LAYER, compressed_vocab_size=V, pad_id=7, **DEMO)
+    table = np.arange(V + 40) % V  # raw 7 -> compressed 7; raw 507 -> compressed 7
+    assert reference_config(compressed_vocab_size=V, pad_id=507, compression=table, **DEMO).pad_id == 7
+    assert reference_config(compressed_vocab_size=V, compressed_pad_id=5, **DEMO).pad_id == 5
+    fields = {k: v for k, v in DEMO.items() if k != "kernel_size"}
+    with pytest.raises(TypeError, match="kernel_size"):
+        reference_engram(layer_id=LAYER, compressed_vocab_size=V, **fields)
