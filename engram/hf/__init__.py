@@ -1,4 +1,5 @@
-"""transformers integration (the `hf` extra): engram models as transformers causal LMs.
+"""transformers integration (the `hf` extra): engram models as transformers causal LMs, and
+Engram retrofitted into pretrained ones (`add_engram`).
 
 Importing `engram.hf` registers `EngramLMConfig` / `EngramForCausalLM` with `AutoConfig` and
 `AutoModelForCausalLM` (model type "engram"), so `from_pretrained` needs no remote code.
@@ -9,8 +10,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from .cache import EngramCache
 from .config import EngramLMConfig
 from .modeling import EngramForCausalLM
+from .retrofit import (EngramCacheLayer, add_engram, engram_param_groups, load_engram_adapter, remove_engram,
+                       save_engram_adapter)
 
 AutoConfig.register("engram", EngramLMConfig, exist_ok=True)
 AutoModelForCausalLM.register(EngramLMConfig, EngramForCausalLM, exist_ok=True)
 
-__all__ = ["EngramCache", "EngramForCausalLM", "EngramLMConfig"]
+__all__ = ["EngramCache", "EngramCacheLayer", "EngramForCausalLM", "EngramLMConfig", "add_engram",
+           "engram_param_groups", "load_engram_adapter", "remove_engram", "save_engram_adapter"]
