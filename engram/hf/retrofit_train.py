@@ -1,0 +1,222 @@
+"""`engram retrofit`: train an Engram adapter for a pretrained transformers model on a corpus.
+
+The corpus is a dataset folder from `engram data build` (its documents, re-tokenized with the
+model's own tokenizer); the model an HF folder or a GGUF file. The run folder holds, like a
+training run's: run.json, metrics.jsonl (and TensorBoard), loss_curve.png, summary.json and
+checkpoints/step_N/ (the adapter, the optimizer state, trainer.json, sha256 checksums; written
+atomically), and `--resume` continues from the newest good checkpoint. Step 0's evaluation is
+the base model's own loss: the adapter starts with a zero value projection (bit-identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import shutil
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from ..durable import atomic_write_text, replace_dir
+from ..train.checkpoint import _optimizer_payload, _restore_optimizers, _sha256, latest_good_checkpoint, list_checkpoints
+from ..train.metrics import MetricsLogger, plot_losses
+from .retrofit import (ADAPTER_WEIGHTS, add_engram, engram_param_groups, load_engram_adapter,
+                       save_engram_adapter)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RetrofitConfig:
+    layers: tuple[int, ...] = (1, 14)  # 0-based decoder layers (the paper: layers 2 and 15 of 30)
+    rows_per_head: int | None = None  # default 5x the compressed vocabulary
+    n_head_per_ngram: int = 8
+    n_embed_per_ngram: int = 256
+    steps: int = 40
+    batch_size: int = 8
+    seq_len: int = 128
+    lr: float = 1e-3  # projections and norms; the tables at 5x (the paper's recipe)
+    warmup_steps: int = 5
+    eval_every: int = 20
+    eval_windows: int = 16
+    checkpoint_every: int = 20
+    keep_last: int = 2
+    seed: int = 0
+    prompt: str = "The capital of France is"
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_every", "eval_windows", "checkpoint_every", "keep_last"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0 or not self.layers:
+            raise ValueError(f"need lr > 0 and at least one layer, got lr={self.lr}, layers={self.layers}")
+
+
+def load_base(path: str | Path):
+    """(model, tokenizer) of an HF folder or a GGUF file (dequantized to float32)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if path.suffix == ".gguf":
+        kw = {"gguf_file": path.name}
+        folder = path.parent
+    else:
+        kw, folder = {}, path
+    tok = AutoTokenizer.from_pretrained(folder, **kw)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, **kw)
+    return model.eval(), tok
+
+
+def _tokens(data_dir: Path, split: str, tok, cache: Path) -> np.ndarray:
+    """The split's documents in the model's tokenization, each followed by EOS (cached)."""
+    if cache.is_file():
+        return np.load(cache, allow_pickle=False)
+    eos = tok.eos_token_id
+    ids: list[int] = []
+    with open(data_dir / f"{split}.jsonl") as f:
+        for line in f:
+            ids += tok(json.loads(line)["text"], add_special_tokens=False)["input_ids"]
+            if eos is not None:
+                ids.append(eos)
+    arr = np.asarray(ids, dtype=np.int64)
+    tmp = cache.with_suffix(".tmp.npy")
+    np.save(tmp, arr, allow_pickle=False)
+    tmp.replace(cache)
+    return arr
+
+
+def _batch(tokens: np.ndarray, step: int, cfg: RetrofitConfig) -> torch.Tensor:
+    """Windows [B, T + 1] at offsets drawn from (seed, step): resumable to the same batches."""
+    rng = np.random.default_rng([cfg.seed, step])
+    starts = rng.integers(0, len(tokens) - cfg.seq_len - 1, cfg.batch_size)
+    return torch.from_numpy(np.stack([tokens[s:s + cfg.seq_len + 1] for s in starts]))
+
+
+@torch.no_grad()
+def _eval(model, tokens: np.ndarray, cfg: RetrofitConfig) -> float:
+    n = min(cfg.eval_windows, (len(tokens) - 1) // cfg.seq_len)
+    total, count = 0.0, 0
+    for i in range(n):
+        w = torch.from_numpy(tokens[i * cfg.seq_len: (i + 1) * cfg.seq_len + 1])[None]
+        logits = model(w[:, :-1], use_cache=False).logits
+        total += F.cross_entropy(logits[0].float(), w[0, 1:], reduction="sum").item()
+        count += cfg.seq_len
+    return total / count
+
+
+def _lr_factor(step: int, cfg: RetrofitConfig) -> float:
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _save(out: Path, step: int, model, opt, state: dict, keep_last: int) -> None:
+    root = out / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp"))
+    save_engram_adapter(model, tmp)
+    tensors, meta = _optimizer_payload([opt])
+    save_file(tensors, str(tmp / "optimizer.safetensors"))
+    (tmp / "optimizer.json").write_text(json.dumps(meta))
+    (tmp / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    (tmp / "checksums.json").write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}, indent=1))
+    replace_dir(tmp, root / f"step_{step:08d}")
+    for old in list_checkpoints(out)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def retrofit(out_dir: str | Path, base: str | Path, data_dir: str | Path, cfg: RetrofitConfig, *,
+             resume: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
+    """Train an Engram adapter on `base` (adapter mode: the base stays frozen). Returns the summary."""
+    out, data_dir = Path(out_dir), Path(data_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {"retrofit": dataclasses.asdict(cfg), "base": str(Path(base).resolve()), "data_dir": str(data_dir.resolve())}
+    ckpt = latest_good_checkpoint(out, warn=log) if resume else None
+    if ckpt is not None:
+        saved = json.loads((out / "run.json").read_text())
+        if saved != json.loads(json.dumps(run)):
+            raise ValueError(f"{out} was started with other settings, base model or data ({saved}); resume with the "
+                             "same ones")
+    t0 = time.perf_counter()
+    model, tok = load_base(base)
+    log(f"loaded {base}: {sum(p.numel() for p in model.parameters()):,} parameters in {time.perf_counter() - t0:.0f} s")
+    train_tokens = _tokens(data_dir, "train", tok, out / "train_tokens.npy")
+    val_tokens = _tokens(data_dir, "val", tok, out / "val_tokens.npy")
+    torch.manual_seed(cfg.seed)
+    if ckpt is not None:
+        load_engram_adapter(model, ckpt)
+        start = json.loads((ckpt / "trainer.json").read_text())["step"]
+    else:
+        add_engram(model, layers=cfg.layers, tokenizer=tok, rows_per_head=cfg.rows_per_head,
+                   n_head_per_ngram=cfg.n_head_per_ngram, n_embed_per_ngram=cfg.n_embed_per_ngram, seed=cfg.seed)
+        start = 0
+        atomic_write_text(out / "run.json", json.dumps(run, indent=1))
+    opt = torch.optim.AdamW(engram_param_groups(model, cfg.lr), betas=(0.9, 0.95))
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    if ckpt is not None:
+        _restore_optimizers([opt], load_file(str(ckpt / "optimizer.safetensors")),
+                            json.loads((ckpt / "optimizer.json").read_text()))
+    metrics = MetricsLogger(out, resume_step=start if ckpt is not None else None)
+    if start == 0:
+        base_loss = _eval(model, val_tokens, cfg)  # the zero value projection: exactly the base model
+        metrics.log({"kind": "eval", "step": 0, "val_loss": base_loss})
+        log(f"base model: held-out loss {base_loss:.4f}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=start, desc="retrofit", unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start, cfg.steps):
+            t = time.perf_counter()
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
+            model.train()
+            ids = _batch(train_tokens, step, cfg)
+            logits = model(ids[:, :-1], use_cache=False).logits
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            model.eval()
+            done = step + 1
+            metrics.log({"kind": "train", "step": done, "loss": loss.item(), "grad_norm": float(grad_norm),
+                         "s_per_step": time.perf_counter() - t})
+            if done % cfg.eval_every == 0 or done == cfg.steps:
+                metrics.log({"kind": "eval", "step": done, "val_loss": _eval(model, val_tokens, cfg)})
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _save(out, done, model, opt, {"seed": cfg.seed}, cfg.keep_last)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    finally:
+        if bar is not None:
+            bar.close()
+        metrics.close()
+    records = metrics.read()
+    plot_losses(records, out / "loss_curve.png", title=f"Engram retrofit of {Path(base).name}")
+    evals = [r for r in records if r["kind"] == "eval"]
+    steps = [r["s_per_step"] for r in records if r["kind"] == "train"]
+    prompt = torch.tensor([tok(cfg.prompt)["input_ids"]])
+    gen = dict(max_new_tokens=20, do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    with torch.no_grad():
+        cached = model.generate(prompt, use_cache=True, **gen)
+        uncached = model.generate(prompt, use_cache=False, **gen)
+    summary = {"base_val_loss": evals[0]["val_loss"], "final_val_loss": evals[-1]["val_loss"], "steps": cfg.steps,
+               "s_per_step_median": statistics.median(steps) if steps else None,
+               "adapter_bytes": (list_checkpoints(out)[-1] / ADAPTER_WEIGHTS).stat().st_size,
+               "adapter_params": sum(p.numel() for p in model.engram_adapter.parameters()),
+               "sample": tok.decode(cached[0], skip_special_tokens=True),
+               "cached_equals_uncached": bool(torch.equal(cached, uncached)), "run_dir": str(out)}
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    return summary
