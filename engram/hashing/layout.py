@@ -126,6 +126,10 @@ class HashLayout:
     multipliers: dict[int, tuple[int, ...]]
     primes: dict[int, tuple[int, ...]]
     vocab_fingerprint: str | None = None
+    # n-grams do not reach across this (compressed) id: earlier ids read as pad_id (document
+    # boundaries; transformers' Qwen4Exp resets at EOS). None: n-grams run across everything.
+    reset_id: int | None = None
+    scheme: str = "reference"  # how multipliers and primes were made: "reference" (the demo's) or "qwen4exp"
     version: int = field(default=LAYOUT_VERSION)
 
     def __post_init__(self) -> None:
@@ -185,6 +189,8 @@ class HashLayout:
             )
         if not 0 <= self.pad_id < self.compressed_vocab_size:
             problems.append(f"pad_id {self.pad_id} is outside [0, {self.compressed_vocab_size})")
+        if self.reset_id is not None and not 0 <= self.reset_id < self.compressed_vocab_size:
+            problems.append(f"reset_id {self.reset_id} is outside [0, {self.compressed_vocab_size})")
         bound = _INT64_MAX // self.compressed_vocab_size
         seen: set[int] = set()
         for layer_id in self.layer_ids:
@@ -209,7 +215,7 @@ class HashLayout:
         names = ["layer_ids", "max_ngram_size", "n_head_per_ngram", "vocab_size_per_ngram",
                  "compressed_vocab_size", "pad_id", "seed"]
         if isinstance(other, HashLayout):
-            names += ["multipliers", "primes"]
+            names += ["multipliers", "primes", "reset_id"]
             if self.vocab_fingerprint and other.vocab_fingerprint:
                 names.append("vocab_fingerprint")
         out = []
@@ -251,7 +257,8 @@ class HashLayout:
             "max_ngram_size": self.max_ngram_size, "n_head_per_ngram": self.n_head_per_ngram,
             "vocab_size_per_ngram": list(self.vocab_size_per_ngram),
             "compressed_vocab_size": self.compressed_vocab_size, "pad_id": self.pad_id,
-            "seed": self.seed, "vocab_fingerprint": self.vocab_fingerprint,
+            "seed": self.seed, "vocab_fingerprint": self.vocab_fingerprint, "reset_id": self.reset_id,
+            "scheme": self.scheme,
             # JSON keys are strings; ints up to 2^63 are exact in Python's json.
             "multipliers": {str(k): list(v) for k, v in self.multipliers.items()},
             "primes": {str(k): list(v) for k, v in self.primes.items()},

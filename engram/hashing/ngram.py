@@ -34,7 +34,16 @@ COMPILED_MIN_TOKENS = 8192
 _log = logging.getLogger(__name__)
 
 
-def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor) -> torch.Tensor:
+def _reset_windows(win_BTN: torch.Tensor, reset: tuple[int, int]) -> torch.Tensor:
+    """Windows whose earlier ids do not reach back across a reset id: x[t-k] reads as pad when
+    a reset id stands anywhere in x[t-k .. t-1] (x[t] itself may be the reset id)."""
+    reset_id, pad_id = reset
+    N = win_BTN.shape[-1]
+    hit = (win_BTN[..., :N - 1] == reset_id).flip(-1).cummax(-1).values.flip(-1)  # a reset at or after column j
+    return torch.cat([win_BTN[..., :N - 1].masked_fill(hit, pad_id), win_BTN[..., N - 1:]], dim=-1)
+
+
+def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, reset: tuple[int, int] | None = None) -> torch.Tensor:
     """XOR-mixed n-gram keys for orders 2..N: [B, C+T] ids -> [L, B, T, N-1] int64.
 
     One multiply for all layers and lags (a decode step is a handful of tiny ops, so their
@@ -45,6 +54,8 @@ def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor) -> torch.Tensor:
         return ctx_BC_T.new_empty(L, B, 0, N - 1)
     # window t of the context-padded ids is x[t-N+1 .. t]: x[t-k] sits in column N-1-k
     win_BTN = ctx_BC_T.unfold(1, N, 1)
+    if reset is not None:
+        win_BTN = _reset_windows(win_BTN, reset)
     terms_LBTN = win_BTN.unsqueeze(0) * mults_LN.flip(-1).view(L, 1, 1, N)  # column N-1-k: x[t-k] * mult[k]
     mix_LBT = terms_LBTN[..., N - 1]
     mixes = []
@@ -54,9 +65,10 @@ def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor) -> torch.Tensor:
     return torch.stack(mixes, dim=-1)
 
 
-def _rows_int(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, primes_LNK: torch.Tensor) -> torch.Tensor:
+def _rows_int(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, primes_LNK: torch.Tensor,
+              reset: tuple[int, int] | None = None) -> torch.Tensor:
     """Reference-shaped kernel: one int64 remainder per head. -> [L, B, T, H]."""
-    mix_LBTN = _mix(ctx_BC_T, mults_LN)
+    mix_LBTN = _mix(ctx_BC_T, mults_LN, reset)
     L, _, _, n_orders = mix_LBTN.shape
     rows = mix_LBTN.unsqueeze(-1) % primes_LNK.view(L, 1, 1, n_orders, -1)
     return rows.flatten(-2)  # [L, B, T, (N-1), K] -> [L, B, T, H]
@@ -64,7 +76,7 @@ def _rows_int(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, primes_LNK: torch.
 
 def _rows_float(
     ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, primes_LNK: torch.Tensor,
-    limb1_LNK: torch.Tensor, limb2_LNK: torch.Tensor, inv_LNK: torch.Tensor,
+    limb1_LNK: torch.Tensor, limb2_LNK: torch.Tensor, inv_LNK: torch.Tensor, reset: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Same integers as `_rows_int` without integer division (meant to run compiled).
 
@@ -72,7 +84,7 @@ def _rows_float(
     y = a0 + a1*c1 + a2*c2 is an integer below 2^53 (exact in float64); q = floor(y / p) via one
     multiply can be off by one, which the two corrections fix. All intermediates are exact.
     """
-    mix_LBTN = _mix(ctx_BC_T, mults_LN)
+    mix_LBTN = _mix(ctx_BC_T, mults_LN, reset)
     L, _, _, n_orders = mix_LBTN.shape
     view = (L, 1, 1, n_orders, -1)
     m = mix_LBTN.unsqueeze(-1)
@@ -227,16 +239,18 @@ class NgramHasher:
     def _rows(self, ctx: torch.Tensor) -> dict[int, torch.Tensor]:
         consts = self._constants(ctx.device)
         kernel = self.kernel_for(ctx)
+        lay = self.layout
+        reset = None if lay.reset_id is None else (lay.reset_id, lay.pad_id)
         rows_LBTH = None
         if kernel == "compiled":
             try:
-                rows_LBTH = _get_compiled()(ctx, *consts)
+                rows_LBTH = _get_compiled()(ctx, *consts, reset)
             except Exception as e:  # auto: a compiler that is present but fails to build
                 if self.kernel != "auto":
                     raise
                 _fall_back(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if rows_LBTH is None:
-            rows_LBTH = _rows_int(ctx, *consts[:2])
+            rows_LBTH = _rows_int(ctx, *consts[:2], reset)
         return dict(zip(self.layer_ids, rows_LBTH.unbind(0)))
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:

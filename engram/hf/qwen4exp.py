@@ -1,0 +1,89 @@
+"""transformers' Qwen4Exp n-gram memory (`Qwen4ExpTextPLELayer`) as our objects: its hash layout
+as a `HashLayout` and each memory layer as an `Engram` module with its weights, so our hasher,
+analysis, offload, cache and editing tools work on such models.
+
+The PLE layer is the paper's Engram module with hyper-connection streams (hc_count = M): a fused
+value/key projection without bias, per-stream RMSNorms (stored as 1 + w), the signed-square-root
+gate and a dilated causal conv. Its table is one embedding padded to a multiple of 128 rows; the
+padding rows are never addressed and are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import EngramConfig
+from ..hashing.layout import HashLayout
+from ..hashing.ngram import NgramHasher
+from ..hashing.qwen4exp import qwen4exp_layout
+from ..memory.engram import Engram
+
+
+@dataclass
+class Qwen4ExpMemory:
+    layout: HashLayout
+    hasher: NgramHasher
+    engrams: dict[int, Engram]  # decoder layer index -> the Engram module with that layer's weights
+
+
+def _ple_layers(model_or_layer: nn.Module) -> list[nn.Module]:
+    from transformers.models.qwen4_exp.modeling_qwen4_exp import Qwen4ExpTextPLELayer
+
+    if isinstance(model_or_layer, Qwen4ExpTextPLELayer):
+        return [model_or_layer]
+    layers = [m for m in model_or_layer.modules() if isinstance(m, Qwen4ExpTextPLELayer)]
+    if not layers:
+        raise ValueError(f"{type(model_or_layer).__name__} has no Qwen4Exp n-gram memory (Qwen4ExpTextPLELayer)")
+    return layers
+
+
+@torch.no_grad()
+def from_qwen4exp(model_or_layer: nn.Module) -> Qwen4ExpMemory:
+    """The hash layout and Engram modules of a Qwen4Exp model (or of one of its PLE layers).
+    With a single layer, the layout holds that layer only (its memory index is kept)."""
+    ples = sorted(_ple_layers(model_or_layer), key=lambda m: m.ple_embedding.ple_layer_index)
+    e0 = ples[0].ple_embedding
+    n_heads = e0.ngram_heads
+    layout = qwen4exp_layout(vocab_size=e0.unigram_vocab_size, layer_ids=range(max(m.ple_embedding.ple_layer_index
+                                                                                 for m in ples) + 1),
+                             ngram_size=e0.ngram_size, heads_per_ngram=e0.heads_per_ngram,
+                             ngram_vocab_size_base=e0.ngram_vocab_size_base, seed=e0.seed,
+                             eos_token_id=e0.eos_token_id)
+    # the layout by memory index, renamed to the decoder layers that hold each memory
+    by_index = {m.ple_embedding.ple_layer_index: m.layer_idx for m in ples}
+    layout = HashLayout(
+        layer_ids=tuple(by_index[i] for i in sorted(by_index)), max_ngram_size=layout.max_ngram_size,
+        n_head_per_ngram=layout.n_head_per_ngram, vocab_size_per_ngram=layout.vocab_size_per_ngram,
+        compressed_vocab_size=layout.compressed_vocab_size, pad_id=layout.pad_id, seed=layout.seed,
+        reset_id=layout.reset_id, scheme=layout.scheme,
+        multipliers={by_index[i]: layout.multipliers[i] for i in by_index},
+        primes={by_index[i]: layout.primes[i] for i in by_index})
+    engrams = {}
+    for ple in ples:
+        emb = ple.ple_embedding
+        if list(layout.primes[ple.layer_idx]) != list(emb.head_vocab_sizes) or \
+                list(layout.multipliers[ple.layer_idx]) != emb.layer_multipliers.tolist():
+            raise ValueError(f"Qwen4Exp layer {ple.layer_idx}: its buffers do not follow the Qwen4Exp layout rules "
+                             "(a different transformers version?); refusing to guess its rows")
+        D, M = ple.hidden_size, ple.hc_count
+        d_mem = emb.ngram_embedding.weight.shape[1] * n_heads
+        config = EngramConfig(
+            compressed_vocab_size=layout.compressed_vocab_size, pad_id=layout.pad_id, layer_ids=layout.layer_ids,
+            vocab_size_per_ngram=layout.vocab_size_per_ngram, max_ngram_size=layout.max_ngram_size,
+            n_head_per_ngram=layout.n_head_per_ngram, n_embed_per_ngram=d_mem // (layout.max_ngram_size - 1),
+            seed=layout.seed, hidden_size=D, n_branches=M, kernel_size=ple.conv1d.kernel_size[0],
+            use_short_conv=True, use_gate=True, bias=False, gate_norm_eps=ple.norm_key.eps,
+            conv_norm_eps=ple.norm_conv.eps, conv_zero_init=False)
+        dtype = ple.value_proj.weight.dtype
+        engram = Engram(config, layout.primes[ple.layer_idx], layer_id=ple.layer_idx, dtype=dtype)
+        engram.table.weight.copy_(emb.ngram_embedding.weight[:emb.total_vocab_size])
+        engram.proj.weight.copy_(torch.cat([ple.value_proj.weight, ple.key_proj.weight]))
+        engram.key_norm.weight.copy_((1 + ple.norm_key.weight.float()).view(M, D))
+        engram.query_norm.weight.copy_((1 + ple.norm_query.weight.float()).view(M, D))
+        engram.short_conv.norm.weight.copy_((1 + ple.norm_conv.weight.float()).view(M, D))
+        engram.short_conv.weight.copy_(ple.conv1d.weight)
+        engrams[ple.layer_idx] = engram
+    return Qwen4ExpMemory(layout=layout, hasher=NgramHasher.from_layout(layout), engrams=engrams)
