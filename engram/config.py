@@ -40,6 +40,9 @@ class EngramConfig:
     max_ngram_size: int = 3
     n_head_per_ngram: int = 8
     seed: int = 0
+    # n-grams do not reach back across this compressed id (a document boundary, e.g. EOS in packed
+    # sequences): earlier ids read as pad_id. None: they run across everything (the paper's demo).
+    reset_id: int | None = None
     # -- module (PAPER.md steps 4-8) --
     hidden_size: int | None = None  # D; None: the model's
     n_branches: int | None = None  # M; None: the model's

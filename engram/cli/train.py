@@ -175,7 +175,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
-    """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, table_size,
+    """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
     knowledge_probes, entity_gates."""
     from engram.train import experiments, probe_experiments
     from engram.train.dataset import prepare_dataset
@@ -219,7 +219,7 @@ def _experiment_summary(result: dict) -> str:
         for p in result["points"]:
             lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "
                          f"final val loss {p['mean']:.4f} ± {p['std']:.4f}")
-    elif name in ("ablations", "table_size"):
+    elif name in ("ablations", "table_size", "boundary_reset"):
         for arm, a in result["arms"].items():
             delta = f", {a['delta_vs_full']:+.4f} vs full" if "delta_vs_full" in a else ""
             lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
@@ -306,8 +306,8 @@ def add_commands(sub) -> None:
     cf.set_defaults(func=cmd_config)
 
     ex = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
-    ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, table_size, knowledge_probes, "
-                    "entity_gates")
+    ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size, "
+                    "knowledge_probes, entity_gates")
     ex.add_argument("--out", type=out_dir, default="docs/results", help="results folder (default docs/results)")
     ex.add_argument("--data", type=out_dir, help="dataset folder (default: build wiki-en in OUT/data)")
     ex.add_argument("--seeds", type=positive_int, default=3)

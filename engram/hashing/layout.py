@@ -144,7 +144,7 @@ class HashLayout:
     def build(
         cls, *, layer_ids: Sequence[int], max_ngram_size: int, n_head_per_ngram: int,
         vocab_size_per_ngram: Sequence[int], compressed_vocab_size: int, pad_id: int,
-        seed: int = 0, vocab_fingerprint: str | None = None,
+        seed: int = 0, vocab_fingerprint: str | None = None, reset_id: int | None = None,
     ) -> "HashLayout":
         """Compute a layout with the reference algorithm (numpy's generator, prime search)."""
         if len(vocab_size_per_ngram) != max_ngram_size - 1:
@@ -164,7 +164,7 @@ class HashLayout:
             n_head_per_ngram=n_head_per_ngram, vocab_size_per_ngram=tuple(vocab_size_per_ngram),
             compressed_vocab_size=compressed_vocab_size, pad_id=pad_id, seed=seed,
             multipliers=mults, primes={k: tuple(v) for k, v in primes.items()},
-            vocab_fingerprint=vocab_fingerprint,
+            vocab_fingerprint=vocab_fingerprint, reset_id=reset_id,
         )
 
     @classmethod
@@ -175,7 +175,7 @@ class HashLayout:
             n_head_per_ngram=config.n_head_per_ngram,
             vocab_size_per_ngram=config.vocab_size_per_ngram,
             compressed_vocab_size=config.compressed_vocab_size, pad_id=config.pad_id,
-            seed=config.seed, vocab_fingerprint=vocab_fingerprint,
+            seed=config.seed, vocab_fingerprint=vocab_fingerprint, reset_id=getattr(config, "reset_id", None),
         )
 
     # -- checks --
@@ -213,14 +213,14 @@ class HashLayout:
     def mismatches(self, other: "HashLayout | Any") -> list[str]:
         """Field-by-field differences from another layout or from a config's hashing fields."""
         names = ["layer_ids", "max_ngram_size", "n_head_per_ngram", "vocab_size_per_ngram",
-                 "compressed_vocab_size", "pad_id", "seed"]
+                 "compressed_vocab_size", "pad_id", "seed", "reset_id"]
         if isinstance(other, HashLayout):
-            names += ["multipliers", "primes", "reset_id"]
+            names += ["multipliers", "primes"]
             if self.vocab_fingerprint and other.vocab_fingerprint:
                 names.append("vocab_fingerprint")
         out = []
         for name in names:
-            mine, theirs = getattr(self, name), getattr(other, name)
+            mine, theirs = getattr(self, name), getattr(other, name, None)
             if isinstance(theirs, list):
                 theirs = tuple(theirs)
             if mine != theirs:

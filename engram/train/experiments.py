@@ -21,7 +21,8 @@ from .dataset import PreparedData
 from .loop import TrainConfig, model_config_for, train
 from .tokenizer import special_ids
 
-EXPERIMENTS = ("engram_vs_moe", "rho_sweep", "ablations", "table_size", "knowledge_probes", "entity_gates")
+EXPERIMENTS = ("engram_vs_moe", "rho_sweep", "ablations", "boundary_reset", "table_size", "knowledge_probes",
+               "entity_gates")
 
 
 def dense_like(moe: ModelConfig) -> ModelConfig:
@@ -161,7 +162,8 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
             "no_gate": engram_changed(full, use_gate=False),
             "no_short_conv": engram_changed(full, use_short_conv=False),
             "no_compression": engram_changed(full, compressed_vocab_size=vocab, pad_id=raw_pad),
-            "capacity_1": engram_changed(full, single_row=True)}
+            "capacity_1": engram_changed(full, single_row=True),
+            "doc_reset": engram_changed(full, reset_id=_compressed_eos(data))}
     for layer in range(full.n_layers):
         if (layer,) != full.engram.layer_ids:
             arms[f"layer_{layer}"] = engram_changed(full, layer_ids=(layer,))
@@ -169,6 +171,17 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
     arms[f"m{other_m}"] = dataclasses.replace(full, n_branches=other_m)  # Engram follows the streams
     arms[f"m{other_m}_no_engram"] = dataclasses.replace(arms[f"m{other_m}"], engram=None)
     return arms
+
+
+def _compressed_eos(data: PreparedData) -> int:
+    """The compressed id of the tokenizer's end-of-document token (the training files put one
+    after every document)."""
+    from ..hashing.compression import CompressedTokenizer
+
+    eos = special_ids(data.tokenizer)["eos"]
+    if eos is None:
+        raise ValueError(f"{data.root}'s tokenizer has no end-of-document token to reset n-grams at")
+    return int(CompressedTokenizer.from_tokenizer(data.tokenizer).lookup_table[eos])
 
 
 def _run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: TrainConfig, data_dir, seeds,
@@ -213,6 +226,24 @@ def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2),
         # paired by seed: same data order and init seed, so the seed-to-seed noise partly cancels
         diffs = [a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])]
         arm["paired_delta_std"] = seed_std(diffs)
+    write_results(out, results, _plot_ablations)
+    return results
+
+
+def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
+                       preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Packed training windows hold several documents: n-grams reset at each document's end
+    (`doc_reset`, as transformers' Qwen4Exp does) against n-grams that run across them (`full`,
+    the paper's demo). Two arms of `ablations`, run on their own."""
+    out = Path(out_dir)
+    base = base_config(preset, steps)
+    arms = ablation_configs(base, PreparedData.open(data_dir))
+    results = _run_arms(out, "boundary_reset", {k: arms[k] for k in ("full", "doc_reset")}, base, data_dir, seeds,
+                        log)
+    full = results["arms"]["full"]
+    for arm in results["arms"].values():
+        arm["delta_vs_full"] = arm["mean"] - full["mean"]
+        arm["paired_delta_std"] = seed_std([a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])])
     write_results(out, results, _plot_ablations)
     return results
 

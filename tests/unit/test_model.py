@@ -305,3 +305,26 @@ def test_rope_is_bit_identical_to_the_half_rotation_formula():
     want = torch.cat([x1 * angles.cos() - x2 * angles.sin(), x1 * angles.sin() + x2 * angles.cos()], dim=-1)
     assert torch.equal(apply_rope(x, *rope_angles(positions, 16, 10000.0)), want)
     assert apply_rope(x.bfloat16(), *rope_angles(positions, 16, 10000.0)).dtype == torch.bfloat16
+
+
+def test_document_boundary_resets_hold_in_chunked_decoding():
+    """engram.reset_id: n-grams stop at a boundary id (packed documents); chunked decoding still
+    equals the full forward, and the rows after a boundary no longer see the ids before it."""
+    import dataclasses
+
+    config = small_config(M=1)
+    reset = dataclasses.replace(config, engram=dataclasses.replace(config.engram, reset_id=5))
+    model = build(reset)
+    ids = torch.randint(6, 97, (2, 15))
+    ids[0, 4] = ids[1, 9] = 5
+    full = model(ids).logits
+    state, pieces = model.new_state(2), []
+    for t in range(0, 15, 4):
+        pieces.append(model(ids[:, t:t + 4], state).logits)
+    assert (torch.cat(pieces, 1) - full).abs().max().item() < 1e-4
+    rows = model.hasher.hash(model.compress(ids))[1]
+    plain = build(config).hasher.hash(model.compress(ids))[1]
+    assert torch.equal(rows[0, :5], plain[0, :5]) and not torch.equal(rows[0, 5:7], plain[0, 5:7])
+    after = ids.clone()
+    after[0, :4] = torch.randint(6, 97, (4,))  # the first document changes: rows after the boundary do not
+    assert torch.equal(model.hasher.hash(model.compress(after))[1][0, 5:], rows[0, 5:])
