@@ -235,8 +235,8 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
                               hidden_size=hidden, n_branches=1)
     else:
         config = dataclasses.replace(config, hidden_size=hidden, n_branches=1)
-    param = next(model.parameters())
-    adapter = EngramAdapter(config, compression, vocab).to(param.device)
+    param = next(p for p in model.parameters() if p.is_floating_point())
+    adapter = EngramAdapter(config, compression, vocab).to(param.device, param.dtype)  # the model's own dtype
     adapter.zero_values()
     if mode == "adapter":
         for p in model.parameters():
