@@ -114,13 +114,15 @@ def cmd_offload(args: argparse.Namespace) -> None:
 
     path = Path(args.path)
     source = newest_checkpoint(path) if (path / "run.json").is_file() else path
-    if (source / "dcp" / ".metadata").is_file():  # a distributed run's checkpoint: consolidate it first
+    sharded = (source / "dcp" / ".metadata").is_file()
+    if sharded or is_hf_folder(source):  # a distributed checkpoint or a transformers folder: consolidate first
         import shutil
         import tempfile
 
         from engram.model.io import load_model, save_model
 
-        print(f"{source} is a distributed checkpoint: consolidating it in memory first", file=sys.stderr)
+        kind = "a distributed checkpoint" if sharded else "a transformers folder"
+        print(f"{source} is {kind}: consolidating it in memory first", file=sys.stderr)
         tmp = Path(tempfile.mkdtemp(dir=Path(args.out).parent if Path(args.out).parent.is_dir() else None))
         try:
             save_model(load_model(source), tmp / "model")

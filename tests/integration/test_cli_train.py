@@ -141,3 +141,9 @@ def test_export_hf_folder_reads_like_the_run(trained_run, tmp_path, capsys):
         assert out_run.split(":", 1)[-1] == out_hf.split(":", 1)[-1]  # the same numbers / text
     code, out, _ = run(capsys, "info", str(hf_dir))
     assert code == 0 and "engram_tables" in out
+    code, out, _ = run(capsys, "offload", str(hf_dir), "--out", str(tmp_path / "tables"))
+    assert code == 0 and "layer 1:" in out
+    code_t, out_t, _ = run(capsys, "eval", str(hf_dir), "--windows", "4", "--tables", str(tmp_path / "tables"))
+    code_p, out_p, _ = run(capsys, "eval", str(hf_dir), "--windows", "4")
+    loss = [line.split(":", 1)[-1] for line in (out_t, out_p)]  # the first line: the loss from either source
+    assert code_t == code_p == 0 and loss[0].splitlines()[0] == loss[1].splitlines()[0]
