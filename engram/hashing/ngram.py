@@ -43,7 +43,8 @@ def _reset_windows(win_BTN: torch.Tensor, reset: tuple[int, int]) -> torch.Tenso
     return torch.cat([win_BTN[..., :N - 1].masked_fill(hit, pad_id), win_BTN[..., N - 1:]], dim=-1)
 
 
-def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, reset: tuple[int, int] | None = None) -> torch.Tensor:
+def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, reset: tuple[int, int] | None = None,
+         segments: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """XOR-mixed n-gram keys for orders 2..N: [B, C+T] ids -> [L, B, T, N-1] int64.
 
     One multiply for all layers and lags (a decode step is a handful of tiny ops, so their
@@ -56,6 +57,9 @@ def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, reset: tuple[int, int] 
     win_BTN = ctx_BC_T.unfold(1, N, 1)
     if reset is not None:
         win_BTN = _reset_windows(win_BTN, reset)
+    if segments is not None:  # earlier ids of another segment (document) read as pad
+        seg_BTN = segments[0].unfold(1, N, 1)
+        win_BTN = win_BTN.masked_fill(seg_BTN != seg_BTN[..., N - 1:], segments[1])
     terms_LBTN = win_BTN.unsqueeze(0) * mults_LN.flip(-1).view(L, 1, 1, N)  # column N-1-k: x[t-k] * mult[k]
     mix_LBT = terms_LBTN[..., N - 1]
     mixes = []
@@ -66,9 +70,9 @@ def _mix(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, reset: tuple[int, int] 
 
 
 def _rows_int(ctx_BC_T: torch.Tensor, mults_LN: torch.Tensor, primes_LNK: torch.Tensor,
-              reset: tuple[int, int] | None = None) -> torch.Tensor:
+              reset: tuple[int, int] | None = None, segments: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Reference-shaped kernel: one int64 remainder per head. -> [L, B, T, H]."""
-    mix_LBTN = _mix(ctx_BC_T, mults_LN, reset)
+    mix_LBTN = _mix(ctx_BC_T, mults_LN, reset, segments)
     L, _, _, n_orders = mix_LBTN.shape
     rows = mix_LBTN.unsqueeze(-1) % primes_LNK.view(L, 1, 1, n_orders, -1)
     return rows.flatten(-2)  # [L, B, T, (N-1), K] -> [L, B, T, H]
@@ -236,9 +240,9 @@ class NgramHasher:
             return "eager"
         return "compiled"
 
-    def _rows(self, ctx: torch.Tensor) -> dict[int, torch.Tensor]:
+    def _rows(self, ctx: torch.Tensor, segments: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         consts = self._constants(ctx.device)
-        kernel = self.kernel_for(ctx)
+        kernel = "eager" if segments is not None else self.kernel_for(ctx)
         lay = self.layout
         reset = None if lay.reset_id is None else (lay.reset_id, lay.pad_id)
         rows_LBTH = None
@@ -250,21 +254,32 @@ class NgramHasher:
                     raise
                 _fall_back(f"torch.compile failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
         if rows_LBTH is None:
-            rows_LBTH = _rows_int(ctx, *consts[:2], reset)
+            rows_LBTH = _rows_int(ctx, *consts[:2], reset, None if segments is None else (segments, self.pad_id))
         return dict(zip(self.layer_ids, rows_LBTH.unbind(0)))
 
     def initial_history(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """The N-1 ids 'before the start' of a sequence: all pad, [B, N-1]."""
         return torch.full((batch_size, self.max_ngram_size - 1), self.pad_id, dtype=torch.int64, device=device)
 
-    def hash(self, ids_BT: torch.Tensor, *, check: bool = True) -> dict[int, torch.Tensor]:
+    def hash(self, ids_BT: torch.Tensor, *, check: bool = True,
+             segment_ids: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         """{layer_id: rows [B, T, H]} for whole sequences (padded on the left with pad_id).
 
+        `segment_ids` [B, T] (packed documents, e.g. from a data pipeline): n-grams do not reach
+        back into another segment; earlier ids of another segment read as pad_id. (For
+        decoding, and for resets at a token id, use the layout's `reset_id`.)
         `check=False` skips the value range check (a host sync on a GPU): for ids that are
         compressed ids by construction, such as `EngramLM`'s own."""
         ids = self._check_ids(ids_BT, "ids") if check else ids_BT
         ctx = torch.cat([self.initial_history(ids.shape[0], ids.device), ids], dim=1)
-        return self._rows(ctx)
+        segs = None
+        if segment_ids is not None:
+            if segment_ids.shape != ids.shape:
+                raise ValueError(f"segment_ids must have the ids' shape {tuple(ids.shape)}, got "
+                                 f"{tuple(segment_ids.shape)}")
+            segs = torch.cat([segment_ids[:, :1].expand(-1, self.max_ngram_size - 1),
+                              segment_ids], dim=1).to(ids.device)  # the history: pad already
+        return self._rows(ctx, segs)
 
     def hash_step(
         self, history_BC: torch.Tensor, ids_BS: torch.Tensor, *, check: bool = True

@@ -335,3 +335,26 @@ def test_auto_compiles_big_cpu_batches_exactly(rng, monkeypatch):
     ids = torch.from_numpy(rng.integers(0, 1000, size=(4, ngram.COMPILED_MIN_TOKENS // 4), dtype=np.int64))
     rows, want = h.hash(ids), demo_hasher("eager").hash(ids)
     assert calls and all(torch.equal(rows[l], want[l]) for l in rows)
+
+
+def test_segment_ids_stop_ngrams_like_a_reset_id():
+    """Packed documents given as segment ids hash like the same documents hashed one by one,
+    and like a reset at the id that ends each document."""
+    import dataclasses
+
+    hasher = NgramHasher(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=[101, 103],
+                         compressed_vocab_size=50, pad_id=0)
+    a, b = torch.randint(1, 50, (1, 6)), torch.randint(1, 50, (1, 5))
+    packed = torch.cat([a, b], 1)
+    seg = torch.tensor([[0] * 6 + [1] * 5])
+    rows = hasher.hash(packed, segment_ids=seg)[1]
+    assert torch.equal(rows[:, :6], hasher.hash(a)[1]) and torch.equal(rows[:, 6:], hasher.hash(b)[1])
+    assert not torch.equal(rows, hasher.hash(packed)[1])
+    with pytest.raises(ValueError, match="segment_ids must have"):
+        hasher.hash(packed, segment_ids=seg[:, :3])
+    # the same documents separated by a reset id: the rows after it equal the second document's
+    eos = 49
+    a[0, -1] = eos
+    with_eos = torch.cat([a, b], 1)
+    reset = NgramHasher.from_layout(dataclasses.replace(hasher.layout, reset_id=eos))
+    assert torch.equal(reset.hash(with_eos)[1][:, 6:], hasher.hash(b)[1])
