@@ -59,8 +59,8 @@ def test_ablation_arms_change_one_thing_each(small_dataset):
                for name, c in arms.items() if c.engram is not None and name != "m4"}
     assert "compressed_vocab_size" in changed.pop("no_compression") <= {"compressed_vocab_size", "pad_id"}
     assert changed == {"full": set(), "no_gate": {"use_gate"}, "no_short_conv": {"use_short_conv"},
-                       "capacity_1": {"single_row"}, "layer_0": {"layer_ids"}, "layer_2": {"layer_ids"},
-                       "layer_3": {"layer_ids"}}
+                       "capacity_1": {"single_row"}, "doc_reset": {"reset_id"}, "layer_0": {"layer_ids"},
+                       "layer_2": {"layer_ids"}, "layer_3": {"layer_ids"}}
     assert arms["no_compression"].engram.compressed_vocab_size == full.vocab_size > full.engram.compressed_vocab_size
     assert arms["m4"].n_branches == arms["m4"].engram_module_config.n_branches == 4
     assert arms["m4"].engram == full.engram and arms["m4_no_engram"].n_branches == 4
@@ -88,6 +88,13 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert len(sweep["slots_to_final_val_loss"]) == 2 and (tmp_path / "table_size.png").is_file()
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
+    from engram.train.experiments import run_boundary_reset
+
+    messages.clear()
+    reset = run_boundary_reset(tmp_path, small_dataset, seeds=(0,), steps=2, log=messages.append)
+    assert not [m for m in messages if m.startswith("training")]  # both arms' runs are the ablation's own
+    assert reset["arms"]["doc_reset"]["final_val_loss"] == arms["doc_reset"]["final_val_loss"]
+    assert (tmp_path / "boundary_reset.json").is_file() and (tmp_path / "boundary_reset.png").is_file()
 
 
 def test_a_run_folder_of_another_model_is_refused(small_dataset, tmp_path):
