@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,9 +30,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
-from ..durable import replace_dir
 from ..model.io import write_model_files
-from ..train.checkpoint import CheckpointError, _sha256, list_checkpoints
+from ..train.checkpoint import CheckpointError, finish_checkpoint, new_checkpoint_dir
 from .runtime import broadcast_object, is_main
 
 DCP_DIR = "dcp"
@@ -121,35 +119,24 @@ def save_distributed_checkpoint(run_dir: str | Path, step: int, model: nn.Module
                                 optimizers: list[torch.optim.Optimizer], trainer_state: dict[str, Any],
                                 keep_last: int = 3) -> Path:
     """Every rank calls this; rank 0 finishes the folder. Returns the checkpoint's path."""
-    root = Path(run_dir) / "checkpoints"
-    final = root / f"step_{step:08d}"
-    tmp = None
-    if is_main():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp")
-    tmp = Path(broadcast_object(tmp))
+    tmp = Path(broadcast_object(str(new_checkpoint_dir(run_dir, step)) if is_main() else None))
     try:
         state, meta = training_state(model, optimizers)
         dcp.save(state, storage_writer=dcp.FileSystemWriter(str(tmp / DCP_DIR), sync_files=True))
+        final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
         if is_main():
             write_model_files(model, tmp, weights=False)
             (tmp / "optimizer.json").write_text(json.dumps(meta))
             world = dist.get_world_size() if dist.is_initialized() else 1
             (tmp / "trainer.json").write_text(json.dumps({"step": step, "world_size": world, **trainer_state},
                                                          indent=1))
-            files = sorted(f for f in tmp.rglob("*") if f.is_file())
-            sums = {str(f.relative_to(tmp)): _sha256(f) for f in files}
-            (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-            replace_dir(tmp, final)
+            finish_checkpoint(tmp, run_dir, step, keep_last)  # after every rank wrote (dcp.save ends in a barrier)
         if dist.is_initialized():
             dist.barrier()
     except BaseException:
         if is_main():
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if is_main():
-        for old in list_checkpoints(run_dir)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 
@@ -203,15 +190,19 @@ def load_training_state(path: str | Path, model: nn.Module, optimizers: list[tor
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(state, storage_reader=reader, no_dist=not dist.is_initialized())
     torch.set_rng_state(state["rng.torch"])
+    loaded: dict[tuple[int, str], dict[str, torch.Tensor]] = {}  # (optimizer, parameter) -> its state tensors
+    for key, value in state.items():
+        if key.startswith("optim."):
+            i, rest = key[len("optim."):].split(".", 1)
+            name, state_key = rest.rsplit(".", 1)
+            loaded.setdefault((int(i), name), {})[state_key] = value
     for i, (opt, m) in enumerate(zip(optimizers, meta)):
         for saved_group, group in zip(m["param_groups"], opt.param_groups):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
             for name in saved_group["params"]:
                 p = params[name]
                 st = dict(m["scalars"].get(name, {}))
-                prefix = f"optim.{i}.{name}."
-                for key, value in state.items():
-                    if key.startswith(prefix):
-                        st[key[len(prefix):]] = value.to_local() if id(p) in tables else value
+                for key, value in loaded.get((i, name), {}).items():
+                    st[key] = value.to_local() if id(p) in tables else value
                 if st:
                     opt.state[p] = st

@@ -14,7 +14,24 @@ from ..model.attention import KVCache
 from ..model.state import DecodeState
 
 
-class EngramCache(Cache):
+class BatchMapped:
+    """Beam search and batch edits for state that lives per sequence: a subclass says how to
+    map each per-sequence tensor (`_map_batch(fn)`), the rest follows."""
+
+    def _map_batch(self, fn) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device)])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+
+class EngramCache(BatchMapped, Cache):
     """`state` is None until the first forward fills it (`EngramForCausalLM` creates it)."""
 
     def __init__(self, state: DecodeState | None = None) -> None:
@@ -67,15 +84,6 @@ class EngramCache(Cache):
         for conv in s.conv.values():
             if conv.history is not None:
                 conv.history = fn(conv.history)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device)])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         self.state = None

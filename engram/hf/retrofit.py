@@ -31,11 +31,12 @@ from ..durable import atomic_write_text
 from ..hashing.compression import CompressedTokenizer
 from ..hashing.ngram import NgramHasher
 from ..memory.engram import Engram, ShortConvState
+from .cache import BatchMapped
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "engram_adapter.json", "engram_adapter.safetensors"
 
 
-class EngramCacheLayer:
+class EngramCacheLayer(BatchMapped):
     """The Engram part of a decoding state, kept as one more layer of a transformers cache:
     the n-gram history [B, N-1] and each Engram layer's conv history [B, ctx, D]. Reordered,
     selected and repeated along the batch with the attention layers."""
@@ -49,21 +50,12 @@ class EngramCacheLayer:
         self.ngram_history: torch.Tensor | None = None
         self.conv: dict[int, ShortConvState] = {}
 
-    def _map(self, fn) -> None:
+    def _map_batch(self, fn) -> None:
         if self.ngram_history is not None:
             self.ngram_history = fn(self.ngram_history)
         for state in self.conv.values():
             if state.history is not None:
                 state.history = fn(state.history)
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map(lambda t: t.index_select(0, beam_idx.to(t.device)))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map(lambda t: t[indices.to(t.device)])
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map(lambda t: t.repeat_interleave(repeats, dim=0))
 
     def reset(self) -> None:
         self.ngram_history, self.conv = None, {}

@@ -13,9 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import shutil
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..durable import atomic_write_text, replace_dir
-from ..train.checkpoint import _optimizer_payload, _restore_optimizers, _sha256, latest_good_checkpoint, list_checkpoints
+from ..durable import atomic_write_text
+from ..train.checkpoint import (_optimizer_payload, _restore_optimizers, latest_good_checkpoint, list_checkpoints,
+                                staged_checkpoint)
 from ..train.metrics import MetricsLogger, plot_losses
 from .retrofit import (ADAPTER_WEIGHTS, add_engram, engram_param_groups, load_engram_adapter,
                        save_engram_adapter)
@@ -119,18 +118,12 @@ def _lr_factor(step: int, cfg: RetrofitConfig) -> float:
 
 
 def _save(out: Path, step: int, model, opt, state: dict, keep_last: int) -> None:
-    root = out / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp"))
-    save_engram_adapter(model, tmp)
-    tensors, meta = _optimizer_payload([opt])
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    (tmp / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1))
-    (tmp / "checksums.json").write_text(json.dumps({f.name: _sha256(f) for f in sorted(tmp.iterdir())}, indent=1))
-    replace_dir(tmp, root / f"step_{step:08d}")
-    for old in list_checkpoints(out)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_checkpoint(out, step, keep_last) as tmp:
+        save_engram_adapter(model, tmp)
+        tensors, meta = _optimizer_payload([opt])
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1))
 
 
 def retrofit(out_dir: str | Path, base: str | Path, data_dir: str | Path, cfg: RetrofitConfig, *,

@@ -11,6 +11,7 @@ checkpoint whose checksums do not verify is reported and the previous one is use
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -81,26 +82,48 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, model: EngramLM,
                     optimizers: list[torch.optim.Optimizer], trainer_state: dict[str, Any],
                     keep_last: int = 3) -> Path:
     """Write checkpoint `step` atomically, then delete all but the newest `keep_last`."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp"))
-    try:
+    with staged_checkpoint(run_dir, step, keep_last) as tmp:
         write_model_files(model, tmp)
         tensors, meta = _optimizer_payload(optimizers)
         tensors["rng.torch"] = torch.get_rng_state()
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         (tmp / "optimizer.json").write_text(json.dumps(meta))
         (tmp / "trainer.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-        sums = {f.name: _sha256(f) for f in sorted(tmp.iterdir())}
-        (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
-        replace_dir(tmp, final)  # fsync every file and the folder, rename, fsync checkpoints/
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def new_checkpoint_dir(run_dir: str | os.PathLike, step: int) -> Path:
+    """A fresh temporary folder beside the run's checkpoints to write checkpoint `step` into."""
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=root, prefix=f".step_{step:08d}.", suffix=".tmp"))
+
+
+def finish_checkpoint(tmp: Path, run_dir: str | os.PathLike, step: int, keep_last: int) -> Path:
+    """Seal a written checkpoint: checksums.json over every file (subfolders included), fsync
+    every file and the folder, rename into place, fsync checkpoints/ (`replace_dir`); then
+    delete all but the newest `keep_last`."""
+    files = sorted(f for f in tmp.rglob("*") if f.is_file())
+    sums = {str(f.relative_to(tmp)): _sha256(f) for f in files}
+    (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
+    final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    replace_dir(tmp, final)
     for old in list_checkpoints(run_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def staged_checkpoint(run_dir: str | os.PathLike, step: int, keep_last: int):
+    """`with staged_checkpoint(run, step, keep) as tmp:` write the files into `tmp`; on leaving
+    the block the checkpoint is sealed (`finish_checkpoint`), or, on an error, `tmp` is removed."""
+    tmp = new_checkpoint_dir(run_dir, step)
+    try:
+        yield tmp
+        finish_checkpoint(tmp, run_dir, step, keep_last)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:

@@ -167,22 +167,23 @@ def evaluate(model: EngramLM, data: PreparedData, seq_len: int, max_windows: int
 
     With `parallel` the windows are dealt out to the ranks and the sums added up; every rank
     runs the same number of forwards (a sharded table's lookup is a collective), the last ones
-    repeating a window with weight 0 where the windows do not divide evenly."""
+    repeating a window that is not counted where the windows do not divide evenly."""
     was_training = model.training
     model.eval()
     device = model.embed.weight.device
-    windows = [(w, 1.0) for w in data.val.windows(seq_len, max_windows=max_windows)]
+    windows = [(w, True) for w in data.val.windows(seq_len, max_windows=max_windows)]
     if parallel is not None:
         W, rank = parallel.world_size, parallel.rank
-        windows = windows[rank::W] + [(windows[0][0], 0.0)] * (math.ceil(len(windows) / W) - len(windows[rank::W]))
-    sums = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, tokens
-    for window, weight in windows:
+        windows = windows[rank::W] + [(windows[0][0], False)] * (math.ceil(len(windows) / W) - len(windows[rank::W]))
+    total, n = torch.zeros((), dtype=torch.float64, device=device), 0
+    for window, counts in windows:
         window = window.to(device)
         with engine.autocast(device, dtype):
             logits = model(window[:, :-1]).logits
-        ce = F.cross_entropy(upcast(logits.flatten(0, 1)), window[:, 1:].flatten(), reduction="sum")
-        sums += torch.stack([ce.double(), torch.tensor(float(window[:, 1:].numel()), device=device,
-                                                        dtype=torch.float64)]) * weight
+        if counts:  # a repeat that only keeps this rank in step with the others adds nothing
+            total += F.cross_entropy(upcast(logits.flatten(0, 1)), window[:, 1:].flatten(), reduction="sum")
+            n += window[:, 1:].numel()
+    sums = torch.stack([total, torch.tensor(float(n), dtype=torch.float64, device=device)])
     if parallel is not None:
         torch.distributed.all_reduce(sums, group=parallel.group)
     model.train(was_training)
