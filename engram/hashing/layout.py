@@ -130,6 +130,9 @@ class HashLayout:
     # boundaries; transformers' Qwen4Exp resets at EOS). None: n-grams run across everything.
     reset_id: int | None = None
     scheme: str = "reference"  # how multipliers and primes were made: "reference" (the demo's) or "qwen4exp"
+    # each layer's table (its heads back to back) is stored padded to a multiple of this many rows
+    # (Qwen4Exp: 128). Storage only: padding rows are never addressed, so row ids do not change.
+    row_multiple: int = 1
     version: int = field(default=LAYOUT_VERSION)
 
     def __post_init__(self) -> None:
@@ -187,6 +190,8 @@ class HashLayout:
                 f"multipliers/primes are given for layers {sorted(self.multipliers)}/"
                 f"{sorted(self.primes)} but layer_ids is {list(self.layer_ids)}"
             )
+        if self.row_multiple < 1:
+            problems.append(f"row_multiple must be >= 1, got {self.row_multiple}")
         if not 0 <= self.pad_id < self.compressed_vocab_size:
             problems.append(f"pad_id {self.pad_id} is outside [0, {self.compressed_vocab_size})")
         if self.reset_id is not None and not 0 <= self.reset_id < self.compressed_vocab_size:
@@ -209,6 +214,11 @@ class HashLayout:
                 seen.add(p)
         if problems:
             raise ValueError("invalid hash layout: " + "; ".join(problems))
+
+    def stored_rows(self, layer_id: int) -> int:
+        """Rows of the layer's stored table: its table sizes summed, padded to `row_multiple`."""
+        rows = sum(self.primes[layer_id])
+        return -(-rows // self.row_multiple) * self.row_multiple
 
     def mismatches(self, other: "HashLayout | Any") -> list[str]:
         """Field-by-field differences from another layout or from a config's hashing fields."""
@@ -258,7 +268,7 @@ class HashLayout:
             "vocab_size_per_ngram": list(self.vocab_size_per_ngram),
             "compressed_vocab_size": self.compressed_vocab_size, "pad_id": self.pad_id,
             "seed": self.seed, "vocab_fingerprint": self.vocab_fingerprint, "reset_id": self.reset_id,
-            "scheme": self.scheme,
+            "scheme": self.scheme, "row_multiple": self.row_multiple,
             # JSON keys are strings; ints up to 2^63 are exact in Python's json.
             "multipliers": {str(k): list(v) for k, v in self.multipliers.items()},
             "primes": {str(k): list(v) for k, v in self.primes.items()},

@@ -36,8 +36,10 @@ def qwen4exp_multipliers(vocab_size: int, ngram_size: int, memory_index: int, se
 
 
 def qwen4exp_layout(*, vocab_size: int, layer_ids: Sequence[int], ngram_size: int, heads_per_ngram: int,
-                    ngram_vocab_size_base: int, seed: int, eos_token_id: int) -> HashLayout:
-    """The layout of a Qwen4Exp text model's memory layers `layer_ids` (its `ple_layer_ids`)."""
+                    ngram_vocab_size_base: int, seed: int, eos_token_id: int,
+                    row_multiple: int = 128) -> HashLayout:
+    """The layout of a Qwen4Exp text model's memory layers `layer_ids` (its `ple_layer_ids`);
+    `row_multiple` is its config's `make_ngram_vocab_size_divisible_by`."""
     heads = (ngram_size - 1) * heads_per_ngram
     primes, p = [], ngram_vocab_size_base - 1
     for _ in range(len(layer_ids) * heads):  # the next prime each time: head h of layer i is prime i*H + h + 1
@@ -49,6 +51,6 @@ def qwen4exp_layout(*, vocab_size: int, layer_ids: Sequence[int], ngram_size: in
     return HashLayout(
         layer_ids=tuple(layers), max_ngram_size=ngram_size, n_head_per_ngram=heads_per_ngram,
         vocab_size_per_ngram=(ngram_vocab_size_base,) * (ngram_size - 1), compressed_vocab_size=vocab_size,
-        pad_id=eos_token_id, seed=seed, reset_id=eos_token_id, scheme="qwen4exp",
+        pad_id=eos_token_id, seed=seed, reset_id=eos_token_id, scheme="qwen4exp", row_multiple=row_multiple,
         multipliers={layer: qwen4exp_multipliers(vocab_size, ngram_size, i, seed) for i, layer in enumerate(layers)},
         primes={layer: tuple(primes[i * heads:(i + 1) * heads]) for i, layer in enumerate(layers)})

@@ -4,8 +4,10 @@ analysis, offload, cache and editing tools work on such models.
 
 The PLE layer is the paper's Engram module with hyper-connection streams (hc_count = M): a fused
 value/key projection without bias, per-stream RMSNorms (stored as 1 + w), the signed-square-root
-gate and a dilated causal conv. Its table is one embedding padded to a multiple of 128 rows; the
-padding rows are never addressed and are dropped.
+gate and a dilated causal conv. Its table is one embedding padded to a multiple of 128 rows
+(`HashLayout.row_multiple`); the padding rows are never addressed and are not copied.
+`to_qwen4exp` writes the (edited) modules back, so a memory changed with our tools ships in the
+model's own format.
 """
 
 from __future__ import annotations
@@ -40,10 +42,21 @@ def _ple_layers(model_or_layer: nn.Module) -> list[nn.Module]:
     return layers
 
 
+def _row_multiple(model_or_layer: nn.Module, given: int | None) -> int:
+    """The table padding: given, else the model's config (`make_ngram_vocab_size_divisible_by`),
+    else transformers' default of 128 (a bare layer does not keep its config)."""
+    if given is not None:
+        return given
+    config = getattr(model_or_layer, "config", None)
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "make_ngram_vocab_size_divisible_by", 128))
+
+
 @torch.no_grad()
-def from_qwen4exp(model_or_layer: nn.Module) -> Qwen4ExpMemory:
+def from_qwen4exp(model_or_layer: nn.Module, row_multiple: int | None = None) -> Qwen4ExpMemory:
     """The hash layout and Engram modules of a Qwen4Exp model (or of one of its PLE layers).
-    With a single layer, the layout holds that layer only (its memory index is kept)."""
+    With a single layer, the layout holds that layer only (its memory index is kept).
+    `row_multiple`: the table padding, when a bare layer was built with a non-default one."""
     ples = sorted(_ple_layers(model_or_layer), key=lambda m: m.ple_embedding.ple_layer_index)
     e0 = ples[0].ple_embedding
     n_heads = e0.ngram_heads
@@ -51,14 +64,15 @@ def from_qwen4exp(model_or_layer: nn.Module) -> Qwen4ExpMemory:
                                                                                  for m in ples) + 1),
                              ngram_size=e0.ngram_size, heads_per_ngram=e0.heads_per_ngram,
                              ngram_vocab_size_base=e0.ngram_vocab_size_base, seed=e0.seed,
-                             eos_token_id=e0.eos_token_id)
+                             eos_token_id=e0.eos_token_id,
+                             row_multiple=_row_multiple(model_or_layer, row_multiple))
     # the layout by memory index, renamed to the decoder layers that hold each memory
     by_index = {m.ple_embedding.ple_layer_index: m.layer_idx for m in ples}
     layout = HashLayout(
         layer_ids=tuple(by_index[i] for i in sorted(by_index)), max_ngram_size=layout.max_ngram_size,
         n_head_per_ngram=layout.n_head_per_ngram, vocab_size_per_ngram=layout.vocab_size_per_ngram,
         compressed_vocab_size=layout.compressed_vocab_size, pad_id=layout.pad_id, seed=layout.seed,
-        reset_id=layout.reset_id, scheme=layout.scheme,
+        reset_id=layout.reset_id, scheme=layout.scheme, row_multiple=layout.row_multiple,
         multipliers={by_index[i]: layout.multipliers[i] for i in by_index},
         primes={by_index[i]: layout.primes[i] for i in by_index})
     engrams = {}
@@ -68,6 +82,11 @@ def from_qwen4exp(model_or_layer: nn.Module) -> Qwen4ExpMemory:
                 list(layout.multipliers[ple.layer_idx]) != emb.layer_multipliers.tolist():
             raise ValueError(f"Qwen4Exp layer {ple.layer_idx}: its buffers do not follow the Qwen4Exp layout rules "
                              "(a different transformers version?); refusing to guess its rows")
+        if emb.ngram_embedding.weight.shape[0] != layout.stored_rows(ple.layer_idx):
+            raise ValueError(
+                f"Qwen4Exp layer {ple.layer_idx}: its table has {emb.ngram_embedding.weight.shape[0]} rows, the layout "
+                f"stores {layout.stored_rows(ple.layer_idx)} ({emb.total_vocab_size} padded to a multiple of "
+                f"{layout.row_multiple}); pass row_multiple= as its config's make_ngram_vocab_size_divisible_by")
         D, M = ple.hidden_size, ple.hc_count
         d_mem = emb.ngram_embedding.weight.shape[1] * n_heads
         config = EngramConfig(
@@ -87,3 +106,27 @@ def from_qwen4exp(model_or_layer: nn.Module) -> Qwen4ExpMemory:
         engram.short_conv.weight.copy_(ple.conv1d.weight)
         engrams[ple.layer_idx] = engram
     return Qwen4ExpMemory(layout=layout, hasher=NgramHasher.from_layout(layout), engrams=engrams)
+
+
+@torch.no_grad()
+def to_qwen4exp(memory: Qwen4ExpMemory, model_or_layer: nn.Module) -> None:
+    """Write `memory`'s Engram weights back into the model's PLE layers, in place (the inverse of
+    `from_qwen4exp`; padding rows are left as they are). The model must have the same layout."""
+    ples = _ple_layers(model_or_layer)
+    theirs = from_qwen4exp(model_or_layer, row_multiple=memory.layout.row_multiple).layout
+    diffs = memory.layout.mismatches(theirs)
+    if diffs:
+        raise ValueError("this memory was not read from a model with this layout: " + "; ".join(diffs))
+    for ple in ples:
+        engram = memory.engrams.get(ple.layer_idx)
+        if engram is None:
+            raise ValueError(f"the memory has no Engram for Qwen4Exp layer {ple.layer_idx} "
+                             f"(it has layers {sorted(memory.engrams)})")
+        emb, D = ple.ple_embedding, ple.hidden_size
+        emb.ngram_embedding.weight[:emb.total_vocab_size].copy_(engram.table.weight)
+        ple.value_proj.weight.copy_(engram.proj.weight[:D])
+        ple.key_proj.weight.copy_(engram.proj.weight[D:])
+        ple.norm_key.weight.copy_(engram.key_norm.weight.flatten() - 1)
+        ple.norm_query.weight.copy_(engram.query_norm.weight.flatten() - 1)
+        ple.norm_conv.weight.copy_(engram.short_conv.norm.weight.flatten() - 1)
+        ple.conv1d.weight.copy_(engram.short_conv.weight)
