@@ -14,7 +14,6 @@ import sys
 
 from . import analyze, data, serve, train
 from .args import Parser, UserError
-from .train import _experiment_summary  # noqa: F401  (tests and scripts import it from here)
 
 
 def build_parser() -> argparse.ArgumentParser:

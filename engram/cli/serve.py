@@ -143,7 +143,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Validation loss and bits per byte of a run's newest checkpoint."""
     import resource
 
-    from engram.train.dataset import PreparedData
     from engram.train.loop import evaluate
 
     model, run, ckpt = open_run(args.run, args.tables, args.cache_rows, args.device)
@@ -170,7 +169,6 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt with a run's newest checkpoint."""
-    from engram.train.dataset import PreparedData
     from engram.train.loop import sample_text
 
     model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device)

@@ -177,7 +177,7 @@ def cmd_config(args: argparse.Namespace) -> None:
 def cmd_experiment(args: argparse.Namespace) -> None:
     """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
     knowledge_probes, entity_gates."""
-    from engram.train import experiments, probe_experiments
+    from engram import experiments
     from engram.train.dataset import prepare_dataset
     from engram.train.system import tune_malloc
 
@@ -201,43 +201,9 @@ def cmd_experiment(args: argparse.Namespace) -> None:
                             f"got {args.rows_per_head!r}") from None
         if min(kwargs["rows_per_head"]) < 1:
             raise UserError(f"--rows-per-head needs integers >= 1, got {args.rows_per_head!r}")
-    module = probe_experiments if args.name in ("knowledge_probes", "entity_gates") else experiments
-    result = getattr(module, f"run_{args.name}")(out, data, **kwargs)
-    print(_experiment_summary(result))
+    result = experiments.run(args.name, out, data, **kwargs)
+    print(experiments.summary(result))
     print(f"results: {out / (args.name + '.json')}, plot: {out / (args.name + '.png')}")
-
-
-def _experiment_summary(result: dict) -> str:
-    """A few human lines of an experiment's results (the JSON has everything)."""
-    name, lines = result["experiment"], []
-    if name == "engram_vs_moe":
-        for arm, s in result["summary"].items():
-            p = result["params"][arm]
-            lines.append(f"{arm:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(result['seeds'])} "
-                         f"seeds (total {p['total']:,}, active {p['active']:,})")
-    elif name == "rho_sweep":
-        for p in result["points"]:
-            lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "
-                         f"final val loss {p['mean']:.4f} ± {p['std']:.4f}")
-    elif name in ("ablations", "table_size", "boundary_reset"):
-        for arm, a in result["arms"].items():
-            delta = f", {a['delta_vs_full']:+.4f} vs full" if "delta_vs_full" in a else ""
-            lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
-                         f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,})")
-    elif name == "knowledge_probes":
-        lines.append(f"multiple-choice accuracy, raw / calibrated (chance {result['chance']:.2f}), mean over seeds:")
-        for arm, conds in result["scores"].items():
-            for cond, groups in conds.items():
-                lines.append(f"{arm:9s} {cond:26s} " + "  ".join(
-                    f"{g} {v['accuracy']['mean']:.3f} / {v['calibrated_accuracy']['mean']:.3f}"
-                    for g, v in groups.items()))
-    else:  # entity_gates
-        for layer, e in result["layers"].items():
-            lines.append(f"layer {layer}: mean gate on entity tokens, first {e['entity_first']['mean']:.3f}, middle "
-                         f"{e['entity_middle']['mean']:.3f}, last {e['entity_last']['mean']:.3f}; other tokens "
-                         f"{e['other']['mean']:.3f}")
-        lines.append(f"example heatmap: {result['example']['html']}")
-    return "\n".join(lines)
 
 
 def add_commands(sub) -> None:

@@ -8,9 +8,10 @@ import pytest
 from safetensors import safe_open
 
 from engram import count_params
-from engram.cli.main import _experiment_summary, main
+from engram.cli.main import main
+from engram.experiments import summary as _experiment_summary
+from engram.experiments.comparisons import engram_vs_moe_configs, run_engram_vs_moe
 from engram.train.dataset import PreparedData
-from engram.train.experiments import engram_vs_moe_configs, run_engram_vs_moe
 from engram.train.loop import TrainConfig
 
 
@@ -37,7 +38,7 @@ def test_experiment_runs_resumes_and_writes_results(small_dataset, tmp_path):
 
 
 def test_rho_sweep_reports_the_achieved_rho(small_dataset, tmp_path):
-    from engram.train.experiments import run_rho_sweep
+    from engram.experiments.comparisons import run_rho_sweep
 
     result = run_rho_sweep(tmp_path, small_dataset, rhos=(0.5, 1.0), seeds=(0,), steps=2, log=lambda *a: None)
     points = {p["rho_requested"]: p for p in result["points"]}
@@ -49,7 +50,7 @@ def test_rho_sweep_reports_the_achieved_rho(small_dataset, tmp_path):
 
 
 def test_ablation_arms_change_one_thing_each(small_dataset):
-    from engram.train.experiments import ablation_configs
+    from engram.experiments.ablations import ablation_configs
 
     arms = ablation_configs(TrainConfig(table_optimizer="sparse_adam"), PreparedData.open(small_dataset))
     full = arms["full"]
@@ -68,7 +69,7 @@ def test_ablation_arms_change_one_thing_each(small_dataset):
 
 
 def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
-    from engram.train.experiments import run_ablations, run_table_size
+    from engram.experiments.ablations import run_ablations, run_table_size
 
     messages = []
     result = run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, log=messages.append)
@@ -88,7 +89,7 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert len(sweep["slots_to_final_val_loss"]) == 2 and (tmp_path / "table_size.png").is_file()
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
-    from engram.train.experiments import run_boundary_reset
+    from engram.experiments.ablations import run_boundary_reset
 
     messages.clear()
     reset = run_boundary_reset(tmp_path, small_dataset, seeds=(0,), steps=2, log=messages.append)
@@ -98,7 +99,7 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
 
 
 def test_a_run_folder_of_another_model_is_refused(small_dataset, tmp_path):
-    from engram.train.experiments import run_ablations
+    from engram.experiments.ablations import run_ablations
 
     run_engram_vs_moe(tmp_path, small_dataset, seeds=(0,), steps=2, rho=0.5, log=lambda *a: None)
     (tmp_path / "runs" / "full_2steps_seed0").mkdir()
@@ -109,7 +110,7 @@ def test_a_run_folder_of_another_model_is_refused(small_dataset, tmp_path):
 
 
 def test_knowledge_probes_and_entity_gates(titled_dataset, tmp_path):
-    from engram.train.probe_experiments import run_entity_gates, run_knowledge_probes
+    from engram.experiments.probes import run_entity_gates, run_knowledge_probes
 
     facts = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima")]
     res = run_knowledge_probes(tmp_path, titled_dataset, seeds=(0, 1), steps=2, facts=facts, n_distractors=3,
@@ -134,7 +135,7 @@ def test_knowledge_probes_and_entity_gates(titled_dataset, tmp_path):
 
 
 def test_entity_gates_need_titles(small_dataset, tmp_path):
-    from engram.train.probe_experiments import run_entity_gates
+    from engram.experiments.probes import run_entity_gates
 
     with pytest.raises(ValueError, match="no document titles"):
         run_entity_gates(tmp_path, small_dataset, seeds=(0,), steps=2, log=lambda *a: None)

@@ -109,7 +109,7 @@ def test_a_standalone_engram_needs_width_and_streams():
 
 
 def test_engram_changed_leaves_width_and_streams_to_the_model():
-    from engram.train.experiments import engram_changed
+    from engram.experiments.common import engram_changed
 
     cfg = presets.tiny(vocab_size=512)
     assert engram_changed(cfg, use_gate=False).engram == dataclasses.replace(cfg.engram, use_gate=False)

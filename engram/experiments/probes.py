@@ -18,11 +18,10 @@ from ..analysis.entities import CLASSES, entity_gate_stats
 from ..analysis.gates import plot_gates
 from ..analysis.knowledge import (CONTEXT_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, REVERSE_TEMPLATE, TEMPLATE,
                                   country_capitals, probe_facts, split_stated)
-from .checkpoint import latest_good_checkpoint, load_checkpoint
-from .data import read_records
-from .dataset import PreparedData
-from .experiments import (SHARED_RUNS, base_config, figure, preset_model, run_dir, seed_std, train_arm,
-                          write_results)
+from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
+from ..train.data import read_records
+from ..train.dataset import PreparedData
+from .common import SHARED_RUNS, base_config, figure, preset_model, run_dir, seed_std, train_arm, write_results
 
 # The paper's gate figure sentence, and a second one of the same kind.
 EXAMPLE_TEXT = ("Alexander the Great was a king of the ancient Greek kingdom of Macedon. "
@@ -187,3 +186,22 @@ def _plot_entity_gates(results: dict[str, Any], path: Path) -> None:
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    """Human lines of a knowledge_probes or entity_gates result."""
+    lines = []
+    if result["experiment"] == "knowledge_probes":
+        lines.append(f"multiple-choice accuracy, raw / calibrated (chance {result['chance']:.2f}), mean over seeds:")
+        for arm, conds in result["scores"].items():
+            for cond, groups in conds.items():
+                lines.append(f"{arm:9s} {cond:26s} " + "  ".join(
+                    f"{g} {v['accuracy']['mean']:.3f} / {v['calibrated_accuracy']['mean']:.3f}"
+                    for g, v in groups.items()))
+    else:
+        for layer, e in result["layers"].items():
+            lines.append(f"layer {layer}: mean gate on entity tokens, first {e['entity_first']['mean']:.3f}, middle "
+                         f"{e['entity_middle']['mean']:.3f}, last {e['entity_last']['mean']:.3f}; other tokens "
+                         f"{e['other']['mean']:.3f}")
+        lines.append(f"example heatmap: {result['example']['html']}")
+    return lines

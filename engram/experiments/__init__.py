@@ -1,0 +1,40 @@
+"""Controlled experiments behind `engram experiment NAME`: arms over seeds, resumable, results as
+JSON + PNG. One module per family: comparisons (Engram vs MoE vs dense, the rho sweep),
+ablations (one change per arm, boundary resets, table size), probes (knowledge probes, gates on
+entities). `run(name, out, data, **options)` runs one; `summary(result)` is a few human lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from . import ablations, comparisons, probes
+
+EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
+    "engram_vs_moe": comparisons.run_engram_vs_moe,
+    "rho_sweep": comparisons.run_rho_sweep,
+    "ablations": ablations.run_ablations,
+    "boundary_reset": ablations.run_boundary_reset,
+    "table_size": ablations.run_table_size,
+    "knowledge_probes": probes.run_knowledge_probes,
+    "entity_gates": probes.run_entity_gates,
+}
+_SUMMARIES = {"engram_vs_moe": comparisons.summary, "rho_sweep": comparisons.summary, "ablations": ablations.summary,
+              "boundary_reset": ablations.summary, "table_size": ablations.summary, "knowledge_probes": probes.summary,
+              "entity_gates": probes.summary}
+
+
+def run(name: str, out_dir: str | Path, data_dir: str | Path, **options) -> dict[str, Any]:
+    """Run (or resume) experiment `name`; returns its results, also written to out_dir/NAME.json."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name](out_dir, data_dir, **options)
+
+
+def summary(result: dict[str, Any]) -> str:
+    """A few human lines of an experiment's results (the JSON has everything)."""
+    return "\n".join(_SUMMARIES[result["experiment"]](result))
+
+
+__all__ = ["EXPERIMENTS", "run", "summary"]

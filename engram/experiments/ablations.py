@@ -1,0 +1,138 @@
+"""One change at a time to the preset's Engram model: the ablation arms, document-boundary
+resets, and the table-size sweep at a fixed backbone."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..train.dataset import PreparedData
+from ..train.loop import TrainConfig
+from ..train.tokenizer import special_ids
+from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, preset_model, run_arms,
+                     seed_std, write_results)
+
+
+def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
+    """One backbone (the preset), one change per arm. `no_compression` hashes raw token ids;
+    `capacity_1` gives every n-gram the same row per head (the memory can store nothing
+    n-gram specific); `layer_K` moves the Engram layer to 0-based block K."""
+    full = preset_model(base, data)
+    vocab, raw_pad = full.vocab_size, special_ids(data.tokenizer)["pad"] or 0
+    arms = {"full": full, "no_engram": dataclasses.replace(full, engram=None),
+            "no_gate": engram_changed(full, use_gate=False),
+            "no_short_conv": engram_changed(full, use_short_conv=False),
+            "no_compression": engram_changed(full, compressed_vocab_size=vocab, pad_id=raw_pad),
+            "capacity_1": engram_changed(full, single_row=True),
+            "doc_reset": engram_changed(full, reset_id=compressed_eos(data))}
+    for layer in range(full.n_layers):
+        if (layer,) != full.engram.layer_ids:
+            arms[f"layer_{layer}"] = engram_changed(full, layer_ids=(layer,))
+    other_m = 4 if full.n_branches == 1 else 1
+    arms[f"m{other_m}"] = dataclasses.replace(full, n_branches=other_m)  # Engram follows the streams
+    arms[f"m{other_m}_no_engram"] = dataclasses.replace(arms[f"m{other_m}"], engram=None)
+    return arms
+
+
+def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
+                  preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Each arm changes one thing of the preset's Engram model; the deltas are against `full`."""
+    out = Path(out_dir)
+    base = base_config(preset, steps)
+    arms = ablation_configs(base, PreparedData.open(data_dir))
+    results = run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=SHARED_RUNS)
+    full = results["arms"]["full"]
+    for arm in results["arms"].values():
+        arm["delta_vs_full"] = arm["mean"] - full["mean"]
+        # paired by seed: same data order and init seed, so the seed-to-seed noise partly cancels
+        diffs = [a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])]
+        arm["paired_delta_std"] = seed_std(diffs)
+    write_results(out, results, _plot_ablations)
+    return results
+
+
+def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
+                       preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Packed training windows hold several documents: n-grams reset at each document's end
+    (`doc_reset`, as transformers' Qwen4Exp does) against n-grams that run across them (`full`,
+    the paper's demo). Two arms of `ablations`, run on their own."""
+    out = Path(out_dir)
+    base = base_config(preset, steps)
+    arms = ablation_configs(base, PreparedData.open(data_dir))
+    results = run_arms(out, "boundary_reset", {k: arms[k] for k in ("full", "doc_reset")}, base, data_dir, seeds,
+                        log)
+    full = results["arms"]["full"]
+    for arm in results["arms"].values():
+        arm["delta_vs_full"] = arm["mean"] - full["mean"]
+        arm["paired_delta_std"] = seed_std([a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])])
+    write_results(out, results, _plot_ablations)
+    return results
+
+
+def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(512, 2048, 8192, 32768, 131072,
+                   524288), seeds=(0, 1, 2), steps: int = 400, preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Loss against table slots at a fixed backbone (only `vocab_size_per_ngram` changes); the
+    backbone without Engram and the capacity-1 table are the two reference lines."""
+    out = Path(out_dir)
+    base = base_config(preset, steps)
+    data = PreparedData.open(data_dir)
+    full = preset_model(base, data)
+    orders = full.engram.max_ngram_size - 1
+    arms = {f"rows{r}": engram_changed(full, vocab_size_per_ngram=(r,) * orders) for r in rows_per_head}
+    arms["capacity_1"] = engram_changed(full, single_row=True)
+    arms["no_engram"] = dataclasses.replace(full, engram=None)
+    names = dict(SHARED_RUNS)
+    names.update({f"rows{r}": "full" for r in rows_per_head if (r,) * orders == full.engram.vocab_size_per_ngram})
+    results = run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
+    results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"]
+                                          for n, a in results["arms"].items() if n.startswith("rows")}
+    write_results(out, results, _plot_table_size)
+    return results
+
+
+def _plot_ablations(results: dict[str, Any], path: Path) -> None:
+    arms = results["arms"]
+    names = sorted(arms, key=lambda n: arms[n]["mean"])
+    fig, ax = figure((6.5, 0.35 * len(names) + 1.5))
+    ax.barh(range(len(names)), [arms[n]["delta_vs_full"] for n in names],
+            xerr=[arms[n]["paired_delta_std"] for n in names], capsize=3,
+            color=["tab:gray" if n == "full" else "tab:blue" for n in names])
+    ax.set_yticks(range(len(names)), [f"{n} ({arms[n]['mean']:.3f})" for n in names], fontsize=8)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("val loss minus full Engram (nats; bars: spread of paired differences)", fontsize=8)
+    ax.set_title(f"ablations, {results['preset']}, {results['steps']} steps, {len(results['seeds'])} seeds",
+                 fontsize=9)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_table_size(results: dict[str, Any], path: Path) -> None:
+    arms = results["arms"]
+    pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items() if n.startswith("rows"))
+    fig, ax = figure((6, 4))
+    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
+                label="Engram, table slots per layer")
+    for name, style in (("no_engram", "k--"), ("capacity_1", "r:")):
+        a = arms[name]
+        ax.axhline(a["mean"], color=style[0], ls=style[1:], label=f"{name}: {a['mean']:.3f} ± {a['std']:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("table slots (rows over all hash heads of the Engram layer)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"table size at a fixed backbone, {results['preset']}, {len(results['seeds'])} seeds", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    """Human lines of an ablations, boundary_reset or table_size result."""
+    lines = []
+    for arm, a in result["arms"].items():
+        delta = f", {a['delta_vs_full']:+.4f} vs full" if "delta_vs_full" in a else ""
+        lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
+                     f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,})")
+    return lines

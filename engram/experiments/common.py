@@ -1,0 +1,132 @@
+"""What every experiment shares: arms trained over seeds into resumable run folders, the
+preset model, seed statistics, and results written as JSON + PNG.
+
+Each run trains into its own folder `out_dir/runs/ARM_STEPSsteps_seedS/` and is skipped when it
+already finished (its summary.json exists) or resumed from its newest checkpoint otherwise, so an
+interrupted experiment continues where it stopped. Results go to `out_dir/NAME.json` and a PNG.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..hashing.compression import CompressedTokenizer
+from ..model.accounting import count_params
+from ..train.dataset import PreparedData
+from ..train.loop import TrainConfig, model_config_for, train
+from ..train.tokenizer import special_ids
+
+
+def seed_std(values) -> float:
+    """Sample standard deviation over seeds (0 for a single seed)."""
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def run_dir(out: Path, name: str, steps: int, seed: int) -> Path:
+    """Where one run of an arm lives: runs are shared between experiments by this name."""
+    return out / "runs" / f"{name}_{steps}steps_seed{seed}"
+
+
+def train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data_dir, seeds, log):
+    """Final validation losses and eval curves of one arm over seeds (finished runs are reused)."""
+    losses, curves = [], []
+    for seed in seeds:
+        folder = run_dir(out, name, base.max_steps, seed)
+        summary_path = folder / "summary.json"
+        if (folder / "run.json").is_file():  # a shared run must be of the same model
+            saved = ModelConfig.from_dict(json.loads((folder / "run.json").read_text())["model"])
+            if saved != config:
+                raise ValueError(f"{folder} holds a run of another model than arm {name!r} asks for; "
+                                 "move it away or use another --out folder")
+        if summary_path.is_file():
+            summary = json.loads(summary_path.read_text())
+        else:
+            log(f"training {name}, seed {seed} -> {folder}")
+            summary = train(folder, dataclasses.replace(base, seed=seed), data_dir=data_dir, resume=True,
+                            model_config=config, log=log, progress=False)
+        losses.append(summary["final_val_loss"])
+        records = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines()]
+        curves.append([(r["step"], r["val_loss"]) for r in records if r["kind"] == "eval"])
+    return losses, curves
+
+
+def base_config(preset: str, steps: int) -> TrainConfig:
+    return TrainConfig(preset=preset, max_steps=steps, eval_every=max(1, steps // 4), checkpoint_every=steps,
+                       table_optimizer="sparse_adam", sample_prompt="")
+
+
+def preset_model(base: TrainConfig, data: PreparedData) -> ModelConfig:
+    """The preset with Engram, sized to the dataset's tokenizer (what `engram train` builds)."""
+    return model_config_for(base, data, CompressedTokenizer.from_tokenizer(data.tokenizer))
+
+
+def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
+    """`config` with some Engram fields changed. Width and streams are the model's: change
+    `hidden_size` / `n_branches` on the ModelConfig (`dataclasses.replace(config, n_branches=4)`)."""
+    model_fields = sorted({"hidden_size", "n_branches"} & set(engram_changes))
+    if model_fields:
+        raise ValueError(f"engram_changed: {model_fields} belong to the model, not its Engram config; "
+                         f"use dataclasses.replace(config, {model_fields[0]}=...)")
+    return dataclasses.replace(config, engram=dataclasses.replace(config.engram, **engram_changes))
+
+
+def compressed_eos(data: PreparedData) -> int:
+    """The compressed id of the tokenizer's end-of-document token (the training files put one
+    after every document)."""
+    from ..hashing.compression import CompressedTokenizer
+
+    eos = special_ids(data.tokenizer)["eos"]
+    if eos is None:
+        raise ValueError(f"{data.root}'s tokenizer has no end-of-document token to reset n-grams at")
+    return int(CompressedTokenizer.from_tokenizer(data.tokenizer).lookup_table[eos])
+
+
+def run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: TrainConfig, data_dir, seeds,
+              log, run_names: dict[str, str] | None = None) -> dict[str, Any]:
+    """Train every arm over seeds; per arm: parameters, final losses by seed, mean and spread."""
+    results: dict[str, Any] = {"experiment": experiment, "preset": base.preset, "steps": base.max_steps,
+                               "seeds": list(seeds), "data": str(data_dir), "arms": {}}
+    for name, config in arms.items():
+        run_name = (run_names or {}).get(name, name)
+        losses, curves = train_arm(out, run_name, config, base, data_dir, seeds, log)
+        p = count_params(config)
+        results["arms"][name] = {
+            "final_val_loss": losses, "mean": statistics.mean(losses),
+            "train_seconds": [train_seconds(run_dir(out, run_name, base.max_steps, s), base) for s in seeds],
+            "std": seed_std(losses),
+            "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
+                       "table_rows": p["engram_tables_params"] // config.engram.head_dim if config.engram else 0}}
+    return results
+
+
+def train_seconds(folder: Path, base: TrainConfig) -> float:
+    """Time spent in training steps (evaluation left out), from the run's per-step metrics."""
+    tokens = base.batch_size * base.seq_len
+    records = (json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines())
+    return sum(tokens / r["tokens_per_s"] for r in records if r["kind"] == "train")
+
+
+# Run folders shared with engram_vs_moe: its "moe" arm is the preset without Engram.
+SHARED_RUNS = {"no_engram": "moe"}
+
+
+def write_results(out: Path, results: dict[str, Any], plot) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{results['experiment']}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"{results['experiment']}.png")
+
+
+def figure(size, ncols: int = 1):
+    """A figure off any display, with one axis (or a list of `ncols` side by side)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, dpi=120)
+    FigureCanvasAgg(fig)
+    axes = [fig.add_subplot(1, ncols, i + 1) for i in range(ncols)]
+    return fig, axes[0] if ncols == 1 else axes

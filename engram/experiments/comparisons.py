@@ -1,0 +1,142 @@
+"""Engram against its peers at equal parameters: MoE and dense at the same total and active
+parameters (`engram_vs_moe`), and the share of the sparse budget given to the memory (`rho_sweep`,
+the paper's U-curve)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..model.accounting import count_params
+from ..model.planner import allocation, plan_sparsity
+from ..train.dataset import PreparedData
+from ..train.loop import TrainConfig
+from .common import base_config, figure, preset_model, seed_std, train_arm
+
+
+def dense_like(moe: ModelConfig) -> ModelConfig:
+    """A dense model with the MoE model's active parameters: every MLP as wide as needed."""
+    target = count_params(moe)["active"]
+    base = dataclasses.replace(moe, moe=None, engram=None)
+    per_width = 3 * moe.hidden_size * moe.n_layers
+    fixed = count_params(dataclasses.replace(base, mlp_hidden_size=1))["active"] - per_width
+    return dataclasses.replace(base, mlp_hidden_size=max(1, round((target - fixed) / per_width)))
+
+
+def engram_vs_moe_configs(cfg: TrainConfig, data: PreparedData, rho: float = 0.75) -> dict[str, ModelConfig]:
+    """Pure MoE (the preset), Engram at the same total and active parameters (the planner), and
+    a dense model with the same active parameters."""
+    with_engram = preset_model(cfg, data)
+    moe = dataclasses.replace(with_engram, engram=None)
+    planned = plan_sparsity(moe, rho, compressed_vocab_size=with_engram.engram.compressed_vocab_size,
+                            pad_id=with_engram.engram.pad_id, sparse_grad=cfg.table_optimizer != "adam")
+    return {"moe": moe, "engram": planned, "dense": dense_like(moe)}
+
+
+def _arm_name(rho: float) -> str:
+    return "moe" if rho == 1.0 else f"rho{rho:g}"
+
+
+def run_engram_vs_moe(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
+                      preset: str = "tiny", rho: float = 0.75, log=print) -> dict[str, Any]:
+    out = Path(out_dir)
+    data = PreparedData.open(data_dir)
+    base = base_config(preset, steps)
+    configs = engram_vs_moe_configs(base, data, rho)
+    counts = {k: count_params(c) for k, c in configs.items()}
+    results: dict[str, Any] = {"experiment": "engram_vs_moe", "preset": preset, "rho": rho, "steps": steps,
+                               "seeds": list(seeds), "data": str(data_dir),
+                               "params": {k: {"total": v["total"], "active": v["active"], "engram": v["engram"]}
+                                          for k, v in counts.items()},
+                               "final_val_loss": {}, "curves": {}}
+    dirs = {"moe": "moe", "engram": _arm_name(rho), "dense": "dense"}  # the rho sweep reuses these runs
+    for name, config in configs.items():
+        results["final_val_loss"][name], results["curves"][name] = train_arm(
+            out, dirs[name], config, base, data_dir, seeds, log)
+    results["summary"] = {name: {"mean": statistics.mean(v), "std": seed_std(v)}
+                          for name, v in results["final_val_loss"].items()}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "engram_vs_moe.json").write_text(json.dumps(results, indent=1))
+    _plot(results, out / "engram_vs_moe.png")
+    return results
+
+
+def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5, 2 / 3, 5 / 6, 1.0),
+                  seeds=(0, 1, 2), steps: int = 400, preset: str = "tiny", log=print) -> dict[str, Any]:
+    """Validation loss against rho at equal total and active parameters (the paper's U-curve).
+    Rho moves in whole experts: the planner rounds it and we report the rho achieved."""
+    out = Path(out_dir)
+    data = PreparedData.open(data_dir)
+    base = base_config(preset, steps)
+    arms = engram_vs_moe_configs(base, data, 0.5)
+    moe, ct_cfg = arms["moe"], arms["engram"].engram
+    points = []
+    for rho in rhos:
+        config = moe if rho == 1.0 else plan_sparsity(moe, rho, compressed_vocab_size=ct_cfg.compressed_vocab_size,
+                                                      pad_id=ct_cfg.pad_id, sparse_grad=True)
+        achieved = 1.0 if rho == 1.0 else allocation(moe, config)["rho"]
+        losses, _ = train_arm(out, _arm_name(round(rho, 4) if rho != 1.0 else 1.0), config, base, data_dir,
+                               seeds, log)
+        points.append({"rho_requested": rho, "rho": achieved, "experts": config.moe.n_routed_experts,
+                       "table_params": count_params(config)["engram_tables_params"], "final_val_loss": losses,
+                       "mean": statistics.mean(losses), "std": seed_std(losses)})
+    results = {"experiment": "rho_sweep", "preset": preset, "steps": steps, "seeds": list(seeds), "points": points,
+               "rho_to_final_val_loss": {f"{p['rho']:.4f}": p["mean"] for p in points}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rho_sweep.json").write_text(json.dumps(results, indent=1))
+    _plot_rho(results, out / "rho_sweep.png")
+    return results
+
+
+def _plot_rho(results: dict[str, Any], path: Path) -> None:
+    fig, ax = figure((5.5, 3.8))
+    pts = sorted(results["points"], key=lambda p: p["rho"])
+    ax.errorbar([p["rho"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts], fmt="o-", capsize=3)
+    for p in pts:
+        ax.annotate(f"{p['experts']} experts", (p["rho"], p["mean"]), fontsize=7, textcoords="offset points",
+                    xytext=(4, 6))
+    ax.set_xlabel("rho (share of the inactive budget in routed experts; 1 = pure MoE)")
+    ax.set_ylabel("final validation loss")
+    ax.set_title(f"sparsity allocation, {results['preset']}, {len(results['seeds'])} seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    fig, ax = figure((7, 4))
+    for name, curves in results["curves"].items():
+        steps = [s for s, _ in curves[0]]
+        mean = [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))]
+        s = results["summary"][name]
+        p = results["params"][name]
+        ax.plot(steps, mean, "o-", ms=3, label=f"{name}: {s['mean']:.3f} ± {s['std']:.3f} "
+                f"(total {p['total'] / 1e6:.2f}M, active {p['active'] / 1e6:.2f}M)")
+        for c in curves:
+            ax.plot([x for x, _ in c], [y for _, y in c], lw=0.5, alpha=0.4, color=ax.lines[-1].get_color())
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(f"Engram vs MoE vs dense, {results['preset']}, {len(results['seeds'])} seeds, rho={results['rho']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    """Human lines of an engram_vs_moe or rho_sweep result."""
+    lines = []
+    if result["experiment"] == "engram_vs_moe":
+        for arm, s in result["summary"].items():
+            p = result["params"][arm]
+            lines.append(f"{arm:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(result['seeds'])} "
+                         f"seeds (total {p['total']:,}, active {p['active']:,})")
+    else:
+        for p in result["points"]:
+            lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "
+                         f"final val loss {p['mean']:.4f} ± {p['std']:.4f}")
+    return lines
