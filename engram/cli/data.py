@@ -66,7 +66,7 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     if args.corpus and args.input:
         raise UserError("give either --corpus NAME or --input PATH ..., not both")
     prepare_dataset(args.out, corpus=args.corpus, inputs=args.input, tokenizer=args.tokenizer,
-                    vocab_size=args.vocab_size, seed=args.seed, val_fraction=args.val_fraction)
+                    vocab_size=args.vocab_size, seed=args.seed, val_fraction=args.val_fraction, people=args.people)
     print(f"dataset ready in {args.out}")
 
 
@@ -81,7 +81,9 @@ def add_commands(sub) -> None:
                                                                     parser_class=Parser)
     build = data.add_parser("build", help=cmd_data_build.__doc__, description=cmd_data_build.__doc__)
     build.add_argument("--corpus", help="a named offline corpus: wiki-en (default), wiki-fr, wiki-es, "
-                                        "peoples-daily-1998")
+                                        "peoples-daily-1998, or synthetic-bios (generated; needs --people)")
+    build.add_argument("--people", type=positive_int, help="synthetic-bios: how many invented people (each with 6 "
+                       "attributes, 5 biographies, QA pairs for half of them)")
     build.add_argument("--input", nargs="+", type=existing_path, help=".txt / .jsonl files or folders of your own")
     build.add_argument("--out", required=True, type=out_dir, help="dataset folder to create")
     build.add_argument("--tokenizer", type=existing_path, help="use this tokenizer.json instead of training a BPE")

@@ -16,16 +16,25 @@ from pathlib import Path
 from typing import Any
 
 from .data import CorpusError, build_corpus, read_documents
+from .synthetic_bios import build_synthetic_bios
 from .tokenizer import TokenStream, encode_documents, load_tokenizer, special_ids, train_tokenizer
 
 
 def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str | None = None, inputs: list | None = None,
                     tokenizer: str | os.PathLike | None = None, vocab_size: int = 8192, seed: int = 0,
-                    val_fraction: float = 0.05, log=print) -> Path:
+                    val_fraction: float = 0.05, people: int | None = None, log=print) -> Path:
     """Build the corpus, the tokenizer (trained on the training split unless given) and the
-    token files in `out_dir`. Returns the folder."""
+    token files in `out_dir`. Returns the folder. `people`: the size of the `synthetic-bios`
+    corpus (its validation split is its held-out templates, so `val_fraction` does not apply)."""
     out = Path(out_dir)
-    info = build_corpus(out, corpus=corpus, inputs=inputs, val_fraction=val_fraction, seed=seed)
+    if corpus == SYNTHETIC_BIOS:
+        if people is None:
+            raise CorpusError("the synthetic-bios corpus needs a size: --people N")
+        info = build_synthetic_bios(out, people=people, seed=seed)
+    elif people is not None:
+        raise CorpusError(f"--people sizes the synthetic-bios corpus only, not {corpus or 'this corpus'}")
+    else:
+        info = build_corpus(out, corpus=corpus, inputs=inputs, val_fraction=val_fraction, seed=seed)
     log(f"corpus: {info.get('source', corpus or 'files')}: " + ", ".join(
         f"{split} {info[split]['documents']:,} documents" for split in ("train", "val") if split in info))
     train_docs = read_documents(out, "train")
@@ -47,6 +56,9 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str | None = None, in
     (out / "tokens.json").write_text(json.dumps(counts, indent=1))
     log("tokens: " + ", ".join(f"{k} {v['tokens']:,}" for k, v in counts.items()))
     return out
+
+
+SYNTHETIC_BIOS = "synthetic-bios"
 
 
 @dataclass
