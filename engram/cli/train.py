@@ -174,6 +174,19 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(json.dumps(preset_config(args.preset, **sizes).to_dict(), indent=1))
 
 
+def _row_counts(text: str, option: str) -> tuple[int, ...]:
+    """Comma-separated integers >= 1 ("none": an empty sweep)."""
+    if text.strip().lower() == "none":
+        return ()
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise UserError(f"{option} takes comma-separated integers such as 1024,16384 (or none); got {text!r}") from None
+    if min(counts) < 1:
+        raise UserError(f"{option} needs integers >= 1, got {text!r}")
+    return counts
+
+
 def cmd_experiment(args: argparse.Namespace) -> None:
     """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
     knowledge_probes, entity_gates."""
@@ -193,14 +206,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         kwargs["steps"] = args.steps
     if args.name == "engram_vs_moe":
         kwargs["rho"] = args.rho
-    if args.name == "table_size" and args.rows_per_head:
-        try:
-            kwargs["rows_per_head"] = tuple(int(x) for x in args.rows_per_head.split(","))
-        except ValueError:
-            raise UserError(f"--rows-per-head takes comma-separated integers such as 1024,16384; "
-                            f"got {args.rows_per_head!r}") from None
-        if min(kwargs["rows_per_head"]) < 1:
-            raise UserError(f"--rows-per-head needs integers >= 1, got {args.rows_per_head!r}")
+    if args.name == "table_size":
+        for option in ("rows_per_head", "over_encoding_rows"):
+            if getattr(args, option) is not None:
+                kwargs[option] = _row_counts(getattr(args, option), "--" + option.replace("_", "-"))
     result = experiments.run(args.name, out, data, **kwargs)
     print(experiments.summary(result))
     print(f"results: {out / (args.name + '.json')}, plot: {out / (args.name + '.png')}")
@@ -282,5 +291,7 @@ def add_commands(sub) -> None:
     ex.add_argument("--rho", type=probability, default=0.75, help="share of the inactive budget kept in experts")
     ex.add_argument("--rows-per-head", help="table_size: comma-separated rows per hash head to sweep "
                     "(default 512,2048,8192,32768,131072,524288)")
+    ex.add_argument("--over-encoding-rows", help="table_size: rows per head of the OverEncoding arms (default: "
+                    "those of --rows-per-head; none for no OverEncoding arm)")
     ex.set_defaults(func=cmd_experiment)
 

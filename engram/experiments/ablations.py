@@ -11,8 +11,8 @@ from ..config import ModelConfig
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig
 from ..train.tokenizer import special_ids
-from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, preset_model, run_arms,
-                     seed_std, write_results)
+from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, over_encoding, preset_model,
+                     run_arms, seed_std, write_results)
 
 
 def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
@@ -26,7 +26,8 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
             "no_short_conv": engram_changed(full, use_short_conv=False),
             "no_compression": engram_changed(full, compressed_vocab_size=vocab, pad_id=raw_pad),
             "capacity_1": engram_changed(full, single_row=True),
-            "doc_reset": engram_changed(full, reset_id=compressed_eos(data))}
+            "doc_reset": engram_changed(full, reset_id=compressed_eos(data)),
+            "over_encoding": over_encoding(full)}
     for layer in range(full.n_layers):
         if (layer,) != full.engram.layer_ids:
             arms[f"layer_{layer}"] = engram_changed(full, layer_ids=(layer,))
@@ -72,19 +73,27 @@ def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1
 
 
 def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(512, 2048, 8192, 32768, 131072,
-                   524288), seeds=(0, 1, 2), steps: int = 400, preset: str = "tiny", log=print) -> dict[str, Any]:
+                   524288), over_encoding_rows=None, seeds=(0, 1, 2), steps: int = 400, preset: str = "tiny",
+                   log=print) -> dict[str, Any]:
     """Loss against table slots at a fixed backbone (only `vocab_size_per_ngram` changes); the
-    backbone without Engram and the capacity-1 table are the two reference lines."""
+    backbone without Engram and the capacity-1 table are the two reference lines. OverEncoding
+    (the same tables added to the input embedding, no gate, no conv) is swept over
+    `over_encoding_rows` (default: the same sizes; () for none), the paper's comparison."""
     out = Path(out_dir)
     base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
     full = preset_model(base, data)
     orders = full.engram.max_ngram_size - 1
     arms = {f"rows{r}": engram_changed(full, vocab_size_per_ngram=(r,) * orders) for r in rows_per_head}
+    oe = over_encoding(full)
+    for r in rows_per_head if over_encoding_rows is None else over_encoding_rows:
+        arms[f"oe_rows{r}"] = engram_changed(oe, vocab_size_per_ngram=(r,) * orders)
     arms["capacity_1"] = engram_changed(full, single_row=True)
     arms["no_engram"] = dataclasses.replace(full, engram=None)
     names = dict(SHARED_RUNS)
     names.update({f"rows{r}": "full" for r in rows_per_head if (r,) * orders == full.engram.vocab_size_per_ngram})
+    names.update({f"oe_rows{r}": "over_encoding" for r in rows_per_head  # the ablation's arm, at the preset's size
+                  if (r,) * orders == full.engram.vocab_size_per_ngram and f"oe_rows{r}" in arms})
     results = run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
     results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"]
                                           for n, a in results["arms"].items() if n.startswith("rows")}
@@ -111,10 +120,13 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
 
 def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
-    pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items() if n.startswith("rows"))
     fig, ax = figure((6, 4))
-    ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
-                label="Engram, table slots per layer")
+    for prefix, label in (("rows", "Engram (gated, conv), layer of the preset"), ("oe_rows", "OverEncoding (input)")):
+        pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()
+                     if n.startswith(prefix))
+        if pts:
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
+                        label=label)
     for name, style in (("no_engram", "k--"), ("capacity_1", "r:")):
         a = arms[name]
         ax.axhline(a["mean"], color=style[0], ls=style[1:], label=f"{name}: {a['mean']:.3f} ± {a['std']:.3f}")

@@ -75,6 +75,15 @@ def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
     return dataclasses.replace(config, engram=dataclasses.replace(config.engram, **engram_changes))
 
 
+def over_encoding(config: ModelConfig) -> ModelConfig:
+    """The paper's other baseline (OverEncoding, Huang et al. 2025): the same hashed n-gram
+    tables, read at the input and added to the token embedding, with no context gate and no
+    short conv. Here: Engram at block 0 (before its attention, i.e. on the embedding) with
+    `use_gate=False, use_short_conv=False`; the concatenated heads are projected to the model
+    width, as a sum of per-head projections."""
+    return engram_changed(config, layer_ids=(0,), use_gate=False, use_short_conv=False)
+
+
 def compressed_eos(data: PreparedData) -> int:
     """The compressed id of the tokenizer's end-of-document token (the training files put one
     after every document)."""

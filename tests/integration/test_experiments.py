@@ -61,7 +61,9 @@ def test_ablation_arms_change_one_thing_each(small_dataset):
     assert "compressed_vocab_size" in changed.pop("no_compression") <= {"compressed_vocab_size", "pad_id"}
     assert changed == {"full": set(), "no_gate": {"use_gate"}, "no_short_conv": {"use_short_conv"},
                        "capacity_1": {"single_row"}, "doc_reset": {"reset_id"}, "layer_0": {"layer_ids"},
-                       "layer_2": {"layer_ids"}, "layer_3": {"layer_ids"}}
+                       "layer_2": {"layer_ids"}, "layer_3": {"layer_ids"},
+                       "over_encoding": {"layer_ids", "use_gate", "use_short_conv"}}
+    assert arms["over_encoding"].engram.layer_ids == (0,)  # on the token embedding, before block 0
     assert arms["no_compression"].engram.compressed_vocab_size == full.vocab_size > full.engram.compressed_vocab_size
     assert arms["m4"].n_branches == arms["m4"].engram_module_config.n_branches == 4
     assert arms["m4"].engram == full.engram and arms["m4_no_engram"].n_branches == 4
@@ -83,9 +85,10 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     messages.clear()
     sweep = run_table_size(tmp_path, small_dataset, rows_per_head=(64, 16384), seeds=(0,), steps=2,
                            log=messages.append)
-    trained = [m for m in messages if m.startswith("training")]
-    assert len(trained) == 1 and "rows64" in trained[0]  # 16384 is the preset: the "full" run is reused
+    trained = sorted(m.split(",")[0] for m in messages if m.startswith("training"))
+    assert trained == ["training oe_rows64", "training rows64"]  # 16384 is the preset: those runs are reused
     assert sweep["arms"]["rows16384"]["final_val_loss"] == arms["full"]["final_val_loss"]
+    assert sweep["arms"]["oe_rows16384"]["final_val_loss"] == arms["over_encoding"]["final_val_loss"]
     assert len(sweep["slots_to_final_val_loss"]) == 2 and (tmp_path / "table_size.png").is_file()
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
@@ -154,3 +157,5 @@ def test_cli_names_the_known_experiments(capsys):
 def test_cli_rejects_bad_table_sizes(capsys):
     assert main(["experiment", "table_size", "--data", "x", "--rows-per-head", "1024,many"]) == 2
     assert "--rows-per-head takes comma-separated integers" in capsys.readouterr().err
+    assert main(["experiment", "table_size", "--data", "x", "--over-encoding-rows", "0"]) == 2
+    assert "--over-encoding-rows needs integers >= 1" in capsys.readouterr().err
