@@ -244,6 +244,46 @@ def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
     return info
 
 
+def write_jsonl(path: Path, records: list[dict]) -> dict:
+    """Write records as JSON lines to path + '.tmp' (fsynced; `seal_corpus` renames it); return
+    the counts and sha256 that corpus.json keeps."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    with open(path.with_name(path.name + ".tmp"), "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    texts = [r.get("text", "") for r in records]
+    return {"file": path.name, "documents": len(records), "characters": sum(map(len, texts)),
+            "bytes": sum(len(t.encode("utf-8")) for t in texts), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def seal_corpus(out: Path, info: dict) -> dict:
+    """Finish a generated corpus: write corpus.json and rename every file `write_jsonl` wrote
+    for its splits and `info["extra_files"]`, corpus.json last (it marks a complete build)."""
+    files = [info[split]["file"] for split in SPLITS] + [f["file"] for f in info.get("extra_files", {}).values()]
+    (out / "corpus.json.tmp").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    for name in files + ["corpus.json"]:
+        os.replace(out / (name + ".tmp"), out / name)
+    return info
+
+
+def read_extra_records(corpus_dir: str | os.PathLike, name: str) -> list[dict[str, Any]]:
+    """A generated corpus' extra file (`people`, `probes`, ...), checked against corpus.json."""
+    root = Path(corpus_dir)
+    meta = root / "corpus.json"
+    info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
+    extra = info.get("extra_files", {})
+    if name not in extra:
+        raise CorpusError(f"{root} has no {name!r} records (corpus {info.get('source', '?')!r} has "
+                          f"{sorted(extra) or 'none'}); build a generated corpus that has them, e.g. "
+                          f"engram data build --corpus synthetic-bios --people N --out DIR")
+    path = root / extra[name]["file"]
+    raw = path.read_bytes() if path.is_file() else b""
+    if hashlib.sha256(raw).hexdigest() != extra[name]["sha256"]:
+        raise CorpusError(f"{path} is missing or does not match corpus.json; rebuild the dataset")
+    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+
+
 def read_documents(corpus_dir: str | os.PathLike, split: str) -> list[str]:
     """The texts of one split of a built corpus, checked against the sha256 in corpus.json."""
     return [r["text"] for r in read_records(corpus_dir, split)]

@@ -16,12 +16,12 @@ All names are invented from syllables, so no fact can come from outside the corp
     DIR/train.jsonl, val.jsonl, corpus.json   as every corpus (engram.train.data)
     DIR/people.jsonl                          the world: one person per line, every attribute
     DIR/probes.jsonl                          QA probes: person, attribute, prompt, answer, in_training
+
+(people and probes are read back, checksummed, with `engram.train.data.read_extra_records`.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from dataclasses import asdict, dataclass
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .data import seal_corpus, write_jsonl
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -214,17 +216,6 @@ def synthetic_documents(people: int, seed: int = 0, *, bios_per_person: int = 5,
     return world, [train[j] for j in order], val, probes
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> dict:
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    with open(path.with_name(path.name + ".tmp"), "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    texts = [r.get("text", "") for r in records]
-    return {"file": path.name, "documents": len(records), "characters": sum(map(len, texts)),
-            "bytes": sum(len(t.encode("utf-8")) for t in texts), "sha256": hashlib.sha256(data).hexdigest()}
-
-
 def build_synthetic_bios(out_dir: str | os.PathLike, *, people: int, seed: int = 0, bios_per_person: int = 5,
                          qa_fraction: float = 0.5) -> dict[str, Any]:
     """Write the corpus folder (see the module docstring); returns the corpus.json dict."""
@@ -236,26 +227,9 @@ def build_synthetic_bios(out_dir: str | os.PathLike, *, people: int, seed: int =
             "people": people, "bios_per_person": bios_per_person, "qa_fraction": qa_fraction,
             "attribute_choices": attribute_choices(), "bits_per_person": bits_per_person(),
             "held_out_templates": HELD_OUT_TEMPLATES}
-    info["train"] = _write_jsonl(out / "train.jsonl", train)
-    info["val"] = _write_jsonl(out / "val.jsonl", val)
-    info["world_files"] = {"people": _write_jsonl(out / "people.jsonl", [asdict(p) for p in world.people]),
-                           "probes": _write_jsonl(out / "probes.jsonl", probes)}
-    (out / "corpus.json.tmp").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in ("train.jsonl", "val.jsonl", "people.jsonl", "probes.jsonl", "corpus.json"):  # corpus.json last
-        os.replace(out / (name + ".tmp"), out / name)
-    return info
+    info["train"] = write_jsonl(out / "train.jsonl", train)
+    info["val"] = write_jsonl(out / "val.jsonl", val)
+    info["extra_files"] = {"people": write_jsonl(out / "people.jsonl", [asdict(p) for p in world.people]),
+                           "probes": write_jsonl(out / "probes.jsonl", probes)}
+    return seal_corpus(out, info)
 
-
-def read_world_file(corpus_dir: str | os.PathLike, name: str) -> list[dict[str, Any]]:
-    """`people` or `probes` of a built synthetic-bios folder, checked against corpus.json."""
-    root = Path(corpus_dir)
-    meta = root / "corpus.json"
-    info = json.loads(meta.read_text(encoding="utf-8")) if meta.is_file() else {}
-    if info.get("source") != "synthetic-bios":
-        raise SyntheticBiosError(f"{root} is not a synthetic-bios dataset; build one with: "
-                                 f"engram data build --corpus synthetic-bios --people N --out {root}")
-    raw = (root / f"{name}.jsonl").read_bytes() if (root / f"{name}.jsonl").is_file() else b""
-    if hashlib.sha256(raw).hexdigest() != info["world_files"][name]["sha256"]:
-        raise SyntheticBiosError(f"{root / (name + '.jsonl')} is missing or does not match corpus.json; rebuild the "
-                                 "dataset")
-    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]

@@ -9,9 +9,10 @@ import pytest
 
 from engram.cli.main import main
 from engram.train.dataset import PreparedData
+from engram.train.data import CorpusError, read_extra_records
 from engram.train.synthetic_bios import (ATTRIBUTES, HELD_OUT_TEMPLATES, TEMPLATES, SyntheticBiosError,
                                          attribute_choices, bits_per_person, completion_prompt, make_world,
-                                         read_world_file, synthetic_documents)
+                                         synthetic_documents)
 
 
 def fixed_words(template):
@@ -83,15 +84,17 @@ def test_data_build_command_writes_a_checked_dataset(tmp_path, capsys):
     data = PreparedData.open(out)
     info = json.loads((out / "corpus.json").read_text())
     assert info["people"] == 60 and info["val"]["documents"] == 60 and info["train"]["documents"] == 60 * 5 + 30
-    people = read_world_file(out, "people")
+    people = read_extra_records(out, "people")
     assert len(people) == 60 and people == [vars(p) for p in make_world(60, 2).people]
-    assert len(read_world_file(out, "probes")) == 360
+    assert len(read_extra_records(out, "probes")) == 360
     # names are several tokens each with the corpus' own tokenizer
     lengths = [len(data.tokenizer.encode(" " + p["name"]).ids) for p in people]
     assert min(lengths) >= 2
     (out / "probes.jsonl").write_text("")
-    with pytest.raises(SyntheticBiosError, match="does not match corpus.json"):
-        read_world_file(out, "probes")
+    with pytest.raises(CorpusError, match="does not match corpus.json"):
+        read_extra_records(out, "probes")
+    with pytest.raises(CorpusError, match="has no 'people' records"):
+        read_extra_records(tmp_path / "x", "people")
     assert main(["data", "build", "--corpus", "synthetic-bios", "--out", str(tmp_path / "x")]) == 2
     assert "needs a size: --people N" in capsys.readouterr().err
     assert main(["data", "build", "--corpus", "wiki-en", "--people", "5", "--out", str(tmp_path / "y")]) == 2
