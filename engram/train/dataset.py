@@ -16,25 +16,34 @@ from pathlib import Path
 from typing import Any
 
 from .data import CorpusError, build_corpus, read_documents
+from .long_context import build_long_context
 from .synthetic_bios import build_synthetic_bios
 from .tokenizer import TokenStream, encode_documents, load_tokenizer, special_ids, train_tokenizer
 
 
 def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str | None = None, inputs: list | None = None,
                     tokenizer: str | os.PathLike | None = None, vocab_size: int = 8192, seed: int = 0,
-                    val_fraction: float = 0.05, people: int | None = None, log=print) -> Path:
+                    val_fraction: float = 0.05, people: int | None = None, examples: int | None = None,
+                    log=print) -> Path:
     """Build the corpus, the tokenizer (trained on the training split unless given) and the
-    token files in `out_dir`. Returns the folder. `people`: the size of the `synthetic-bios`
-    corpus (its validation split is its held-out templates, so `val_fraction` does not apply)."""
+    token files in `out_dir`. Returns the folder. Generated corpora take their size: `people`
+    for synthetic-bios, `examples` for long-context (their validation splits are made by the
+    generator, so `val_fraction` does not apply)."""
     out = Path(out_dir)
-    if corpus == SYNTHETIC_BIOS:
-        if people is None:
-            raise CorpusError("the synthetic-bios corpus needs a size: --people N")
-        info = build_synthetic_bios(out, people=people, seed=seed)
-    elif people is not None:
-        raise CorpusError(f"--people sizes the synthetic-bios corpus only, not {corpus or 'this corpus'}")
+    sizes = {"people": people, "examples": examples}
+    given = {k for k, v in sizes.items() if v is not None}
+    if corpus in GENERATED:
+        size, build = GENERATED[corpus]
+        others = sorted(given - {size})
+        if sizes[size] is None or others:
+            also = f" (not --{', --'.join(others)})" if others else ""
+            raise CorpusError(f"the {corpus} corpus needs --{size} N{also}")
+        info = build(out, **{size: sizes[size]}, seed=seed)
+    elif given:
+        raise CorpusError(f"--{', --'.join(sorted(given))} sizes a generated corpus ({', '.join(GENERATED)}), "
+                          f"not {corpus or 'this corpus'}")
     else:
-        info = build_corpus(out, corpus=corpus, inputs=inputs, val_fraction=val_fraction, seed=seed)
+        info = build_corpus(out, corpus=corpus, inputs=inputs, val_fraction=val_fraction, seed=seed, log=log)
     log(f"corpus: {info.get('source', corpus or 'files')}: " + ", ".join(
         f"{split} {info[split]['documents']:,} documents" for split in ("train", "val") if split in info))
     train_docs = read_documents(out, "train")
@@ -58,7 +67,8 @@ def prepare_dataset(out_dir: str | os.PathLike, *, corpus: str | None = None, in
     return out
 
 
-SYNTHETIC_BIOS = "synthetic-bios"
+# generated corpora: name -> (the size option, the builder)
+GENERATED = {"synthetic-bios": ("people", build_synthetic_bios), "long-context": ("examples", build_long_context)}
 
 
 @dataclass

@@ -107,7 +107,7 @@ def bits_per_person() -> float:
     return sum(math.log2(n) for n in attribute_choices().values())
 
 
-def _invented_words(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
+def invented_words(rng: np.random.Generator, count: int, taken: set[str]) -> list[str]:
     """`count` distinct capitalized words of 2-3 syllables, none in `taken` (which grows)."""
     words = []
     while len(words) < count:
@@ -140,9 +140,9 @@ def make_world(people: int, seed: int = 0) -> World:
                                  f"names), got {people:,}")
     rng = np.random.default_rng(seed)
     taken: set[str] = set()
-    first, middle, last = (_invented_words(rng, n, taken) for n in (N_FIRST, N_MIDDLE, N_LAST))
-    cities = tuple(_invented_words(rng, N_CITIES, taken))
-    roots = _invented_words(rng, N_UNIVERSITIES + N_EMPLOYERS, taken)
+    first, middle, last = (invented_words(rng, n, taken) for n in (N_FIRST, N_MIDDLE, N_LAST))
+    cities = tuple(invented_words(rng, N_CITIES, taken))
+    roots = invented_words(rng, N_UNIVERSITIES + N_EMPLOYERS, taken)
     universities = tuple(_UNIVERSITY_FORMS[i % len(_UNIVERSITY_FORMS)].format(r)
                          for i, r in enumerate(roots[:N_UNIVERSITIES]))
     employers = tuple(f"{r} {_COMPANY_KINDS[i % len(_COMPANY_KINDS)]}" for i, r in enumerate(roots[N_UNIVERSITIES:]))
@@ -158,8 +158,9 @@ def make_world(people: int, seed: int = 0) -> World:
         date = f"{MONTHS[rng.integers(12)]} {int(rng.integers(1, DAYS + 1))}, {year}"
         employer = employers[rng.integers(N_EMPLOYERS)]
         out.append(Person(name=f"{first[f]} {middle[m]} {last[l]}", birth_date=date,
-                          birth_city=cities[rng.integers(N_CITIES)], university=universities[rng.integers(N_UNIVERSITIES)],
-                          major=majors[rng.integers(N_MAJORS)], employer=employer, employer_city=employer_city[employer]))
+                          birth_city=cities[rng.integers(N_CITIES)],
+                          university=universities[rng.integers(N_UNIVERSITIES)], major=majors[rng.integers(N_MAJORS)],
+                          employer=employer, employer_city=employer_city[employer]))
     return World(people=tuple(out), cities=cities, universities=universities, majors=majors, employers=employers,
                  employer_city=employer_city)
 

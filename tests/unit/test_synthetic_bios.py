@@ -96,6 +96,6 @@ def test_data_build_command_writes_a_checked_dataset(tmp_path, capsys):
     with pytest.raises(CorpusError, match="has no 'people' records"):
         read_extra_records(tmp_path / "x", "people")
     assert main(["data", "build", "--corpus", "synthetic-bios", "--out", str(tmp_path / "x")]) == 2
-    assert "needs a size: --people N" in capsys.readouterr().err
+    assert "the synthetic-bios corpus needs --people N" in capsys.readouterr().err
     assert main(["data", "build", "--corpus", "wiki-en", "--people", "5", "--out", str(tmp_path / "y")]) == 2
-    assert "--people sizes the synthetic-bios corpus only" in capsys.readouterr().err
+    assert "--people sizes a generated corpus" in capsys.readouterr().err

@@ -1,0 +1,118 @@
+"""Long-context retrieval: Engram against the MoE at equal total and active parameters, trained
+on a mixture of multi-query needle-in-a-haystack and variable tracking (`engram data build
+--corpus long-context`), probed by exact match against context length (paper Table 2: the claim is
+that a memory that takes over local patterns frees attention for the long range).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..analysis.knowledge import answer_scores
+from ..model.accounting import count_params
+from ..model.planner import plan_sparsity
+from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
+from ..train.data import read_extra_records
+from ..train.dataset import PreparedData
+from .common import base_config, figure, preset_model, run_dir, seed_std, train_arm, write_results
+
+
+def long_context_configs(base, data: PreparedData, *, rho: float = 0.75, max_seq_len: int = 1536):
+    """moe (the preset without Engram, positions up to `max_seq_len`) and engram (planned to the
+    same total and active parameters)."""
+    full = dataclasses.replace(preset_model(base, data), max_seq_len=max_seq_len)
+    moe = dataclasses.replace(full, engram=None)
+    planned = plan_sparsity(moe, rho, compressed_vocab_size=full.engram.compressed_vocab_size,
+                            pad_id=full.engram.pad_id, sparse_grad=base.table_optimizer != "adam")
+    return {"moe": moe, "engram": planned}
+
+
+def _scores(folder: Path, data: PreparedData, probes: list[dict], log) -> dict[str, Any]:
+    """Exact match per (task, target length) of one run (cached in long_context.json)."""
+    path = folder / "long_context.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
+    _, greedy = answer_scores(model, data.tokenizer, [p["prompt"] for p in probes], [p["answer"] for p in probes],
+                              batch_size=8)
+    tokens = [len(data.tokenizer.encode(p["prompt"]).ids) for p in probes]
+    result: dict[str, Any] = {}
+    for task in sorted({p["task"] for p in probes}):
+        for length in sorted({p["target_tokens"] for p in probes}):
+            hits = [g for g, p in zip(greedy, probes) if p["task"] == task and p["target_tokens"] == length]
+            lens = [t for t, p in zip(tokens, probes) if p["task"] == task and p["target_tokens"] == length]
+            if hits:
+                result[f"{task}@{length}"] = {"exact_match": float(np.mean(hits)), "n": len(hits),
+                                              "mean_prompt_tokens": float(np.mean(lens))}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
+
+
+def run_long_context(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 600,
+                     preset: str = "tiny", seq_len: int = 1024, batch_size: int = 4, rho: float = 0.75,
+                     log=print) -> dict[str, Any]:
+    """Train both arms over seeds on the long-context mixture (resumable) and probe them."""
+    out = Path(out_dir)
+    data = PreparedData.open(data_dir)
+    probes = read_extra_records(data_dir, "probes")
+    base = dataclasses.replace(base_config(preset, steps), seq_len=seq_len, batch_size=batch_size)
+    arms = long_context_configs(base, data, rho=rho, max_seq_len=max(1536, seq_len))
+    results: dict[str, Any] = {"experiment": "long_context", "preset": preset, "steps": steps, "seeds": list(seeds),
+                               "seq_len": seq_len, "batch_size": batch_size, "data": str(data_dir),
+                               "probes": len(probes), "arms": {}}
+    for name, config in arms.items():
+        run_name = f"long_context_{name}_len{seq_len}"
+        losses, _ = train_arm(out, run_name, config, base, data_dir, seeds, log)
+        per_seed = [_scores(run_dir(out, run_name, steps, s), data, probes, log) for s in seeds]
+        p = count_params(config)
+        results["arms"][name] = {
+            "params": {"total": p["total"], "active": p["active"], "engram": p["engram"]},
+            "final_val_loss": losses,
+            "cells": {cell: {"by_seed": [r[cell]["exact_match"] for r in per_seed],
+                             "mean": statistics.mean(r[cell]["exact_match"] for r in per_seed),
+                             "std": seed_std([r[cell]["exact_match"] for r in per_seed]),
+                             "n": per_seed[0][cell]["n"], "mean_prompt_tokens": per_seed[0][cell]["mean_prompt_tokens"]}
+                      for cell in per_seed[0]}}
+    moe = results["arms"]["moe"]["cells"]
+    for cell, c in results["arms"]["engram"]["cells"].items():  # paired by seed
+        c["minus_moe"] = {"mean": statistics.mean(a - b for a, b in zip(c["by_seed"], moe[cell]["by_seed"])),
+                          "std": seed_std([a - b for a, b in zip(c["by_seed"], moe[cell]["by_seed"])])}
+    write_results(out, results, _plot)
+    return results
+
+
+def _plot(results: dict[str, Any], path: Path) -> None:
+    tasks = sorted({cell.split("@")[0] for arm in results["arms"].values() for cell in arm["cells"]})
+    fig, axes = figure((5 * len(tasks), 3.8), ncols=len(tasks))
+    axes = axes if isinstance(axes, list) else [axes]
+    for ax, task in zip(axes, tasks):
+        for name, arm in results["arms"].items():
+            cells = sorted((c["mean_prompt_tokens"], c["mean"], c["std"]) for k, c in arm["cells"].items()
+                           if k.startswith(task + "@"))
+            ax.errorbar([c[0] for c in cells], [c[1] for c in cells], yerr=[c[2] for c in cells], fmt="o-",
+                        capsize=3, label=f"{name} ({arm['params']['active'] / 1e6:.2f}M active)")
+        ax.set_xlabel("prompt length (tokens)")
+        ax.set_ylabel("exact match")
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_title(f"{task}, {results['steps']} steps, {len(results['seeds'])} seeds", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    """Human lines of a long_context result."""
+    lines = []
+    for name, arm in result["arms"].items():
+        cells = "  ".join(f"{k} {c['mean']:.3f}±{c['std']:.3f}" for k, c in arm["cells"].items())
+        lines.append(f"{name:7s} exact match: {cells}")
+    return lines
