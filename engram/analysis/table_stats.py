@@ -108,6 +108,30 @@ def table_statistics(model: Any, ids_batches: Iterable[torch.Tensor]) -> dict[in
     return out
 
 
+def training_row_reads(model: Any, stream: Any, *, steps: int, batch_size: int, seq_len: int, seed: int
+                       ) -> dict[int, dict[str, Any]]:
+    """How many times training read the average used row: the run's own batches replayed
+    (`stream.batch(step, ...)` for every step, as the loop draws them), hashed, and counted per
+    flat row. Per layer: reads (positions x heads), used rows, reads per used row, table rows."""
+    hasher = getattr(model, "hasher", None)
+    if hasher is None:
+        raise ValueError("the model has no Engram layers, so there are no rows to count")
+    sizes = {l: int(sum(hasher.table_sizes[l])) for l in hasher.layer_ids}
+    offsets = {l: torch.tensor(np.concatenate([[0], np.cumsum(hasher.table_sizes[l])[:-1]])) for l in sizes}
+    counts = {l: torch.zeros(n, dtype=torch.int64) for l, n in sizes.items()}
+    device = model.compression.device
+    for step in range(steps):
+        ids = stream.batch(step, batch_size, seq_len, seed)[:, :-1]
+        for layer, rows_BTH in hasher.hash(model.compress(ids.to(device))).items():
+            counts[layer] += torch.bincount((rows_BTH.cpu() + offsets[layer]).flatten(), minlength=sizes[layer])
+    out = {}
+    for layer, c in counts.items():
+        used = int((c > 0).sum())
+        out[layer] = {"reads": int(c.sum()), "used_rows": used, "table_rows": sizes[layer],
+                      "reads_per_used_row": float(c.sum()) / max(used, 1)}
+    return out
+
+
 def summarize(stats: dict[int, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """The JSON-friendly part of `table_statistics` (arrays replaced by a few numbers)."""
     out = {}

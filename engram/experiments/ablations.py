@@ -145,6 +145,8 @@ def summary(result: dict[str, Any]) -> list[str]:
     lines = []
     for arm, a in result["arms"].items():
         delta = f", {a['delta_vs_full']:+.4f} vs full" if "delta_vs_full" in a else ""
+        reads = ", ".join(f"{r['reads_per_used_row']:,.1f}" for r in (a.get("row_reads") or {}).values())
+        reads = f"; reads per used row {reads}" if reads else ""
         lines.append(f"{arm:16s} final val loss {a['mean']:.4f} ± {a['std']:.4f}{delta} "
-                     f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,})")
+                     f"(table rows {a['params']['table_rows']:,}, total {a['params']['total']:,}{reads})")
     return lines

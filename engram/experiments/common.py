@@ -14,9 +14,11 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ..analysis.table_stats import training_row_reads
 from ..config import ModelConfig
 from ..hashing.compression import CompressedTokenizer
 from ..model.accounting import count_params
+from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig, model_config_for, train
 from ..train.tokenizer import special_ids
@@ -25,6 +27,13 @@ from ..train.tokenizer import special_ids
 def seed_std(values) -> float:
     """Sample standard deviation over seeds (0 for a single seed)."""
     return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def paired(values, reference) -> dict[str, Any]:
+    """Differences to a reference arm paired by seed (same data order and init): by seed, mean
+    and sample std."""
+    diffs = [a - b for a, b in zip(values, reference)]
+    return {"by_seed": diffs, "mean": statistics.mean(diffs), "std": seed_std(diffs)}
 
 
 def run_dir(out: Path, name: str, steps: int, seed: int) -> Path:
@@ -106,11 +115,31 @@ def run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tra
         p = count_params(config)
         results["arms"][name] = {
             "final_val_loss": losses, "mean": statistics.mean(losses),
+            "row_reads": row_reads(run_dir(out, run_name, base.max_steps, seeds[0]), base, data_dir, log),
             "train_seconds": [train_seconds(run_dir(out, run_name, base.max_steps, s), base) for s in seeds],
             "std": seed_std(losses),
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
                        "table_rows": p["engram_tables_params"] // config.engram.head_dim if config.engram else 0}}
     return results
+
+
+def row_reads(folder: Path, base: TrainConfig, data_dir, log) -> dict[str, Any] | None:
+    """{layer: reads per used row, ...} of a run's training (cached in row_reads.json); None
+    without Engram. The batches are the run's own, replayed; the rows depend on the config only."""
+    path = folder / "row_reads.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    model = load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
+    if model.hasher is None:
+        return None
+    seed = json.loads((folder / "run.json").read_text())["train"]["seed"]
+    result = {str(k): v for k, v in training_row_reads(model, PreparedData.open(data_dir).train, steps=base.max_steps,
+                                                       batch_size=base.batch_size, seq_len=base.seq_len,
+                                                       seed=seed).items()}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(path)
+    return result
 
 
 def train_seconds(folder: Path, base: TrainConfig) -> float:

@@ -15,7 +15,7 @@ from ..model.accounting import count_params
 from ..model.planner import allocation, plan_sparsity
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig
-from .common import base_config, figure, preset_model, seed_std, train_arm
+from .common import base_config, figure, paired, preset_model, seed_std, train_arm
 
 
 def dense_like(moe: ModelConfig) -> ModelConfig:
@@ -59,6 +59,10 @@ def run_engram_vs_moe(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1,
             out, dirs[name], config, base, data_dir, seeds, log)
     results["summary"] = {name: {"mean": statistics.mean(v), "std": seed_std(v)}
                           for name, v in results["final_val_loss"].items()}
+    # paired by seed (same data order and init seed): the seed-to-seed noise partly cancels
+    moe_losses = results["final_val_loss"]["moe"]
+    results["paired_vs_moe"] = {name: paired(v, moe_losses) for name, v in results["final_val_loss"].items()
+                                if name != "moe"}
     out.mkdir(parents=True, exist_ok=True)
     (out / "engram_vs_moe.json").write_text(json.dumps(results, indent=1))
     _plot(results, out / "engram_vs_moe.png")
@@ -84,6 +88,9 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
         points.append({"rho_requested": rho, "rho": achieved, "experts": config.moe.n_routed_experts,
                        "table_params": count_params(config)["engram_tables_params"], "final_val_loss": losses,
                        "mean": statistics.mean(losses), "std": seed_std(losses)})
+    moe_losses = next(p["final_val_loss"] for p in points if p["rho"] == 1.0) if 1.0 in rhos else None
+    for p in points:
+        p["paired_vs_moe"] = paired(p["final_val_loss"], moe_losses) if moe_losses else None
     results = {"experiment": "rho_sweep", "preset": preset, "steps": steps, "seeds": list(seeds), "points": points,
                "rho_to_final_val_loss": {f"{p['rho']:.4f}": p["mean"] for p in points}}
     out.mkdir(parents=True, exist_ok=True)
@@ -133,8 +140,10 @@ def summary(result: dict[str, Any]) -> list[str]:
     if result["experiment"] == "engram_vs_moe":
         for arm, s in result["summary"].items():
             p = result["params"][arm]
+            d = result.get("paired_vs_moe", {}).get(arm)
+            vs = f", {d['mean']:+.4f} ± {d['std']:.4f} vs moe (paired)" if d else ""
             lines.append(f"{arm:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(result['seeds'])} "
-                         f"seeds (total {p['total']:,}, active {p['active']:,})")
+                         f"seeds{vs} (total {p['total']:,}, active {p['active']:,})")
     else:
         for p in result["points"]:
             lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "

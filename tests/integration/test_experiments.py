@@ -90,6 +90,15 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert sweep["arms"]["rows16384"]["final_val_loss"] == arms["full"]["final_val_loss"]
     assert sweep["arms"]["oe_rows16384"]["final_val_loss"] == arms["over_encoding"]["final_val_loss"]
     assert len(sweep["slots_to_final_val_loss"]) == 2 and (tmp_path / "table_size.png").is_file()
+    # how often training read the average used row: every position reads one row per head
+    reads = sweep["arms"]["rows64"]["row_reads"]["1"]
+    heads = len(run["model"]["engram"]["vocab_size_per_ngram"]) * run["model"]["engram"]["n_head_per_ngram"]
+    assert reads["reads"] == 2 * 16 * 128 * heads  # 2 steps of 16 x 128 positions
+    assert reads["table_rows"] == sweep["arms"]["rows64"]["params"]["table_rows"] >= reads["used_rows"]
+    assert 1 < reads["reads_per_used_row"] == reads["reads"] / reads["used_rows"]
+    big = sweep["arms"]["rows16384"]["row_reads"]["1"]
+    assert big["reads"] == reads["reads"] and big["reads_per_used_row"] < reads["reads_per_used_row"]
+    assert sweep["arms"]["no_engram"]["row_reads"] is None
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
     from engram.experiments.ablations import run_boundary_reset
@@ -159,3 +168,37 @@ def test_cli_rejects_bad_table_sizes(capsys):
     assert "--rows-per-head takes comma-separated integers" in capsys.readouterr().err
     assert main(["experiment", "table_size", "--data", "x", "--over-encoding-rows", "0"]) == 2
     assert "--over-encoding-rows needs integers >= 1" in capsys.readouterr().err
+
+
+def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
+    from engram.experiments.knowledge import run_knowledge_capacity
+    from engram.train.dataset import prepare_dataset
+
+    data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=400, log=lambda *a: None)
+    res = run_knowledge_capacity(tmp_path, data, sizes=("d64",), seeds=(0, 1), steps=2, max_people=6,
+                                 log=lambda *a: None)
+    arms = res["sizes"]["d64"]
+    assert set(arms) == {"moe", "engram", "over_encoding", "capacity_1", "table_x0.0625", "table_x4"}
+    moe, engram = arms["moe"], arms["engram"]
+    assert abs(engram["params"]["total"] / moe["params"]["total"] - 1) < 0.01  # the planner's iso-parameter arm
+    assert "engram_zeroed" in engram and "engram_zeroed" not in moe
+    for c in ("bio", "qa_trained", "qa_held_out", "in_context"):
+        assert len(engram["as_trained"]["exact_match"][c]["by_seed"]) == 2
+    assert moe["bits_minus_moe"]["mean"] == 0 and res["bits_max"] > 12 * 46
+    assert (tmp_path / "knowledge_capacity.png").is_file()
+    recall = json.loads((tmp_path / "runs" / "knowledge_d64_engram_2steps_seed0" / "recall.json").read_text())
+    assert recall["as_trained"]["evaluated_people"] == 6 and recall["as_trained"]["people"] == 12
+    assert "bits" in _experiment_summary(res)
+
+
+def test_long_context_runs_and_reports_by_task_and_length(tmp_path):
+    from engram.experiments.long_context import run_long_context
+    from engram.train.dataset import prepare_dataset
+
+    data = prepare_dataset(tmp_path / "lc", corpus="long-context", examples=12, vocab_size=400, log=lambda *a: None)
+    res = run_long_context(tmp_path, data, seeds=(0,), steps=2, seq_len=256, batch_size=2, log=lambda *a: None)
+    cells = res["arms"]["engram"]["cells"]
+    assert {k.split("@")[0] for k in cells} == {"mq_niah", "variable_tracking"}
+    assert {int(k.split("@")[1]) for k in cells} == {256, 512, 1024}
+    assert all(0 <= c["mean"] <= 1 and c["mean_prompt_tokens"] > 0 for c in cells.values())
+    assert "minus_moe" in cells["mq_niah@256"] and (tmp_path / "long_context.png").is_file()
