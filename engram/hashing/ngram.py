@@ -104,6 +104,11 @@ def _rows_float(
 
 _compiled_rows_float = None
 _compiled_failed: str | None = None  # why the compiled kernel cannot run here (auto falls back)
+# Auto mode compiles one static-shape kernel per call shape. Training has one or two shapes;
+# evaluation over prompts of many lengths would compile on every call (seconds each) and hit
+# dynamo's recompile limit, so shapes beyond the first COMPILED_MAX_SHAPES hash eagerly.
+COMPILED_MAX_SHAPES = 4
+_compiled_shapes: set[tuple] = set()
 
 
 def _get_compiled():
@@ -234,11 +239,17 @@ class NgramHasher:
             return "compiled"
         if not self._float_exact or ctx.device.type != "cpu" or _compiled_failed is not None:
             return "eager"
+        if self._shape_key(ctx) not in _compiled_shapes and len(_compiled_shapes) >= COMPILED_MAX_SHAPES:
+            return "eager"  # a new shape after the budget: eager costs less than another compile
         reason = _cpu_compiler()
         if reason is not None:
             _fall_back(reason)
             return "eager"
         return "compiled"
+
+    def _shape_key(self, ctx: torch.Tensor) -> tuple:
+        """What the compiled kernel specializes on: the call shape, the layout's shape, the reset."""
+        return tuple(ctx.shape), len(self.layer_ids), self.max_ngram_size, self.n_hash_heads, self.layout.reset_id
 
     def _rows(self, ctx: torch.Tensor, segments: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
         consts = self._constants(ctx.device)
@@ -247,6 +258,7 @@ class NgramHasher:
         reset = None if lay.reset_id is None else (lay.reset_id, lay.pad_id)
         rows_LBTH = None
         if kernel == "compiled":
+            _compiled_shapes.add(self._shape_key(ctx))
             try:
                 rows_LBTH = _get_compiled()(ctx, *consts, reset)
             except Exception as e:  # auto: a compiler that is present but fails to build

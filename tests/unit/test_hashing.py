@@ -249,6 +249,7 @@ def test_auto_picks_compiled_only_for_big_cpu_calls_with_a_compiler(monkeypatch)
     import engram.hashing.ngram as ngram
 
     monkeypatch.setattr(ngram, "_compiled_failed", None)
+    monkeypatch.setattr(ngram, "_compiled_shapes", set())
     monkeypatch.setattr(ngram, "_cpu_compiler", lambda: None)  # a compiler is present
     h = demo_hasher()
     assert h.kernel == "auto" and NgramHasher.from_layout(h.layout).kernel == "auto"
@@ -268,6 +269,32 @@ def test_auto_picks_compiled_only_for_big_cpu_calls_with_a_compiler(monkeypatch)
     # inside a torch.compile'd caller the eager int64 ops are traced into its graph
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert h.kernel_for(big) == "eager" and demo_hasher("compiled").kernel_for(big) == "eager"
+
+
+def test_auto_compiles_a_few_shapes_then_hashes_new_shapes_eagerly(monkeypatch, rng):
+    """Evaluation over prompts of many lengths must not compile on every call."""
+    import engram.hashing.ngram as ngram
+
+    compiled_calls = []
+
+    def fake_compiled():
+        def run(ctx, *consts):
+            compiled_calls.append(tuple(ctx.shape))
+            return ngram._rows_float(ctx, *consts)  # the same numbers, eagerly
+        return run
+
+    monkeypatch.setattr(ngram, "_compiled_failed", None)
+    monkeypatch.setattr(ngram, "_compiled_shapes", set())
+    monkeypatch.setattr(ngram, "_cpu_compiler", lambda: None)
+    monkeypatch.setattr(ngram, "_get_compiled", fake_compiled)
+    h, eager = demo_hasher(), demo_hasher("eager")
+    widths = [ngram.COMPILED_MIN_TOKENS // 2 + w for w in range(ngram.COMPILED_MAX_SHAPES + 3)]
+    for width in widths + widths[:2]:  # shapes seen before keep their compiled kernel
+        ids = torch.from_numpy(rng.integers(0, 1000, size=(2, width), dtype=np.int64))
+        rows = h.hash(ids)
+        assert all(torch.equal(rows[l], eager.hash(ids)[l]) for l in rows)
+    assert len(set(compiled_calls)) == ngram.COMPILED_MAX_SHAPES
+    assert len(compiled_calls) == ngram.COMPILED_MAX_SHAPES + 2
 
 
 def test_auto_without_a_compiler_falls_back_exactly_and_says_so_once(monkeypatch, caplog, rng):
@@ -296,6 +323,7 @@ def test_auto_survives_a_compiler_that_fails(monkeypatch, caplog, rng):
         return run
 
     monkeypatch.setattr(ngram, "_compiled_failed", None)
+    monkeypatch.setattr(ngram, "_compiled_shapes", set())
     monkeypatch.setattr(ngram, "_cpu_compiler", lambda: None)
     monkeypatch.setattr(ngram, "_get_compiled", broken)
     ids = torch.from_numpy(rng.integers(0, 1000, size=(2, ngram.COMPILED_MIN_TOKENS), dtype=np.int64))
