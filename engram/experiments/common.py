@@ -47,11 +47,14 @@ def train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data
     for seed in seeds:
         folder = run_dir(out, name, base.max_steps, seed)
         summary_path = folder / "summary.json"
-        if (folder / "run.json").is_file():  # a shared run must be of the same model
-            saved = ModelConfig.from_dict(json.loads((folder / "run.json").read_text())["model"])
-            if saved != config:
+        if (folder / "run.json").is_file():  # a shared run must be of the same model, on the same data
+            run = json.loads((folder / "run.json").read_text())
+            if ModelConfig.from_dict(run["model"]) != config:
                 raise ValueError(f"{folder} holds a run of another model than arm {name!r} asks for; "
                                  "move it away or use another --out folder")
+            if run.get("data") != PreparedData.open(data_dir).fingerprint():
+                raise ValueError(f"{folder} was trained on other data ({run.get('data_dir')}) than {data_dir}; "
+                                 "pass that --data, or use another --out folder")
         if summary_path.is_file():
             summary = json.loads(summary_path.read_text())
         else:

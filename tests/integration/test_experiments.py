@@ -110,7 +110,7 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert (tmp_path / "boundary_reset.json").is_file() and (tmp_path / "boundary_reset.png").is_file()
 
 
-def test_a_run_folder_of_another_model_is_refused(small_dataset, tmp_path):
+def test_a_run_folder_of_another_model_or_other_data_is_refused(small_dataset, tmp_path):
     from engram.experiments.ablations import run_ablations
 
     run_engram_vs_moe(tmp_path, small_dataset, seeds=(0,), steps=2, rho=0.5, log=lambda *a: None)
@@ -119,6 +119,11 @@ def test_a_run_folder_of_another_model_is_refused(small_dataset, tmp_path):
     (tmp_path / "runs" / "full_2steps_seed0" / "run.json").write_text(other.read_text())
     with pytest.raises(ValueError, match="another model"):
         run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, log=lambda *a: None)
+    run = json.loads(other.read_text())
+    run["data"]["tokenizer_sha256"] = "0" * 64  # as if trained on another dataset
+    other.write_text(json.dumps(run))
+    with pytest.raises(ValueError, match="trained on other data"):
+        run_engram_vs_moe(tmp_path, small_dataset, seeds=(0,), steps=2, rho=0.5, log=lambda *a: None)
 
 
 def test_knowledge_probes_and_entity_gates(titled_dataset, tmp_path):
