@@ -179,7 +179,8 @@ def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
     from engram.experiments.knowledge import run_knowledge_capacity
     from engram.train.dataset import prepare_dataset
 
-    data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=400, log=lambda *a: None)
+    data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=2048,
+                           log=lambda *a: None)  # a BPE of this size keeps the in-context prompts < 256 tokens
     res = run_knowledge_capacity(tmp_path, data, sizes=("d64",), seeds=(0,), steps=2, max_people=6,
                                  log=lambda *a: None)
     arms = res["sizes"]["d64"]
