@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +22,10 @@ from ..config import ModelConfig
 from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
 from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
-from ..train.dataset import PreparedData
 from ..train.data import read_extra_records
-from .common import (base_config, engram_changed, figure, over_encoding, preset_model, run_dir, seed_std, train_arm,
-                     write_results)
+from ..train.dataset import PreparedData
+from .common import (base_config, engram_changed, figure, over_encoding, paired, preset_model, run_dir, spread,
+                     train_arm, write_results)
 
 # model sizes: changes to the preset (Engram follows the model's width)
 SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
@@ -65,9 +64,6 @@ def _recall(folder: Path, data: PreparedData, people, probes, max_people: int, l
     return result
 
 
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"by_seed": values, "mean": statistics.mean(values), "std": seed_std(values)}
-
 
 def _arm_summary(recalls: list[dict], params: dict[str, int]) -> dict[str, Any]:
     out: dict[str, Any] = {"params": params}
@@ -76,10 +72,10 @@ def _arm_summary(recalls: list[dict], params: dict[str, int]) -> dict[str, Any]:
             continue
         rs = [r[variant] for r in recalls]
         out[variant] = {
-            "bits": _spread([r["bits"] for r in rs]),
-            "bits_per_total_param": _spread([r["bits"] / params["total"] for r in rs]),
-            "bits_per_active_param": _spread([r["bits"] / params["active"] for r in rs]),
-            "exact_match": {c: _spread([r["conditions"][c]["exact_match"] for r in rs])
+            "bits": spread([r["bits"] for r in rs]),
+            "bits_per_total_param": spread([r["bits"] / params["total"] for r in rs]),
+            "bits_per_active_param": spread([r["bits"] / params["active"] for r in rs]),
+            "exact_match": {c: spread([r["conditions"][c]["exact_match"] for r in rs])
                             for c in CONDITIONS if c in rs[0]["conditions"]}}
     return out
 
@@ -111,9 +107,8 @@ def run_knowledge_capacity(out_dir: str | Path, data_dir: str | Path, *, sizes=t
             log(f"{size} {name}: bits {summary['as_trained']['bits']['mean']:.0f}, closed-book exact match "
                 f"{summary['as_trained']['exact_match']['bio']['mean']:.3f}")
         moe_bits = results["sizes"][size]["moe"]["as_trained"]["bits"]["by_seed"]
-        for name, arm in results["sizes"][size].items():  # paired by seed: same data order and init seed
-            diffs = [a - b for a, b in zip(arm["as_trained"]["bits"]["by_seed"], moe_bits)]
-            arm["bits_minus_moe"] = _spread(diffs)
+        for name, arm in results["sizes"][size].items():
+            arm["bits_minus_moe"] = paired(arm["as_trained"]["bits"]["by_seed"], moe_bits)
     write_results(out, results, _plot)
     return results
 

@@ -21,7 +21,7 @@ from ..analysis.knowledge import (CONTEXT_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, RE
 from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
 from ..train.data import read_records
 from ..train.dataset import PreparedData
-from .common import SHARED_RUNS, base_config, figure, preset_model, run_dir, seed_std, train_arm, write_results
+from .common import SHARED_RUNS, base_config, figure, preset_model, run_dir, spread, train_arm, write_results
 
 # The paper's gate figure sentence, and a second one of the same kind.
 EXAMPLE_TEXT = ("Alexander the Great was a king of the ancient Greek kingdom of Macedon. "
@@ -38,10 +38,6 @@ def _trained_models(out: Path, data_dir, arms: dict, base, seeds, log):
                         for s in seeds]
     return models
 
-
-def _spread(values: list[float]) -> dict[str, Any]:
-    return {"by_seed": values, "mean": statistics.mean(values),
-            "std": seed_std(values)}
 
 
 def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 1000,
@@ -89,7 +85,7 @@ def run_knowledge_probes(out_dir: str | Path, data_dir: str | Path, *, seeds=(0,
                 by_phrasing = {name: {m: statistics.mean(r[m] for r in runs[j::len(phrasings)])
                                       for m in ("accuracy", "calibrated_accuracy")}
                                for j, name in enumerate(phrasings)}
-                results["scores"][arm][cond][group] = {**{m: _spread(v) for m, v in per_seed.items()},
+                results["scores"][arm][cond][group] = {**{m: spread(v) for m, v in per_seed.items()},
                                                        "accuracy_by_phrasing": by_phrasing}
                 got = results["scores"][arm][cond][group]
                 log(f"{arm} {cond} {group}: accuracy {got['accuracy']['mean']:.3f}, "
@@ -156,9 +152,9 @@ def run_entity_gates(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
     results: dict[str, Any] = {"experiment": "entity_gates", "preset": preset, "steps": steps, "seeds": list(seeds),
                                "data": str(data_dir), "titles": len(set(titles)), "layers": {}}
     for layer in layers:
-        entry = {name: _spread([s[layer][name] for s in per_seed]) for name in CLASSES}
+        entry = {name: spread([s[layer][name] for s in per_seed]) for name in CLASSES}
         entry["tokens"] = {name: per_seed[0][layer][f"n_{name}"] for name in CLASSES}
-        entry["last_minus_other"] = _spread([s[layer]["entity_last"] - s[layer]["other"] for s in per_seed])
+        entry["last_minus_other"] = spread([s[layer]["entity_last"] - s[layer]["other"] for s in per_seed])
         results["layers"][str(layer)] = entry
         log(f"layer {layer}: gate on entity tokens, first {entry['entity_first']['mean']:.3f}, middle "
             f"{entry['entity_middle']['mean']:.3f}, last {entry['entity_last']['mean']:.3f}; other tokens "
