@@ -116,13 +116,16 @@ def training_row_reads(model: Any, stream: Any, *, steps: int, batch_size: int, 
     hasher = getattr(model, "hasher", None)
     if hasher is None:
         raise ValueError("the model has no Engram layers, so there are no rows to count")
-    sizes = {l: int(sum(hasher.table_sizes[l])) for l in hasher.layer_ids}
-    offsets = {l: torch.tensor(np.concatenate([[0], np.cumsum(hasher.table_sizes[l])[:-1]])) for l in sizes}
+    single_row = model.config.engram.single_row  # capacity 1: every n-gram reads row 0 of each head
+    head_sizes = {l: list(model.blocks[l].engram.table.table_sizes) for l in hasher.layer_ids}
+    sizes = {l: int(sum(h)) for l, h in head_sizes.items()}
+    offsets = {l: torch.tensor(np.concatenate([[0], np.cumsum(h)[:-1]])) for l, h in head_sizes.items()}
     counts = {l: torch.zeros(n, dtype=torch.int64) for l, n in sizes.items()}
     device = model.compression.device
     for step in range(steps):
         ids = stream.batch(step, batch_size, seq_len, seed)[:, :-1]
         for layer, rows_BTH in hasher.hash(model.compress(ids.to(device))).items():
+            rows_BTH = torch.zeros_like(rows_BTH) if single_row else rows_BTH
             counts[layer] += torch.bincount((rows_BTH.cpu() + offsets[layer]).flatten(), minlength=sizes[layer])
     out = {}
     for layer, c in counts.items():

@@ -99,6 +99,8 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     big = sweep["arms"]["rows16384"]["row_reads"]["1"]
     assert big["reads"] == reads["reads"] and big["reads_per_used_row"] < reads["reads_per_used_row"]
     assert sweep["arms"]["no_engram"]["row_reads"] is None
+    one = sweep["arms"]["capacity_1"]["row_reads"]["1"]  # every position reads row 0 of each head
+    assert one["used_rows"] == one["table_rows"] == heads and one["reads_per_used_row"] == 2 * 16 * 128
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
     from engram.experiments.ablations import run_boundary_reset
