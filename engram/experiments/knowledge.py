@@ -51,8 +51,10 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
 def _recall(folder: Path, data: PreparedData, people, probes, max_people: int, log) -> dict[str, Any]:
     """The run's probes (cached in recall.json): as trained, and with Engram zeroed."""
     path = folder / "recall.json"
-    if path.is_file():
-        return json.loads(path.read_text())
+    if path.is_file():  # reused when it probed as many people as asked for now
+        cached = json.loads(path.read_text())
+        if cached["as_trained"]["evaluated_people"] == min(max_people, len(people)):
+            return cached
     model = load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
     result = {"as_trained": bios_recall(model, data.tokenizer, people, probes, max_people=max_people)}
     if model.config.engram is not None:
