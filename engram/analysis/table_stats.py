@@ -113,19 +113,16 @@ def training_row_reads(model: Any, stream: Any, *, steps: int, batch_size: int, 
     """How many times training read the average used row: the run's own batches replayed
     (`stream.batch(step, ...)` for every step, as the loop draws them), hashed, and counted per
     flat row. Per layer: reads (positions x heads), used rows, reads per used row, table rows."""
-    hasher = getattr(model, "hasher", None)
-    if hasher is None:
+    if getattr(model, "hasher", None) is None:
         raise ValueError("the model has no Engram layers, so there are no rows to count")
-    single_row = model.config.engram.single_row  # capacity 1: every n-gram reads row 0 of each head
-    head_sizes = {l: list(model.blocks[l].engram.table.table_sizes) for l in hasher.layer_ids}
+    head_sizes = {l: list(model.blocks[l].engram.table.table_sizes) for l in model.hasher.layer_ids}
     sizes = {l: int(sum(h)) for l, h in head_sizes.items()}
     offsets = {l: torch.tensor(np.concatenate([[0], np.cumsum(h)[:-1]])) for l, h in head_sizes.items()}
     counts = {l: torch.zeros(n, dtype=torch.int64) for l, n in sizes.items()}
     device = model.compression.device
     for step in range(steps):
         ids = stream.batch(step, batch_size, seq_len, seed)[:, :-1]
-        for layer, rows_BTH in hasher.hash(model.compress(ids.to(device))).items():
-            rows_BTH = torch.zeros_like(rows_BTH) if single_row else rows_BTH
+        for layer, rows_BTH in model.engram_rows(ids.to(device)).items():  # capacity 1 reads row 0
             counts[layer] += torch.bincount((rows_BTH.cpu() + offsets[layer]).flatten(), minlength=sizes[layer])
     out = {}
     for layer, c in counts.items():

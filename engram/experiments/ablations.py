@@ -11,8 +11,8 @@ from ..config import ModelConfig
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig
 from ..train.tokenizer import special_ids
-from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, over_encoding, preset_model,
-                     run_arms, seed_std, write_results)
+from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, over_encoding, paired,
+                     preset_model, run_arms, write_results)
 
 
 def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
@@ -37,19 +37,22 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
     return arms
 
 
+def _versus_full(results: dict[str, Any]) -> dict[str, Any]:
+    """Each arm's mean minus `full`'s, and the spread of their differences paired by seed."""
+    full = results["arms"]["full"]
+    for arm in results["arms"].values():
+        arm["delta_vs_full"] = arm["mean"] - full["mean"]
+        arm["paired_delta_std"] = paired(arm["final_val_loss"], full["final_val_loss"])["std"]
+    return results
+
+
 def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
                   preset: str = "tiny", log=print) -> dict[str, Any]:
     """Each arm changes one thing of the preset's Engram model; the deltas are against `full`."""
     out = Path(out_dir)
     base = base_config(preset, steps)
     arms = ablation_configs(base, PreparedData.open(data_dir))
-    results = run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=SHARED_RUNS)
-    full = results["arms"]["full"]
-    for arm in results["arms"].values():
-        arm["delta_vs_full"] = arm["mean"] - full["mean"]
-        # paired by seed: same data order and init seed, so the seed-to-seed noise partly cancels
-        diffs = [a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])]
-        arm["paired_delta_std"] = seed_std(diffs)
+    results = _versus_full(run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=SHARED_RUNS))
     write_results(out, results, _plot_ablations)
     return results
 
@@ -62,12 +65,8 @@ def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1
     out = Path(out_dir)
     base = base_config(preset, steps)
     arms = ablation_configs(base, PreparedData.open(data_dir))
-    results = run_arms(out, "boundary_reset", {k: arms[k] for k in ("full", "doc_reset")}, base, data_dir, seeds,
-                        log)
-    full = results["arms"]["full"]
-    for arm in results["arms"].values():
-        arm["delta_vs_full"] = arm["mean"] - full["mean"]
-        arm["paired_delta_std"] = seed_std([a - b for a, b in zip(arm["final_val_loss"], full["final_val_loss"])])
+    results = _versus_full(run_arms(out, "boundary_reset", {k: arms[k] for k in ("full", "doc_reset")}, base,
+                                    data_dir, seeds, log))
     write_results(out, results, _plot_ablations)
     return results
 

@@ -48,6 +48,7 @@ def run_dir(out: Path, name: str, steps: int, seed: int) -> Path:
 def train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data_dir, seeds, log):
     """Final validation losses and eval curves of one arm over seeds (finished runs are reused)."""
     losses, curves = [], []
+    data = PreparedData.open(data_dir).fingerprint()
     for seed in seeds:
         folder = run_dir(out, name, base.max_steps, seed)
         summary_path = folder / "summary.json"
@@ -56,7 +57,7 @@ def train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data
             if ModelConfig.from_dict(run["model"]) != config:
                 raise ValueError(f"{folder} holds a run of another model than arm {name!r} asks for; "
                                  "move it away or use another --out folder")
-            if run.get("data") != PreparedData.open(data_dir).fingerprint():
+            if run.get("data") != data:
                 raise ValueError(f"{folder} was trained on other data ({run.get('data_dir')}) than {data_dir}; "
                                  "pass that --data, or use another --out folder")
         if summary_path.is_file():
@@ -122,7 +123,8 @@ def run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tra
         p = count_params(config)
         results["arms"][name] = {
             "final_val_loss": losses, "mean": statistics.mean(losses),
-            "row_reads": row_reads(run_dir(out, run_name, base.max_steps, seeds[0]), base, data_dir, log),
+            "row_reads": None if config.engram is None else row_reads(
+                run_dir(out, run_name, base.max_steps, seeds[0]), base, data_dir, log),
             "train_seconds": [train_seconds(run_dir(out, run_name, base.max_steps, s), base) for s in seeds],
             "std": seed_std(losses),
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
@@ -130,23 +132,35 @@ def run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tra
     return results
 
 
-def row_reads(folder: Path, base: TrainConfig, data_dir, log) -> dict[str, Any] | None:
-    """{layer: reads per used row, ...} of a run's training (cached in row_reads.json); None
-    without Engram. The batches are the run's own, replayed; the rows depend on the config only."""
-    path = folder / "row_reads.json"
+def cached_json(path: Path, compute, reuse=lambda cached: True) -> Any:
+    """A result derived from a finished run, kept beside it as JSON (written atomically) so a
+    resumed experiment computes it once; `reuse(cached)` says whether a cached one still fits."""
     if path.is_file():
-        return json.loads(path.read_text())
-    model = load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
-    if model.hasher is None:
-        return None
-    seed = json.loads((folder / "run.json").read_text())["train"]["seed"]
-    result = {str(k): v for k, v in training_row_reads(model, PreparedData.open(data_dir).train, steps=base.max_steps,
-                                                       batch_size=base.batch_size, seq_len=base.seq_len,
-                                                       seed=seed).items()}
+        cached = json.loads(path.read_text())
+        if reuse(cached):
+            return cached
+    result = compute()
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(path)
     return result
+
+
+def newest_model(folder: Path, log):
+    """The model of a run's newest good checkpoint."""
+    return load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
+
+
+def row_reads(folder: Path, base: TrainConfig, data_dir, log) -> dict[str, Any]:
+    """{layer: reads per used row, ...} of an Engram run's training (cached in row_reads.json).
+    The batches are the run's own, replayed; the rows depend on the config only."""
+    def compute():
+        seed = json.loads((folder / "run.json").read_text())["train"]["seed"]
+        reads = training_row_reads(newest_model(folder, log), PreparedData.open(data_dir).train,
+                                   steps=base.max_steps, batch_size=base.batch_size, seq_len=base.seq_len, seed=seed)
+        return {str(k): v for k, v in reads.items()}
+
+    return cached_json(folder / "row_reads.json", compute)
 
 
 def train_seconds(folder: Path, base: TrainConfig) -> float:

@@ -12,7 +12,6 @@ in the run folder (`recall.json`) so a finished run costs nothing when the exper
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +20,10 @@ from ..analysis.bios_recall import CONDITIONS, bios_recall
 from ..config import ModelConfig
 from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
-from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
 from ..train.data import read_extra_records
 from ..train.dataset import PreparedData
-from .common import (base_config, engram_changed, figure, over_encoding, paired, preset_model, run_dir, spread,
-                     train_arm, write_results)
+from .common import (base_config, cached_json, engram_changed, figure, newest_model, over_encoding, paired,
+                     preset_model, run_dir, spread, train_arm, write_results)
 
 # model sizes: changes to the preset (Engram follows the model's width)
 SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
@@ -49,22 +47,18 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
 
 
 def _recall(folder: Path, data: PreparedData, people, probes, max_people: int, log) -> dict[str, Any]:
-    """The run's probes (cached in recall.json): as trained, and with Engram zeroed."""
-    path = folder / "recall.json"
-    if path.is_file():  # reused when it probed as many people as asked for now
-        cached = json.loads(path.read_text())
-        if cached["as_trained"]["evaluated_people"] == min(max_people, len(people)):
-            return cached
-    model = load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
-    result = {"as_trained": bios_recall(model, data.tokenizer, people, probes, max_people=max_people)}
-    if model.config.engram is not None:
-        with engram_disabled(model):
-            result["engram_zeroed"] = bios_recall(model, data.tokenizer, people, probes, max_people=max_people)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    return result
+    """The run's probes (cached in recall.json, reused when it probed as many people as asked
+    for now): as trained, and with Engram zeroed."""
+    def compute():
+        model = newest_model(folder, log)
+        result = {"as_trained": bios_recall(model, data.tokenizer, people, probes, max_people=max_people)}
+        if model.config.engram is not None:
+            with engram_disabled(model):
+                result["engram_zeroed"] = bios_recall(model, data.tokenizer, people, probes, max_people=max_people)
+        return result
 
+    return cached_json(folder / "recall.json", compute,
+                       reuse=lambda c: c["as_trained"]["evaluated_people"] == min(max_people, len(people)))
 
 
 def _arm_summary(recalls: list[dict], params: dict[str, int]) -> dict[str, Any]:

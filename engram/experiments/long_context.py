@@ -7,8 +7,6 @@ that a memory that takes over local patterns frees attention for the long range)
 from __future__ import annotations
 
 import dataclasses
-import json
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +15,10 @@ import numpy as np
 from ..analysis.knowledge import answer_scores
 from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
-from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
 from ..train.data import read_extra_records
 from ..train.dataset import PreparedData
-from .common import base_config, figure, preset_model, run_dir, seed_std, train_arm, write_results
+from .common import (base_config, cached_json, figure, newest_model, paired, preset_model, run_dir, spread,
+                     train_arm, write_results)
 
 
 def long_context_configs(base, data: PreparedData, *, rho: float = 0.75, max_seq_len: int = 1536):
@@ -35,25 +33,19 @@ def long_context_configs(base, data: PreparedData, *, rho: float = 0.75, max_seq
 
 def _scores(folder: Path, data: PreparedData, probes: list[dict], log) -> dict[str, Any]:
     """Exact match per (task, target length) of one run (cached in long_context.json)."""
-    path = folder / "long_context.json"
-    if path.is_file():
-        return json.loads(path.read_text())
-    model = load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
-    _, greedy = answer_scores(model, data.tokenizer, [p["prompt"] for p in probes], [p["answer"] for p in probes],
-                              batch_size=8)
-    tokens = [len(data.tokenizer.encode(p["prompt"]).ids) for p in probes]
-    result: dict[str, Any] = {}
-    for task in sorted({p["task"] for p in probes}):
-        for length in sorted({p["target_tokens"] for p in probes}):
-            hits = [g for g, p in zip(greedy, probes) if p["task"] == task and p["target_tokens"] == length]
-            lens = [t for t, p in zip(tokens, probes) if p["task"] == task and p["target_tokens"] == length]
-            if hits:
-                result[f"{task}@{length}"] = {"exact_match": float(np.mean(hits)), "n": len(hits),
-                                              "mean_prompt_tokens": float(np.mean(lens))}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(path)
-    return result
+    def compute():
+        _, greedy = answer_scores(newest_model(folder, log), data.tokenizer, [p["prompt"] for p in probes],
+                                  [p["answer"] for p in probes], batch_size=8)
+        cells: dict[str, dict[str, list]] = {}
+        for hit, p in zip(greedy, probes):
+            cell = cells.setdefault(f"{p['task']}@{p['target_tokens']}", {"hits": [], "tokens": []})
+            cell["hits"].append(hit)
+            cell["tokens"].append(len(data.tokenizer.encode(p["prompt"]).ids))
+        return {k: {"exact_match": float(np.mean(c["hits"])), "n": len(c["hits"]),
+                    "mean_prompt_tokens": float(np.mean(c["tokens"]))}
+                for k, c in sorted(cells.items(), key=lambda kv: (kv[0].split("@")[0], int(kv[0].split("@")[1])))}
+
+    return cached_json(folder / "long_context.json", compute)
 
 
 def run_long_context(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 600,
@@ -76,15 +68,12 @@ def run_long_context(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
         results["arms"][name] = {
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"]},
             "final_val_loss": losses,
-            "cells": {cell: {"by_seed": [r[cell]["exact_match"] for r in per_seed],
-                             "mean": statistics.mean(r[cell]["exact_match"] for r in per_seed),
-                             "std": seed_std([r[cell]["exact_match"] for r in per_seed]),
-                             "n": per_seed[0][cell]["n"], "mean_prompt_tokens": per_seed[0][cell]["mean_prompt_tokens"]}
+            "cells": {cell: {**spread([r[cell]["exact_match"] for r in per_seed]), "n": per_seed[0][cell]["n"],
+                             "mean_prompt_tokens": per_seed[0][cell]["mean_prompt_tokens"]}
                       for cell in per_seed[0]}}
     moe = results["arms"]["moe"]["cells"]
-    for cell, c in results["arms"]["engram"]["cells"].items():  # paired by seed
-        c["minus_moe"] = {"mean": statistics.mean(a - b for a, b in zip(c["by_seed"], moe[cell]["by_seed"])),
-                          "std": seed_std([a - b for a, b in zip(c["by_seed"], moe[cell]["by_seed"])])}
+    for cell, c in results["arms"]["engram"]["cells"].items():
+        c["minus_moe"] = paired(c["by_seed"], moe[cell]["by_seed"])
     write_results(out, results, _plot)
     return results
 

@@ -18,10 +18,10 @@ from ..analysis.entities import CLASSES, entity_gate_stats
 from ..analysis.gates import plot_gates
 from ..analysis.knowledge import (CONTEXT_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, REVERSE_TEMPLATE, TEMPLATE,
                                   country_capitals, probe_facts, split_stated)
-from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
 from ..train.data import read_records
 from ..train.dataset import PreparedData
-from .common import SHARED_RUNS, base_config, figure, preset_model, run_dir, spread, train_arm, write_results
+from .common import (SHARED_RUNS, base_config, figure, newest_model, preset_model, run_dir, spread, train_arm,
+                     write_results)
 
 # The paper's gate figure sentence, and a second one of the same kind.
 EXAMPLE_TEXT = ("Alexander the Great was a king of the ancient Greek kingdom of Macedon. "
@@ -34,8 +34,7 @@ def _trained_models(out: Path, data_dir, arms: dict, base, seeds, log):
     for name, config in arms.items():
         run_name = SHARED_RUNS.get(name, name)
         train_arm(out, run_name, config, base, data_dir, seeds, log)
-        models[name] = [load_checkpoint(latest_good_checkpoint(run_dir(out, run_name, base.max_steps, s), warn=log))[0]
-                        for s in seeds]
+        models[name] = [newest_model(run_dir(out, run_name, base.max_steps, s), log) for s in seeds]
     return models
 
 

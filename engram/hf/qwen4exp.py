@@ -12,6 +12,7 @@ model's own format.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -52,30 +53,19 @@ def _row_multiple(model_or_layer: nn.Module, given: int | None) -> int:
     return int(getattr(config, "make_ngram_vocab_size_divisible_by", 128))
 
 
-@torch.no_grad()
-def from_qwen4exp(model_or_layer: nn.Module, row_multiple: int | None = None) -> Qwen4ExpMemory:
-    """The hash layout and Engram modules of a Qwen4Exp model (or of one of its PLE layers).
-    With a single layer, the layout holds that layer only (its memory index is kept).
-    `row_multiple`: the table padding, when a bare layer was built with a non-default one."""
-    ples = sorted(_ple_layers(model_or_layer), key=lambda m: m.ple_embedding.ple_layer_index)
+def _layout_of(ples: list[nn.Module], row_multiple: int) -> HashLayout:
+    """The layout of these PLE layers (sorted by memory index), checked against their buffers and
+    table sizes, with each memory renamed to the decoder layer that holds it."""
     e0 = ples[0].ple_embedding
-    n_heads = e0.ngram_heads
-    layout = qwen4exp_layout(vocab_size=e0.unigram_vocab_size, layer_ids=range(max(m.ple_embedding.ple_layer_index
-                                                                                 for m in ples) + 1),
-                             ngram_size=e0.ngram_size, heads_per_ngram=e0.heads_per_ngram,
-                             ngram_vocab_size_base=e0.ngram_vocab_size_base, seed=e0.seed,
-                             eos_token_id=e0.eos_token_id,
-                             row_multiple=_row_multiple(model_or_layer, row_multiple))
+    n_memories = max(m.ple_embedding.ple_layer_index for m in ples) + 1
+    layout = qwen4exp_layout(vocab_size=e0.unigram_vocab_size, layer_ids=range(n_memories), ngram_size=e0.ngram_size,
+                             heads_per_ngram=e0.heads_per_ngram, ngram_vocab_size_base=e0.ngram_vocab_size_base,
+                             seed=e0.seed, eos_token_id=e0.eos_token_id, row_multiple=row_multiple)
     # the layout by memory index, renamed to the decoder layers that hold each memory
     by_index = {m.ple_embedding.ple_layer_index: m.layer_idx for m in ples}
-    layout = HashLayout(
-        layer_ids=tuple(by_index[i] for i in sorted(by_index)), max_ngram_size=layout.max_ngram_size,
-        n_head_per_ngram=layout.n_head_per_ngram, vocab_size_per_ngram=layout.vocab_size_per_ngram,
-        compressed_vocab_size=layout.compressed_vocab_size, pad_id=layout.pad_id, seed=layout.seed,
-        reset_id=layout.reset_id, scheme=layout.scheme, row_multiple=layout.row_multiple,
-        multipliers={by_index[i]: layout.multipliers[i] for i in by_index},
-        primes={by_index[i]: layout.primes[i] for i in by_index})
-    engrams = {}
+    layout = dataclasses.replace(layout, layer_ids=tuple(by_index[i] for i in sorted(by_index)),
+                                 multipliers={by_index[i]: layout.multipliers[i] for i in by_index},
+                                 primes={by_index[i]: layout.primes[i] for i in by_index})
     for ple in ples:
         emb = ple.ple_embedding
         if list(layout.primes[ple.layer_idx]) != list(emb.head_vocab_sizes) or \
@@ -87,6 +77,20 @@ def from_qwen4exp(model_or_layer: nn.Module, row_multiple: int | None = None) ->
                 f"Qwen4Exp layer {ple.layer_idx}: its table has {emb.ngram_embedding.weight.shape[0]} rows, the layout "
                 f"stores {layout.stored_rows(ple.layer_idx)} ({emb.total_vocab_size} padded to a multiple of "
                 f"{layout.row_multiple}); pass row_multiple= as its config's make_ngram_vocab_size_divisible_by")
+    return layout
+
+
+@torch.no_grad()
+def from_qwen4exp(model_or_layer: nn.Module, row_multiple: int | None = None) -> Qwen4ExpMemory:
+    """The hash layout and Engram modules of a Qwen4Exp model (or of one of its PLE layers).
+    With a single layer, the layout holds that layer only (its memory index is kept).
+    `row_multiple`: the table padding, when a bare layer was built with a non-default one."""
+    ples = sorted(_ple_layers(model_or_layer), key=lambda m: m.ple_embedding.ple_layer_index)
+    layout = _layout_of(ples, _row_multiple(model_or_layer, row_multiple))
+    n_heads = ples[0].ple_embedding.ngram_heads
+    engrams = {}
+    for ple in ples:
+        emb = ple.ple_embedding
         D, M = ple.hidden_size, ple.hc_count
         d_mem = emb.ngram_embedding.weight.shape[1] * n_heads
         config = EngramConfig(
@@ -112,9 +116,8 @@ def from_qwen4exp(model_or_layer: nn.Module, row_multiple: int | None = None) ->
 def to_qwen4exp(memory: Qwen4ExpMemory, model_or_layer: nn.Module) -> None:
     """Write `memory`'s Engram weights back into the model's PLE layers, in place (the inverse of
     `from_qwen4exp`; padding rows are left as they are). The model must have the same layout."""
-    ples = _ple_layers(model_or_layer)
-    theirs = from_qwen4exp(model_or_layer, row_multiple=memory.layout.row_multiple).layout
-    diffs = memory.layout.mismatches(theirs)
+    ples = sorted(_ple_layers(model_or_layer), key=lambda m: m.ple_embedding.ple_layer_index)
+    diffs = memory.layout.mismatches(_layout_of(ples, memory.layout.row_multiple))  # no weights copied
     if diffs:
         raise ValueError("this memory was not read from a model with this layout: " + "; ".join(diffs))
     for ple in ples:

@@ -168,6 +168,19 @@ class EngramLM(nn.Module):
     def compress(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.compression[input_ids_BS]
 
+    def _rows_read(self, rows: dict[int, torch.Tensor]) -> dict[int, torch.Tensor]:
+        """The rows the tables are read at: the hashed rows, or row 0 of each head for capacity 1."""
+        if self.config.engram.single_row:
+            return {layer: torch.zeros_like(r) for layer, r in rows.items()}
+        return rows
+
+    def engram_rows(self, input_ids_BS: torch.Tensor) -> dict[int, torch.Tensor]:
+        """{layer: row ids [B, S, H]} each Engram layer reads for whole sequences of `input_ids`
+        (as `forward` does without a decode state or padding)."""
+        if self.hasher is None:
+            raise ValueError("the model has no Engram layers, so it reads no rows")
+        return self._rows_read(self.hasher.hash(self.compress(input_ids_BS), check=False))
+
     # ---------------------------------------------------------------- input validation
     def check_inputs(
         self, input_ids: torch.Tensor, *, valid: torch.Tensor | None = None, state: DecodeState | None = None,
@@ -318,8 +331,7 @@ class EngramLM(nn.Module):
                 rows = rows if rows is not None else step_rows
             elif rows is None:
                 rows = self.hasher.hash(cids, check=False)
-            if c.engram.single_row:
-                rows = {layer: torch.zeros_like(r) for layer, r in rows.items()}
+            rows = self._rows_read(rows)
 
         if rows is not None:  # offloaded tables start fetching now, while earlier blocks compute
             for layer in self.engram_layers:

@@ -189,18 +189,6 @@ def _split_key(text: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
 
 
-def _write_split(path: Path, docs: list[dict]) -> dict:
-    """Write {"text", ...} lines to path + '.tmp'; return its counts and sha256."""
-    h = hashlib.sha256()
-    with open(path.with_name(path.name + ".tmp"), "wb") as f:
-        for d in docs:
-            line = (json.dumps(d, ensure_ascii=False) + "\n").encode("utf-8")
-            h.update(line)
-            f.write(line)
-    return {"file": path.name, "documents": len(docs), "characters": sum(len(d["text"]) for d in docs),
-            "bytes": sum(len(d["text"].encode("utf-8")) for d in docs), "sha256": h.hexdigest()}
-
-
 def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
                  inputs: list[str | os.PathLike] | None = None, val_fraction: float = 0.05,
                  seed: int = 0, log=print) -> dict:
@@ -252,12 +240,9 @@ def build_corpus(out_dir: str | os.PathLike, *, corpus: str | None = None,
             (out / "licenses" / f"{name}.txt").write_text(text, encoding="utf-8")
     info = {"source": source, "license": license_, "seed": seed, "val_fraction": val_fraction,
             "documents_read": len(raw), "documents_dropped": len(raw) - len(docs)}
-    info["train"] = _write_split(out / "train.jsonl", train_docs)
-    info["val"] = _write_split(out / "val.jsonl", val_docs)
-    (out / "corpus.json.tmp").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    for name in ("train.jsonl", "val.jsonl", "corpus.json"):  # corpus.json last: it marks a complete build
-        os.replace(out / (name + ".tmp"), out / name)
-    return info
+    info["train"] = write_jsonl(out / "train.jsonl", train_docs)
+    info["val"] = write_jsonl(out / "val.jsonl", val_docs)
+    return seal_corpus(out, info)
 
 
 def write_jsonl(path: Path, records: list[dict]) -> dict:
@@ -274,8 +259,8 @@ def write_jsonl(path: Path, records: list[dict]) -> dict:
 
 
 def seal_corpus(out: Path, info: dict) -> dict:
-    """Finish a generated corpus: write corpus.json and rename every file `write_jsonl` wrote
-    for its splits and `info["extra_files"]`, corpus.json last (it marks a complete build)."""
+    """Finish a corpus: write corpus.json and rename every file `write_jsonl` wrote for its splits
+    and `info["extra_files"]` (generated corpora), corpus.json last (it marks a complete build)."""
     files = [info[split]["file"] for split in SPLITS] + [f["file"] for f in info.get("extra_files", {}).values()]
     (out / "corpus.json.tmp").write_text(json.dumps(info, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     for name in files + ["corpus.json"]:
@@ -293,10 +278,15 @@ def read_extra_records(corpus_dir: str | os.PathLike, name: str) -> list[dict[st
         raise CorpusError(f"{root} has no {name!r} records (corpus {info.get('source', '?')!r} has "
                           f"{sorted(extra) or 'none'}); build a generated corpus that has them, e.g. "
                           f"engram data build --corpus synthetic-bios --people N --out DIR")
-    path = root / extra[name]["file"]
+    return _read_checked(root / extra[name]["file"], extra[name]["sha256"], root)
+
+
+def _read_checked(path: Path, sha256: str, root: Path) -> list[dict[str, Any]]:
+    """The JSON lines of `path`, refused unless they hash to the sha256 corpus.json recorded."""
     raw = path.read_bytes() if path.is_file() else b""
-    if hashlib.sha256(raw).hexdigest() != extra[name]["sha256"]:
-        raise CorpusError(f"{path} is missing or does not match corpus.json; rebuild the dataset")
+    if hashlib.sha256(raw).hexdigest() != sha256:
+        raise CorpusError(f"{path} is missing or does not match corpus.json (changed since the build?); "
+                          f"rebuild it with: engram data build --out {root}")
     return [json.loads(line) for line in raw.decode("utf-8").splitlines()]
 
 
@@ -314,10 +304,4 @@ def read_records(corpus_dir: str | os.PathLike, split: str) -> list[dict[str, An
     meta = root / "corpus.json"
     if not meta.is_file():
         raise CorpusError(f"{root} is not a built corpus (no corpus.json); build it with: engram data build --out {root}")
-    expected = json.loads(meta.read_text(encoding="utf-8"))[split]["sha256"]
-    path = root / f"{split}.jsonl"
-    raw = path.read_bytes() if path.is_file() else b""
-    if hashlib.sha256(raw).hexdigest() != expected:
-        raise CorpusError(f"{path} is missing or does not match corpus.json (changed since the build?); "
-                          f"rebuild it with: engram data build --out {root}")
-    return [json.loads(line) for line in raw.decode("utf-8").splitlines()]
+    return _read_checked(root / f"{split}.jsonl", json.loads(meta.read_text(encoding="utf-8"))[split]["sha256"], root)
