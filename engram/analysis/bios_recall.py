@@ -39,18 +39,25 @@ def _prompt(condition: str, person: Person, attribute: str, context: str) -> str
 
 
 def bios_recall(model: Any, tokenizer: Any, people: Sequence[dict], probes: Sequence[dict], *,
-                max_people: int | None = None, seed: int = 0) -> dict[str, Any]:
+                max_people: int | None = None, seed: int = 0, only: Sequence[int] | None = None,
+                conditions: Sequence[str] = CONDITIONS) -> dict[str, Any]:
     """Exact-match recall per condition and attribute, and the bits of knowledge of the `bio`
     condition, over `people` (records of people.jsonl) and `probes` (records of probes.jsonl).
-    `max_people`: evaluate a seeded sample of that many people (bits are scaled to all)."""
+    `max_people`: evaluate a seeded sample of that many people (bits are scaled to all); `only`:
+    evaluate these people (indices into `people`) instead. Bits need the `bio` condition."""
     if not people:
         raise ValueError("no people to probe")
     persons = [Person(**p) for p in people]
     qa_trained = {p["person"] for p in probes if p["in_training"]}
     rng = np.random.default_rng(seed)
-    chosen = sorted(rng.choice(len(persons), size=min(max_people or len(persons), len(persons)), replace=False))
+    if only is not None:
+        chosen = sorted(int(i) for i in only)
+        if not chosen or chosen[0] < 0 or chosen[-1] >= len(persons):
+            raise ValueError(f"only= must name people 0..{len(persons) - 1}, got {list(only)[:5]}")
+    else:
+        chosen = sorted(rng.choice(len(persons), size=min(max_people or len(persons), len(persons)), replace=False))
     out: dict[str, Any] = {"people": len(persons), "evaluated_people": len(chosen), "conditions": {}}
-    for condition in CONDITIONS:
+    for condition in conditions:
         who = [i for i in chosen if condition != "qa_trained" or i in qa_trained]
         who = [i for i in who if condition != "qa_held_out" or i not in qa_trained]
         if not who:
@@ -69,6 +76,8 @@ def bios_recall(model: Any, tokenizer: Any, people: Sequence[dict], probes: Sequ
                         "answer_nats": float(-logprob[attrs_a == a].mean())} for a in ATTRIBUTES}
         out["conditions"][condition] = {"n_people": len(who), "exact_match": float(greedy.mean()),
                                         "attributes": per_attr}
+    if "bio" not in out["conditions"]:
+        return out
     bio = out["conditions"]["bio"]["attributes"]
     choices = attribute_choices()
     bits = {a: len(persons) * max(0.0, math.log2(choices[a]) - bio[a]["answer_nats"] / math.log(2))

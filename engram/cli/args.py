@@ -47,6 +47,7 @@ nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 positive_float = _checked(_finite, lambda v: v > 0, "a number > 0")
 nonneg_float = _checked(_finite, lambda v: v >= 0, "a number >= 0")
 probability = _checked(_finite, lambda v: 0 < v <= 1, "a number in (0, 1]")
+fraction = _checked(_finite, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 open_fraction = _checked(_finite, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 

@@ -2,7 +2,8 @@
 a training run stopped for non-finite steps is one line, exit code 1.
 
 One module per command group: data (demo, data build), train (train, config, experiment),
-serve (eval, generate, offload, info), analyze. Set ENGRAM_DEBUG=1 to see the traceback
+serve (eval, generate, offload, info), analyze, memory (index, locate,
+forget, write, replay). Set ENGRAM_DEBUG=1 to see the traceback
 behind an error line.
 """
 
@@ -12,14 +13,14 @@ import argparse
 import os
 import sys
 
-from . import analyze, data, serve, train
+from . import analyze, data, memory, serve, train
 from .args import Parser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="engram", description="Engram: conditional memory via scalable lookup.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (data, train, serve, analyze):
+    for group in (data, train, serve, analyze, memory):
         group.add_commands(sub)
     return ap
 

@@ -278,6 +278,9 @@ def _config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
 def check_same_run(out: Path, run: dict, cfg: TrainConfig, config: ModelConfig, data: PreparedData) -> None:
     """A resumed run must keep its settings, model and dataset: anything else would silently
     train a different model from the checkpoint's weights."""
+    if "parent" in run:
+        raise ValueError(f"{out} is an edited copy of {run['parent']['run']} (engram memory forget/write): it has "
+                         "no optimizer state to resume from; train the parent run, or start a new run")
     saved = {**TrainConfig().to_dict(), **run["train"]}  # fields added since the run started: defaults
     now = cfg.to_dict()
     diff = _config_diff({k: v for k, v in saved.items() if k not in RESUME_MAY_CHANGE},

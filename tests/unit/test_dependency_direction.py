@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[2] / "engram"
-UPPER = {"cli", "experiments"}
+UPPER = {"cli", "experiments", "lifecycle"}  # lifecycle: run-level memory edits
 FORBIDDEN = {"hashing": UPPER | {"model", "train", "analysis", "memory", "distributed", "hf", "compat"},
              "memory": UPPER | {"model", "train", "analysis", "distributed", "hf"},
              "model": UPPER | {"train", "analysis", "distributed", "hf"},
@@ -16,6 +16,7 @@ FORBIDDEN = {"hashing": UPPER | {"model", "train", "analysis", "memory", "distri
              "distributed": UPPER | {"analysis", "hf"},
              "hf": UPPER | {"analysis"},
              "compat": UPPER | {"train", "analysis", "distributed", "hf"},
+             "lifecycle": UPPER | {"analysis", "distributed", "hf"},
              "experiments": {"cli"}}
 
 

@@ -1,0 +1,145 @@
+"""`engram memory`: index, locate, forget, write and replay on a trained run. Edits touch only the
+rows they log (bit for bit), never change the source run, and bad input is one error line."""
+
+import hashlib
+import json
+
+import pytest
+import torch
+
+from engram.cli.main import main
+from engram.model.io import load_model
+from engram.train.checkpoint import latest_good_checkpoint
+
+TEXT = "the river city north empire king"
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tree_digest(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def indexed_run(small_dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory") / "run"
+    assert main(["train", "--out", str(out), "--data", str(small_dataset), "--max-steps", "6", "--batch-size", "4",
+                 "--seq-len", "32", "--eval-every", "6", "--checkpoint-every", "6"]) == 0
+    assert main(["memory", "index", str(out)]) == 0
+    return out
+
+
+def model_of(run):
+    return load_model(latest_good_checkpoint(run))
+
+
+def changed_rows(a, b):
+    """{state key: sorted changed row indices} between two models' tables; fails on any other change."""
+    sa, sb = a.state_dict(), b.state_dict()
+    out = {}
+    for k in sa:
+        if torch.equal(sa[k], sb[k]):
+            continue
+        assert ".engram.table." in k, f"{k} changed, but an edit may change table rows only"
+        out[k] = sorted(set((sa[k] != sb[k]).any(-1).nonzero().flatten().tolist()))
+    return out
+
+
+def test_locate_shows_grams_rows_reads_and_partners(indexed_run, capsys):
+    from engram.train.dataset import PreparedData
+
+    data = PreparedData.open(json.loads((indexed_run / "run.json").read_text())["data_dir"])
+    piece = [int(i) for i in data.train.tokens[200:216]]
+    text = data.tokenizer.decode(piece)
+    assert data.tokenizer.encode(text).ids == piece  # a stretch of the training split, as the text
+    code, out, _ = run(capsys, "memory", "locate", str(indexed_run), "--text", text, "--json")
+    assert code == 0
+    found = json.loads(out)
+    rows = model_of(indexed_run).engram_rows(torch.tensor([piece]))[1][0]
+    for t in range(len(piece)):
+        heads = found["positions"][t]["layers"]["1"]
+        assert [h["row"] for h in heads] == rows[t].tolist()  # the model's own rows, every head
+        if t >= 2:  # every n-gram inside the text occurs in training: its rows were read
+            assert all(h["reads"] >= 1 for h in heads)
+    assert any(h["partners"] for p in found["positions"] for h in p["layers"]["1"])
+    code, out, _ = run(capsys, "memory", "locate", str(indexed_run), "--text", text)
+    assert code == 0 and "rows addressed" in out and "layer 1 head 0" in out
+
+
+def test_forget_changes_only_logged_rows_keeps_the_source_and_replays(indexed_run, tmp_path, capsys):
+    source = tree_digest(indexed_run)
+    code, out, _ = run(capsys, "memory", "forget", str(indexed_run), "--text", TEXT, "--force",
+                       "--out", str(tmp_path / "forgot"))
+    assert code == 0 and "text loss" in out
+    assert tree_digest(indexed_run) == source  # the source run is untouched
+    edited = tmp_path / "forgot"
+    meta = json.loads((edited / "run.json").read_text())
+    assert meta["parent"]["run"] == str(indexed_run) and meta["edits"][0]["op"] == "forget"
+    log = json.loads(next(edited.glob("checkpoints/*/edit_log.json")).read_text())
+    diff = changed_rows(model_of(indexed_run), model_of(edited))
+    assert diff == {"blocks.1.engram.table.weight": sorted(e["flat_row"] for e in log["changed"])}
+    summary = log["summary"]
+    assert summary["after"]["text_loss"] > summary["before"]["text_loss"]  # the text is harder to predict
+    code, out, _ = run(capsys, "memory", "replay", str(edited))
+    assert code == 0 and "identical" in out
+    # the edited run serves like any run, and cannot be resumed as training
+    assert run(capsys, "eval", str(edited), "--windows", "2")[0] == 0
+    code, _, err = run(capsys, "train", "--out", str(edited), "--resume", "--data",
+                       meta["data_dir"], "--max-steps", "8", "--batch-size", "4", "--seq-len", "32")
+    assert code == 2 and "edited copy" in err
+
+
+def test_write_trains_only_the_text_rows(indexed_run, tmp_path, capsys):
+    text = "the queen music valley bridge castle fleet"
+    code, out, _ = run(capsys, "memory", "write", str(indexed_run), "--text", text, "--steps", "15", "--force",
+                       "--out", str(tmp_path / "wrote"))
+    assert code == 0
+    log = json.loads(next((tmp_path / "wrote").glob("checkpoints/*/edit_log.json")).read_text())
+    assert log["summary"]["after"]["text_loss"] < log["summary"]["before"]["text_loss"] - 0.05
+    diff = changed_rows(model_of(indexed_run), model_of(tmp_path / "wrote"))
+    logged = sorted(e["flat_row"] for e in log["changed"])
+    assert diff["blocks.1.engram.table.weight"] == logged  # trained rows all moved; nothing else did
+    assert run(capsys, "memory", "replay", str(tmp_path / "wrote"))[0] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["forget", "{run}", "--text", " ", "--out", "{tmp}/x"], "the text is empty"),
+    (["forget", "{run}", "--out", "{tmp}/x"], "give the text to act on"),
+    (["forget", "{run}", "--text", TEXT, "--out", "{run}"], "exists; write the edited run to a new folder"),
+    (["locate", "{tmp}", "--text", TEXT], "not a training run folder"),
+    (["locate", "{run}", "--text", TEXT, "--index", "{tmp}"], "holds no row index"),
+    (["replay", "{run}"], "is not an edited run"),
+])
+def test_bad_input_is_one_line(indexed_run, tmp_path, capsys, argv, message):
+    argv = [a.format(run=indexed_run, tmp=tmp_path) for a in argv]
+    code, _, err = run(capsys, "memory", *argv)
+    assert code == 2 and message in err and err.count("\n") == 1
+
+
+def train_with(config_change, small_dataset, out, capsys):
+    assert main(["config", "--preset", "tiny", "--data", str(small_dataset)]) == 0
+    config = json.loads(capsys.readouterr().out)
+    config_change(config)
+    (out.parent / f"{out.name}.json").write_text(json.dumps(config))
+    config_file = out.parent / f"{out.name}.json"
+    assert main(["train", "--out", str(out), "--data", str(small_dataset), "--config", str(config_file),
+                 "--max-steps", "1", "--batch-size", "2", "--seq-len", "16"]) == 0
+    capsys.readouterr()
+
+
+def test_an_index_of_another_run_and_a_run_without_engram_are_refused(indexed_run, small_dataset, tmp_path, capsys):
+    other = tmp_path / "other"
+    train_with(lambda c: c["engram"].update(seed=7), small_dataset, other, capsys)
+    assert main(["memory", "index", str(other)]) == 0
+    code, _, err = run(capsys, "memory", "locate", str(indexed_run), "--text", TEXT, "--index",
+                       str(other / "memory_index"))
+    assert code == 2 and "another hash layout" in err
+    plain = tmp_path / "plain"
+    train_with(lambda c: c.update(engram=None), small_dataset, plain, capsys)
+    code, _, err = run(capsys, "memory", "index", str(plain))
+    assert code == 2 and "without Engram layers" in err
