@@ -54,12 +54,17 @@ def open_run(run_dir: str, tables: str | None = None, cache_rows: int | None = N
     if tables:
         from engram.memory.cache import CachedTable
         from engram.memory.offload import DiskTable
+        from engram.memory.quantized import QuantizedTable, quantization_of
 
         def factory(layer, sizes, dim):
             stem = Path(tables) / f"layer{layer}"
             if not Path(str(stem) + ".json").is_file():
-                raise UserError(f"{tables} has no table for Engram layer {layer}; run engram offload {run_dir} --out {tables}")
-            table = DiskTable.open(stem, verify=False, release_every=1)  # RSS bounded by the cache
+                raise UserError(f"{tables} has no table for Engram layer {layer}; run engram offload {run_dir} "
+                                f"--out {tables}")
+            if quantization_of(stem):  # codes + scales, dequantized per gathered row
+                table = QuantizedTable.open(stem, release_every=1)
+            else:
+                table = DiskTable.open(stem, verify=False, release_every=1)  # RSS bounded by the cache
             return CachedTable(table, capacity_rows=cache_rows) if cache_rows else table
     elif cache_rows:
         raise UserError("--cache-rows needs --tables (a folder made by engram offload)")
@@ -108,10 +113,21 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
+def _convert(source: Path, args: argparse.Namespace) -> dict:
+    import torch
+
+    from engram.memory.offload import convert_checkpoint_tables
+    from engram.memory.quantized import convert_checkpoint_tables_quantized
+
+    if args.dtype in ("int8", "fp8"):
+        return convert_checkpoint_tables_quantized(source, args.out, args.dtype, None if args.group == "row" else 32)
+    if args.group != "row":
+        raise UserError("--group applies to --dtype int8 or fp8 only")
+    return convert_checkpoint_tables(source, args.out, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+
+
 def cmd_offload(args: argparse.Namespace) -> None:
     """Write a run's (or model folder's) Engram tables as memory-mapped files for serving from disk."""
-    from engram.memory.offload import convert_checkpoint_tables
-
     path = Path(args.path)
     source = newest_checkpoint(path) if (path / "run.json").is_file() else path
     sharded = (source / "dcp" / ".metadata").is_file()
@@ -126,16 +142,19 @@ def cmd_offload(args: argparse.Namespace) -> None:
         tmp = Path(tempfile.mkdtemp(dir=Path(args.out).parent if Path(args.out).parent.is_dir() else None))
         try:
             save_model(load_model(source), tmp / "model")
-            stems = convert_checkpoint_tables(tmp / "model", args.out)
+            stems = _convert(tmp / "model", args)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
-        stems = convert_checkpoint_tables(source, args.out)
+        stems = _convert(source, args)
     if not stems:
         raise UserError(f"{source} has no Engram tables")
     for layer, stem in stems.items():
-        size = Path(str(stem) + ".bin").stat().st_size
-        print(f"layer {layer}: {stem}.bin ({size / 2**20:,.1f} MiB)")
+        files = [Path(str(stem) + ".bin")]
+        if args.dtype in ("int8", "fp8"):
+            files.append(Path(str(stem) + ".scales.bin"))
+        size = sum(f.stat().st_size for f in files)
+        print(f"layer {layer}: {', '.join(map(str, files))} ({size / 2**20:,.2f} MiB, {args.dtype})")
     print(f"serve with: engram eval {args.path} --tables {args.out} --cache-rows N")
 
 
@@ -233,6 +252,11 @@ def add_commands(sub) -> None:
     off = sub.add_parser("offload", help=cmd_offload.__doc__, description=cmd_offload.__doc__)
     off.add_argument("path", type=existing_dir, help="run folder (its newest checkpoint) or model folder")
     off.add_argument("--out", required=True, type=out_dir, help="folder for the table files (layerN.json + layerN.bin)")
+    off.add_argument("--dtype", choices=["fp32", "bf16", "int8", "fp8"], default="fp32",
+                     help="how rows are stored: as trained (fp32), bf16, or quantized with absmax scales: int8 or "
+                     "fp8 (e4m3)")
+    off.add_argument("--group", choices=["row", "32"], default="row",
+                     help="int8/fp8: one scale per row (default) or per 32 values")
     off.set_defaults(func=cmd_offload)
 
     ex = sub.add_parser("export-hf", help=cmd_export_hf.__doc__, description=cmd_export_hf.__doc__)

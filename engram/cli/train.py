@@ -189,7 +189,7 @@ def _row_counts(text: str, option: str) -> tuple[int, ...]:
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
-    knowledge_probes, entity_gates, knowledge_capacity, long_context."""
+    knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits."""
     from engram import experiments
     from engram.train.dataset import prepare_dataset
     from engram.train.system import tune_malloc
@@ -282,15 +282,16 @@ def add_commands(sub) -> None:
 
     ex = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
     ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size, "
-                    "knowledge_probes, entity_gates, knowledge_capacity, long_context")
+                    "knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits")
     ex.add_argument("--out", type=out_dir, default="docs/results", help="results folder (default docs/results)")
     ex.add_argument("--data", type=out_dir, help="dataset folder (default: build wiki-en in OUT/data; "
-                    "knowledge_capacity: synthetic-bios with 500 people; long_context: long-context with 3,000 "
+                    "knowledge_capacity, memory_edits: synthetic-bios with 500 people; long_context: long-context with 3,000 "
                     "examples)")
     ex.add_argument("--seeds", type=positive_int, default=3)
     ex.add_argument("--steps", type=positive_int, default=None,
-                    help="training steps per run (default: 400; 1000 for knowledge_probes, entity_gates and "
-                    "knowledge_capacity; 600 for long_context)")
+                    help="training steps per run (default: 400; 1000 for knowledge_probes, entity_gates, "
+                    "knowledge_capacity and memory_edits (which edits knowledge_capacity's runs); 600 for "
+                    "long_context)")
     ex.add_argument("--rho", type=probability, default=0.75, help="share of the inactive budget kept in experts")
     ex.add_argument("--rows-per-head", help="table_size: comma-separated rows per hash head to sweep "
                     "(default 512,2048,8192,32768,131072,524288)")

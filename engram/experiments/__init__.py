@@ -2,7 +2,8 @@
 JSON + PNG. One module per family: comparisons (Engram vs MoE vs dense, the rho sweep),
 ablations (one change per arm, boundary resets, table size, OverEncoding), probes (knowledge
 probes, gates on entities), knowledge (capacity on synthetic biographies), long_context (RULER-style
-retrieval against context length). `run(name, out, data, **options)` runs one; `summary(result)` is a few human lines.
+retrieval against context length), memory_edits (forget and rewrite facts in the tables).
+`run(name, out, data, **options)` runs one; `summary(result)` is a few human lines.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
-from . import ablations, comparisons, knowledge, long_context, probes
+from . import ablations, comparisons, knowledge, long_context, memory_edits, probes
 
 EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "engram_vs_moe": comparisons.run_engram_vs_moe,
@@ -22,15 +23,17 @@ EXPERIMENTS: dict[str, Callable[..., dict[str, Any]]] = {
     "entity_gates": probes.run_entity_gates,
     "knowledge_capacity": knowledge.run_knowledge_capacity,
     "long_context": long_context.run_long_context,
+    "memory_edits": memory_edits.run_memory_edits,
 }
 # The dataset each experiment builds when none is given (`engram data build` options).
 DEFAULT_DATA: dict[str, dict[str, Any]] = {
     "knowledge_capacity": {"corpus": "synthetic-bios", "people": 500, "vocab_size": 2048},
+    "memory_edits": {"corpus": "synthetic-bios", "people": 500, "vocab_size": 2048},
     "long_context": {"corpus": "long-context", "examples": 3000, "vocab_size": 2048}}
 _SUMMARIES = {"engram_vs_moe": comparisons.summary, "rho_sweep": comparisons.summary, "ablations": ablations.summary,
               "boundary_reset": ablations.summary, "table_size": ablations.summary, "knowledge_probes": probes.summary,
               "entity_gates": probes.summary, "knowledge_capacity": knowledge.summary,
-              "long_context": long_context.summary}
+              "long_context": long_context.summary, "memory_edits": memory_edits.summary}
 
 
 def run(name: str, out_dir: str | Path, data_dir: str | Path, **options) -> dict[str, Any]:

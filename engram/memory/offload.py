@@ -8,12 +8,13 @@ background prefetch thread overlaps with the main thread) and move them to the d
 Disk format (version 2): a pair of files per table, `NAME.json` and `NAME.bin`.
     NAME.bin   the rows, row-major, [rows, dim] of `dtype`, little endian, no header.
     NAME.json  {"format": "engram-disk-table", "format_version": 2, "rows": int, "dim": int,
-                "dtype": "float32" | "float16" | "bfloat16" | "float64",
+                "dtype": "float32" | "float16" | "bfloat16" | "float64" | "int8" | "float8_e4m3fn",
                 "table_sizes": [int, ...] (per-head sizes, in head order; they sum to rows),
                 "byte_order": "little", "data_bytes": rows * dim * itemsize,
                 "sha256": hex digest of NAME.bin,
                 "block_rows": int, "block_crc32": 8 hex digits (big endian) per block of
-                block_rows rows, in order (the last block may be shorter)}
+                block_rows rows, in order (the last block may be shorter),
+                "quantization": only for the codes of a quantized table (engram.memory.quantized)}
 Version 1 is the same without the block fields.
 
 A served table checks each block's crc32 the first time a gather touches it, so a flipped byte
@@ -56,7 +57,8 @@ FORMAT = "engram-disk-table"
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 BLOCK_BYTES = 256 << 10  # rows are checksummed in blocks of about this size (see above)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+          "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}  # the last two: codes of quantized tables
 CHUNK_BYTES = 64 << 20  # conversion and checksum stream the data in pieces of this size
 TABLE_NAME = re.compile(r"blocks\.(\d+)\.engram\.table\.weight")
 
@@ -192,6 +194,25 @@ def _checkpoint_table(checkpoint_dir: str | os.PathLike, layer_id: int,
     return st_path, name, [int(s) for s in table_sizes]
 
 
+def checkpoint_chunks(checkpoint_dir: str | os.PathLike, layer_id: int, table_sizes: Sequence[int] | None,
+                      chunk_bytes: int = CHUNK_BYTES) -> tuple[list[int], Iterator[torch.Tensor]]:
+    """(per-head sizes, the rows of Engram layer `layer_id` of a model folder in consecutive
+    chunks of ~`chunk_bytes`), read lazily from model.safetensors."""
+    from safetensors import safe_open
+
+    st_path, name, table_sizes = _checkpoint_table(checkpoint_dir, layer_id, table_sizes)
+
+    def chunks() -> Iterator[torch.Tensor]:
+        with safe_open(str(st_path), framework="pt") as f:
+            piece = f.get_slice(name)
+            rows, dim = piece.get_shape()
+            step = max(1, chunk_bytes // (dim * piece[0:1].element_size()))  # rows per chunk
+            for start in range(0, rows, step):
+                yield piece[start:min(start + step, rows)]
+
+    return table_sizes, chunks()
+
+
 def _paths(path_stem: str | os.PathLike) -> tuple[Path, Path]:
     """NAME -> (NAME.json, NAME.bin); a given .json or .bin suffix is dropped first."""
     stem = Path(path_stem)
@@ -277,9 +298,10 @@ class DiskTable(MemoryTable):
     # ------------------------------------------------------------------ writing
     @staticmethod
     def write(path_stem: str | os.PathLike, weight_or_chunks: torch.Tensor | Iterable[torch.Tensor],
-              table_sizes: Sequence[int]) -> Path:
+              table_sizes: Sequence[int], *, extra: dict | None = None) -> Path:
         """Write rows (one tensor [rows, E], or an iterable of [r_i, E] chunks in row order,
-        so a huge table never has to be in memory at once). Returns the stem."""
+        so a huge table never has to be in memory at once). Returns the stem. `extra`: more
+        header fields (a quantized table names its scheme and scales file there)."""
         json_path, bin_path = _paths(path_stem)
         chunks = [weight_or_chunks] if isinstance(weight_or_chunks, torch.Tensor) else weight_or_chunks
         table_sizes = [int(s) for s in table_sizes]
@@ -315,7 +337,7 @@ class DiskTable(MemoryTable):
             header = {"format": FORMAT, "format_version": FORMAT_VERSION, "rows": rows, "dim": dim,
                       "dtype": str(dtype).removeprefix("torch."), "table_sizes": table_sizes,
                       "byte_order": "little", "data_bytes": rows * dim * dtype.itemsize,
-                      "sha256": h.hexdigest(), "block_rows": block_rows, "block_crc32": crc.hex()}
+                      "sha256": h.hexdigest(), "block_rows": block_rows, "block_crc32": crc.hex(), **(extra or {})}
             fd, tmp_json = tempfile.mkstemp(dir=json_path.parent, prefix=f".{json_path.name}.", suffix=".tmp")
             tmps.append(tmp_json)
             with os.fdopen(fd, "w") as f:
@@ -334,31 +356,26 @@ class DiskTable(MemoryTable):
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, layer_id: int, out_stem: str | os.PathLike, *,
                         table_sizes: Sequence[int] | None = None, chunk_bytes: int = CHUNK_BYTES,
-                        device: torch.device | str | None = None, release_every: int | None = None) -> "DiskTable":
+                        device: torch.device | str | None = None, release_every: int | None = None,
+                        dtype: torch.dtype | None = None) -> "DiskTable":
         """Copy `blocks.{layer_id}.engram.table.weight` out of a model folder's model.safetensors
-        in chunks of ~`chunk_bytes` (never the whole tensor at once) and open the result.
-        `table_sizes` default to the folder's hash_layout.json."""
-        from safetensors import safe_open
-
-        st_path, name, table_sizes = _checkpoint_table(checkpoint_dir, layer_id, table_sizes)
-        with safe_open(str(st_path), framework="pt") as f:
-            piece = f.get_slice(name)
-            rows, dim = piece.get_shape()
-            step = max(1, chunk_bytes // (dim * piece[0:1].element_size()))  # rows per chunk
-            chunks: Iterator[torch.Tensor] = (piece[start:min(start + step, rows)] for start in range(0, rows, step))
-            stem = cls.write(out_stem, chunks, table_sizes)
+        in chunks of ~`chunk_bytes` (never the whole tensor at once), cast to `dtype` if given,
+        and open the result. `table_sizes` default to the folder's hash_layout.json."""
+        table_sizes, chunks = checkpoint_chunks(checkpoint_dir, layer_id, table_sizes, chunk_bytes)
+        stem = cls.write(out_stem, (c if dtype is None else c.to(dtype) for c in chunks), table_sizes)
         return cls.open(stem, device=device, release_every=release_every)
 
     # ------------------------------------------------------------------ reading
     @classmethod
     def open(cls, path_stem: str | os.PathLike, device: torch.device | str | None = None, verify: bool = False,
-             *, check_blocks: bool = True, release_every: int | None = None) -> "DiskTable":
+             *, check_blocks: bool = True, release_every: int | None = None, codes: bool = False) -> "DiskTable":
         """Check the header against the .bin (length always) and map it.
 
         `check_blocks` (default): each block's crc32 is checked on its first touch, so opening
         reads nothing. `verify`: hash the whole file (sha256) now instead. A version-1 file has
         no block checksums: with `check_blocks` it is hashed whole now, with a warning.
         `check_blocks=False` and `verify=False` serve the bytes unchecked (the caller's risk).
+        `codes`: open the codes of a quantized table as raw rows (for `QuantizedTable.open` only).
         """
         json_path, bin_path = _paths(path_stem)
         for p in (json_path, bin_path):
@@ -373,6 +390,9 @@ class DiskTable(MemoryTable):
             raise ValueError(f"{json_path}: format {head.get('format')!r} version {head.get('format_version')!r} "
                              f"is not supported (this engram-torch reads {FORMAT} versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}); {fix}")
+        if head.get("quantization") and not codes:
+            raise ValueError(f"{json_path} holds the codes of a quantized table ({head['quantization']['kind']}); "
+                             "open it with engram.memory.quantized.QuantizedTable.open, which applies its scales")
         if head.get("dtype") not in DTYPES:
             raise ValueError(f"{json_path}: unknown dtype {head.get('dtype')!r} (known: {sorted(DTYPES)}); {fix}")
         if head.get("byte_order", "little") != sys.byteorder:
@@ -479,16 +499,20 @@ class DiskTable(MemoryTable):
                 f"dim={self.embedding_dim}, dtype={self.rows_NE.dtype}, release_every={self.release_every}")
 
 
+def checkpoint_table_layers(checkpoint_dir: str | os.PathLike) -> list[int]:
+    """The Engram layers whose tables a model folder's model.safetensors holds."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), framework="pt") as f:
+        return sorted(int(m.group(1)) for k in f.keys() if (m := TABLE_NAME.fullmatch(k)))
+
+
 def convert_checkpoint_tables(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
                               **kwargs) -> dict[int, Path]:
     """Convert every `blocks.{i}.engram.table.weight` of a model folder to `out_dir/layer{i}`
     (.json + .bin); `kwargs` go to `DiskTable.from_checkpoint`. Returns {layer_id: stem}."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), framework="pt") as f:
-        layers = sorted(int(m.group(1)) for k in f.keys() if (m := TABLE_NAME.fullmatch(k)))
     out = {}
-    for layer in layers:
+    for layer in checkpoint_table_layers(checkpoint_dir):
         stem = Path(out_dir) / f"layer{layer}"
         DiskTable.from_checkpoint(checkpoint_dir, layer, stem, **kwargs)
         out[layer] = stem

@@ -96,6 +96,22 @@ def test_offload_then_serve_from_disk(trained_run, tmp_path, capsys):
     assert a == b
 
 
+@pytest.mark.parametrize("dtype, group, tolerance",
+                         [("bf16", "row", 0.01), ("int8", "row", 0.01), ("fp8", "row", 0.02)])
+def test_offload_quantized_serves_within_a_stated_loss_change(trained_run, tmp_path, capsys, dtype, group, tolerance):
+    tables = tmp_path / "tables"
+    code, out, err = run(capsys, "offload", str(trained_run), "--out", str(tables), "--dtype", dtype, "--group", group)
+    assert code == 0, err
+    assert f", {dtype})" in out
+    fp32 = (trained_run / "checkpoints").glob("*/model.safetensors")
+    assert (tables / "layer1.bin").stat().st_size < next(fp32).stat().st_size
+    code, resident, _ = run(capsys, "eval", str(trained_run), "--windows", "4")
+    code2, served, err = run(capsys, "eval", str(trained_run), "--windows", "4", "--tables", str(tables))
+    assert code == code2 == 0, err
+    loss = lambda text: float(text.split("loss ")[1].split()[0].rstrip(","))  # noqa: E731
+    assert abs(loss(served) - loss(resident)) < tolerance
+
+
 @pytest.mark.parametrize("what", ["gates", "ablation", "logit-lens", "tables"])
 def test_analyze_commands(trained_run, tmp_path, capsys, what):
     code, out, err = run(capsys, "analyze", what, str(trained_run), "--out", str(tmp_path), "--windows", "4")
