@@ -45,9 +45,13 @@ class BranchRMSNorm(nn.Module):
 
 @dataclass
 class ShortConvState:
-    """Conv input history for decoding: the last (kernel-1)*dilation normalized inputs."""
+    """Conv input history for decoding: the last (kernel-1)*dilation normalized inputs. With
+    `keep_trail`, each forward also keeps `trail`, the history it started from followed by its T
+    new inputs [B, ctx + T, M*D], so the state can be rolled back into that forward."""
 
     history: torch.Tensor | None = None  # [B, (kernel-1)*dilation, M*D]
+    keep_trail: bool = False
+    trail: torch.Tensor | None = None
 
 
 class ShortConv(nn.Module):
@@ -99,6 +103,8 @@ class ShortConv(nn.Module):
             left = v_BTMD.new_zeros(B, ctx, C)  # zeros before the sequence start
         x_BTC = self.norm(v_BTMD).reshape(B, T, C)
         full = torch.cat([left, x_BTC], dim=1)  # [B, ctx + T, C]
+        if state is not None and state.keep_trail:
+            state.trail = full.detach()
         if state is not None:
             history = full[:, full.shape[1] - ctx:].detach()
             if state.history is None:
@@ -122,6 +128,8 @@ class ShortConv(nn.Module):
         r_B1M1 = torch.rsqrt(torch.linalg.vector_norm(v_B1MD, dim=-1, keepdim=True).square() / D + eps)
         x_B1C = (v_B1MD * r_B1M1 * self.norm.weight).view(B, 1, M * D)
         full = torch.cat([state.history.to(x_B1C.dtype), x_B1C], dim=1)  # [B, ctx + 1, C]
+        if state.keep_trail:
+            state.trail = full
         state.history.copy_(full[:, 1:])
         y_B1C = (full[:, ::self.dilation] * self.weight[:, 0, :].t()).sum(1, keepdim=True)
         return F.silu(y_B1C).view(B, 1, M, D)

@@ -34,7 +34,8 @@ def sample_next(logits_BV: torch.Tensor, *, temperature: float = 1.0, top_k: int
 def generate(
     model: EngramLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 1.0,
     top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None,
-    seed: int | None = None, pad_id: int = 0, sync_every: int = 8,
+    seed: int | None = None, pad_id: int = 0, sync_every: int = 8, draft: str | None = None,
+    draft_tokens: int = 8,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens (stopping at `eos_id`, included).
 
@@ -45,7 +46,16 @@ def generate(
     steps (whether every row has reached `eos_id`; never without an `eos_id`), so a GPU is
     not stalled once per token. Rows that finish early keep decoding until that check;
     what follows their first `eos_id` is dropped.
+
+    `draft="prompt_lookup"`: speculative decoding with drafts looked up in the context (see
+    `speculative_generate`); greedy only, and its output is plain greedy's.
     """
+    if draft is not None:
+        if draft != "prompt_lookup":
+            raise ValueError(f"draft must be None or 'prompt_lookup', got {draft!r}")
+        if temperature != 0:
+            raise ValueError("draft='prompt_lookup' verifies drafts greedily: pass temperature=0")
+        return speculative_generate(model, prompts, max_new_tokens, eos_id=eos_id, draft_tokens=draft_tokens)[0]
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if temperature < 0 or (top_p is not None and not 0 < top_p <= 1) or (top_k is not None and top_k < 1):
@@ -89,3 +99,72 @@ def generate(
     if eos_id is not None:
         new = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in new]
     return new
+
+
+def prompt_lookup(context: Sequence[int], max_tokens: int, max_ngram: int = 3) -> list[int]:
+    """A draft continuation from the context itself: the tokens that followed the latest earlier
+    occurrence of the context's last n tokens (n = max_ngram down to 1); [] when none recurs."""
+    if max_tokens < 1:
+        return []
+    ctx = list(context)
+    for n in range(min(max_ngram, len(ctx) - 1), 0, -1):
+        tail = ctx[-n:]
+        for start in range(len(ctx) - n - 1, -1, -1):
+            if ctx[start:start + n] == tail:
+                return ctx[start + n:start + n + max_tokens]
+    return []
+
+
+@torch.no_grad()
+def speculative_generate(model: EngramLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
+                         eos_id: int | None = None, draft_tokens: int = 8, max_ngram: int = 3
+                         ) -> tuple[list[list[int]], dict[str, int]]:
+    """Greedy decoding that verifies a prompt-lookup draft of up to `draft_tokens` tokens per
+    forward: the longest prefix of the draft that greedy decoding would have produced is kept, the
+    rest is rolled back (`DecodeState.rollback`: KV cache, n-gram and conv history), and the
+    model's own next token follows. The output is plain greedy's (up to float ties between a
+    chunked and a one-token forward). Rows are decoded one at a time: acceptance differs per row,
+    and speculation is a batch-1 latency tool. Returns (new tokens per prompt, counts: forwards,
+    drafted, accepted, new_tokens)."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    if max_new_tokens < 0 or draft_tokens < 1:
+        raise ValueError(f"need max_new_tokens >= 0 and draft_tokens >= 1, got {max_new_tokens}, {draft_tokens}")
+    device = model.embed.weight.device
+    was_training = model.training
+    model.eval()
+    stats = {"forwards": 0, "drafted": 0, "accepted": 0, "new_tokens": 0}
+    outputs = []
+    for prompt in prompts:
+        ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+        model.check_inputs(ids, new_positions=max(max_new_tokens - 1, 0))
+        cap = min(model.config.max_seq_len, len(prompt) + max_new_tokens + draft_tokens)
+        state = model.new_state(1, device, max_len=cap).track_rollback()
+        nxt = int(model(ids, state).logits[0, -1].argmax())
+        stats["forwards"] += 1
+        out: list[int] = []
+        while len(out) < max_new_tokens:
+            out.append(nxt)
+            if nxt == eos_id or len(out) == max_new_tokens:
+                break
+            # accepted draft tokens and the model's token after them must fit max_new_tokens and the cache
+            room = min(max_new_tokens - len(out) - 1, state.capacity - state.written - 1)
+            guess = prompt_lookup(list(prompt) + out, min(draft_tokens, room), max_ngram)
+            logits = model(torch.tensor([[nxt] + guess], device=device), state).logits[0]
+            pred = logits.argmax(-1).tolist()  # pred[i]: greedy's token after the chunk's first i + 1
+            stats["forwards"] += 1
+            a = 0
+            while a < len(guess) and pred[a] == guess[a] and guess[a] != eos_id:
+                a += 1
+            stats["drafted"] += len(guess)
+            stats["accepted"] += a
+            out += guess[:a]
+            if len(guess) > a:
+                state.rollback(len(guess) - a)
+            nxt = pred[a]
+        if eos_id is not None and eos_id in out:
+            out = out[:out.index(eos_id) + 1]
+        stats["new_tokens"] += len(out)
+        outputs.append(out)
+    model.train(was_training)
+    return outputs, stats

@@ -326,6 +326,8 @@ class EngramLM(nn.Module):
             if valid_BS is not None:
                 cids = torch.where(valid_BS, cids, self.hasher.pad_id)  # pads read as "before start"
             if state is not None:
+                if state.keep_trail:  # what a rollback into this forward needs
+                    state.ngram_trail = torch.cat([state.ngram_history, cids], dim=1)
                 step_rows, history = self.hasher.hash_step(state.ngram_history, cids, check=False)
                 state.ngram_history.copy_(history)
                 rows = rows if rows is not None else step_rows
@@ -356,6 +358,7 @@ class EngramLM(nn.Module):
         if state is not None:
             state.next_position.add_(S if valid_BS is None else valid_BS.sum(1))
             state.length.add_(S)
+            state.last_tokens = S if state.keep_trail else 0  # how far `rollback` may reach back
         waited = sum(self.blocks[layer].engram.table.last_wait_s for layer in self.engram_layers)
         return LMOutput(logits=logits, state=state, intermediates=inter, table_wait_s=waited)
 
