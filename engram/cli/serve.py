@@ -193,7 +193,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device)
     tok = run_data(run).tokenizer
     print(sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype or "fp32"))
+                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype or "fp32",
+                      draft=args.draft))
 
 
 def cmd_info(args: argparse.Namespace) -> None:
@@ -246,6 +247,8 @@ def add_commands(sub) -> None:
     gen.add_argument("--top-k", type=positive_int, default=50)
     gen.add_argument("--top-p", type=probability)
     gen.add_argument("--seed", type=nonneg_int, default=0)
+    gen.add_argument("--draft", choices=["prompt_lookup"], help="speculative decoding with drafts looked up in the "
+                     "context (greedy: needs --temperature 0; the output is plain greedy's)")
     _add_serving_options(gen)
     gen.set_defaults(func=cmd_generate)
 

@@ -485,15 +485,17 @@ def _source(data_dir) -> str:
 
 
 def sample_text(model: EngramLM, tokenizer, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.8,
-                top_k: int | None = 50, top_p: float | None = None, seed: int = 0, dtype: str = "fp32") -> str:
-    """Decode a continuation of `prompt` (stops at the tokenizer's end-of-sequence token)."""
+                top_k: int | None = 50, top_p: float | None = None, seed: int = 0, dtype: str = "fp32",
+                draft: str | None = None) -> str:
+    """Decode a continuation of `prompt` (stops at the tokenizer's end-of-sequence token);
+    `draft="prompt_lookup"`: greedy, speculatively (see `engram.model.speculative_generate`)."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise ValueError("the prompt encodes to no tokens")
     eos = special_ids(tokenizer)["eos"]
     with engine.autocast(model.embed.weight.device, dtype):
         new = generate(model, [ids], max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       eos_id=eos, seed=seed)[0]
+                       eos_id=eos, seed=seed, draft=draft)[0]
     if eos is not None and new and new[-1] == eos:
         new = new[:-1]
     return prompt + tokenizer.decode(new)

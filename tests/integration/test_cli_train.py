@@ -28,6 +28,12 @@ def test_train_eval_generate_info(trained_run, capsys):
     assert code == 0 and "step_00000004: val loss" in out and "bits/byte" in out
     code, out, _ = run(capsys, "generate", str(trained_run), "--prompt", "the river", "--max-new-tokens", "5")
     assert code == 0 and out.startswith("the river")
+    greedy = run(capsys, "generate", str(trained_run), "--prompt", "the river the river", "--temperature", "0")
+    spec = run(capsys, "generate", str(trained_run), "--prompt", "the river the river", "--temperature", "0",
+               "--draft", "prompt_lookup")
+    assert greedy[0] == spec[0] == 0 and greedy[1] == spec[1]
+    code, _, err = run(capsys, "generate", str(trained_run), "--prompt", "x", "--draft", "prompt_lookup")
+    assert code == 2 and "temperature=0" in err
     code, out, _ = run(capsys, "info", str(trained_run))
     assert code == 0 and "engram_tables" in out and "hash layout: Engram layers [1]" in out
     summary = json.loads((trained_run / "summary.json").read_text())
