@@ -6,8 +6,9 @@ On the Engram arms of `knowledge_capacity` (d128, trained there, reused here), p
   - forget: the rows the person's training biographies address are reset (`owned`: only rows the
     text owns, see `engram.memory.editing`; `all`: every row they address), then exact-match
     recall is measured on the target and on a fixed sample of other people;
-  - write: a counterfactual birth city ("X was born in Y.") is trained into the rows that sentence
-    owns (or all it addresses); then: does the model answer Y, and what did the others lose?
+  - write: a counterfactual birth city, as a biography sentence and as its QA pair ("X was born in
+    Y." and "Question: Where was X born? Answer: Y"), is trained into the rows those texts own (or
+    all they address); then: does the model answer Y in both forms, and what did others lose?
 Chance is the mean over attributes of 1/|values|. Edits are made in memory on a fresh copy of the
 model each time; the run folders are only read (the row index is built beside each run once).
 """
@@ -25,7 +26,7 @@ from ..lifecycle.memory_ops import INDEX_DIR, index_run, load_index, open_run, r
 from ..memory.editing import forget_rows
 from ..train.data import read_extra_records, read_records
 from ..train.dataset import PreparedData
-from ..train.synthetic_bios import ATTRIBUTES, Person, attribute_choices, completion_prompt
+from ..train.synthetic_bios import ATTRIBUTES, Person, attribute_choices, completion_prompt, qa_prompt
 from .common import base_config, figure, paired, run_dir, spread, train_arm, write_results
 from .knowledge import knowledge_configs
 
@@ -45,7 +46,6 @@ def _recall(model, data, people, probes, who: list[int], attribute: str | None =
 def _answers(model, data, person: Person, value: str) -> float:
     """Does greedy decoding give `value` as the birth city, in the bio and the QA form (mean)?"""
     from ..analysis.knowledge import answer_scores
-    from ..train.synthetic_bios import qa_prompt
 
     prompts = [completion_prompt(person, "birth_city"), qa_prompt(person, "birth_city")]
     return float(answer_scores(model, data.tokenizer, prompts, [value, value])[1].mean())
@@ -70,7 +70,8 @@ def _one_seed(folder: Path, data: PreparedData, people, probes, docs, *, targets
         before = _recall(model, data, people, probes, [who])
         texts = [d["text"] for d in docs if d.get("person") == who]
         new_city = cities[(cities.index(person.birth_city) + 1 + int(rng.integers(len(cities) - 1))) % len(cities)]
-        fact = f"{completion_prompt(person, 'birth_city')} {new_city}."
+        facts = [f"{completion_prompt(person, 'birth_city')} {new_city}.",
+                 f"{qa_prompt(person, 'birth_city')} {new_city}"]
         for policy in ("owned", "all"):
             edited = copy.deepcopy(model)
             rows, _ = rows_for_texts(edited, data, index, texts, 64, 0.5)
@@ -82,7 +83,7 @@ def _one_seed(folder: Path, data: PreparedData, people, probes, docs, *, targets
                     "others_after": _recall(edited, data, people, probes, rest)}
             out["cells"].append(cell)
             edited = copy.deepcopy(model)
-            rows, ids = rows_for_texts(edited, data, index, [fact], 64, 0.5, inputs_only=True)
+            rows, ids = rows_for_texts(edited, data, index, facts, 64, 0.5, inputs_only=True)
             chosen = [r for r in rows if policy == "all" or r.skip is None]
             if chosen:
                 train_rows(edited, ids, chosen, steps=write_steps, lr=write_lr, seed=seed)
@@ -102,7 +103,7 @@ def _one_seed(folder: Path, data: PreparedData, people, probes, docs, *, targets
 
 def run_memory_edits(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 1000,
                      preset: str = "tiny", arms=("engram", "table_x4"), targets: int = 4, others: int = 60,
-                     write_steps: int = 30, write_lr: float = 0.05, log=print) -> dict[str, Any]:
+                     write_steps: int = 100, write_lr: float = 0.1, log=print) -> dict[str, Any]:
     """Forget and counterfactual-write experiments on the d128 Engram arms of knowledge_capacity
     (trained first if missing), over seeds."""
     out = Path(out_dir)

@@ -199,6 +199,25 @@ def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
     assert "bits" in _experiment_summary(res)
 
 
+def test_memory_edits_forgets_and_writes_on_the_knowledge_runs(tmp_path):
+    from engram.experiments.memory_edits import run_memory_edits
+    from engram.train.dataset import prepare_dataset
+
+    data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=2048,
+                           log=lambda *a: None)
+    res = run_memory_edits(tmp_path, data, seeds=(0,), steps=2, arms=("engram",), targets=1, others=3,
+                           write_steps=2, log=lambda *a: None)
+    arm = res["arms"]["engram"]
+    assert (tmp_path / "runs" / "knowledge_d128_engram_2steps_seed0" / "memory_index" / "index.json").is_file()
+    cells = arm["by_seed"][0]["cells"]
+    assert {(c["op"], c["policy"]) for c in cells} == {(o, p) for o in ("forget", "write") for p in ("owned", "all")}
+    forget_all = next(c for c in cells if c["op"] == "forget" and c["policy"] == "all")
+    assert forget_all["rows"] == forget_all["addressed"] > 0  # "all" resets every row the biographies address
+    assert all(0 <= c[k] <= 1 for c in cells for k in c if k.startswith(("target_", "others_", "answers_")))
+    assert 0 < res["chance"] < 0.2 and (tmp_path / "memory_edits.png").is_file()
+    assert "forget_owned" in _experiment_summary(res)
+
+
 def test_long_context_runs_and_reports_by_task_and_length(tmp_path):
     from engram.experiments.long_context import run_long_context
     from engram.train.dataset import prepare_dataset
