@@ -82,6 +82,10 @@ def load_index(run: Path, run_json: dict[str, Any], model: EngramLM, index: str 
         raise EditError(f"{run} has no row index yet; build it once with: engram memory index {run}")
     loaded = RowIndex.load(folder)
     loaded.check_layout(model.layout, str(run))
+    counted = loaded.source.get("data")
+    if counted is not None and run_json.get("data_dir") and counted != run_data(run, run_json).fingerprint():
+        raise EditError(f"the row index in {folder} counts another training split than {run}'s "
+                        f"({loaded.source.get('data_dir')}); rebuild it with: engram memory index {run}")
     return loaded
 
 

@@ -195,9 +195,10 @@ def forget_rows(tables: dict[int, nn.Module], rows: list[AddressedRow], *, mode:
         for layer, table in edited.items():
             mine = [r for r in chosen if r.layer == layer]
             before[layer] = row_sha256(table, [r.flat_row for r in mine])
+            reads = None if index is None else index.reads[layer]
+            fills = {h: fill_value(table, h, mode, reads) for h in sorted({r.head for r in mine})}  # before any change
             for r in mine:
-                reads = None if index is None else index.reads[layer]
-                table.weight[r.flat_row] = fill_value(table, r.head, mode, reads)
+                table.weight[r.flat_row] = fills[r.head]
     return record_rows("forget", edited, chosen, skipped, before, {"mode": mode, "force": force}, decode,
                        f"forget ({mode})")
 
