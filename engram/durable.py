@@ -9,6 +9,7 @@ parent folder (the rename itself).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -63,6 +64,22 @@ def replace_dir(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+@contextlib.contextmanager
+def staged_dir(final: str | os.PathLike):
+    """`with staged_dir(final) as tmp:` write a folder's files into `tmp` (beside `final`); on
+    leaving the block it is made durable and renamed to `final` (`replace_dir`), or, on an
+    error, removed, so `final` is never half-written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
+    try:
+        yield tmp
+        replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

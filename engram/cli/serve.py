@@ -83,20 +83,15 @@ def run_data(run: dict, data: str | None = None):
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     """Write a run's newest checkpoint as a transformers folder (EngramForCausalLM + tokenizer)."""
-    import shutil
-    import tempfile
-
     from transformers import PreTrainedTokenizerFast
 
-    from engram.durable import replace_dir
+    from engram.durable import staged_dir
     from engram.hf import EngramForCausalLM
     from engram.train.tokenizer import special_ids
 
     model, run, ckpt = open_run(args.run, device="cpu")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
-    try:
+    with staged_dir(out) as tmp:
         EngramForCausalLM.from_engram(model).save_pretrained(tmp)
         if run.get("data_dir"):
             tok = run_data(run).tokenizer
@@ -105,10 +100,6 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
             PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(tmp)
         (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run.get("train", {}), "data_dir": run.get("data_dir"),
                                                    "source": str(ckpt)}, indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(f"wrote {out} (from {ckpt}); load it with: import engram.hf; "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 

@@ -14,8 +14,6 @@ written atomically. Edits of edited runs chain; each run records the whole histo
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -24,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from ..durable import replace_dir
+from ..durable import staged_dir
 from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRow, EditLog, PatchedTable,
                               addressed_rows, forget_rows, record_rows, replay as replay_log, row_sha256)
 from ..memory.row_index import RowIndex, RowIndexError
@@ -213,10 +211,8 @@ def _save_edited(out: Path, parent: Path, parent_json: dict[str, Any], ckpt: Pat
         raise EditError(f"{out} exists; write the edited run to a new folder")
     if out.resolve() == parent.resolve():
         raise EditError("the edited run must go to a new folder, not over its source")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     step = int(ckpt.name.split("_")[-1])
-    try:
+    with staged_dir(out) as tmp:
         with staged_checkpoint(tmp, step, keep_last=1) as folder:
             write_model_files(model, folder)
             (folder / "trainer.json").write_text(json.dumps({"step": step, "edited_from": str(ckpt)}, indent=1))
@@ -226,10 +222,6 @@ def _save_edited(out: Path, parent: Path, parent_json: dict[str, Any], ckpt: Pat
         run_json = {**parent_json, "parent": {"run": str(parent), "checkpoint": str(ckpt)},
                     "edits": [*parent_json.get("edits", []), record], "resumable": False}
         (tmp / "run.json").write_text(json.dumps(run_json, indent=1))
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

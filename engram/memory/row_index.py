@@ -23,8 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -33,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load_file, save_file
 
-from ..durable import replace_dir
+from ..durable import staged_dir
 from ..hashing.layout import HashLayout
 from ..hashing.ngram import NgramHasher, _reset_windows
 
@@ -170,23 +168,17 @@ class RowIndex:
     def save(self, folder: str | os.PathLike) -> Path:
         """Write `index.safetensors` + `index.json` into `folder` atomically (replacing it)."""
         folder = Path(folder)
-        folder.parent.mkdir(parents=True, exist_ok=True)
         tensors = {f"reads.{layer}": r for layer, r in self.reads.items()}
         tensors |= {f"grams.{m}": g for m, g in self.grams.items()}
         tensors |= {f"gram_counts.{m}": c for m, c in self.gram_counts.items()}
         tensors |= {f"gram_rows.{layer}.{head}": r for (layer, head), r in self.gram_rows.items()}
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
-        try:
+        with staged_dir(folder) as tmp:
             save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / "index.safetensors"))
             digest = hashlib.sha256((tmp / "index.safetensors").read_bytes()).hexdigest()
             meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "layout_sha256": self.layout_sha256,
                     "min_count": self.min_count, "orders": list(self.orders), "source": self.source,
                     "tensors_sha256": digest}
             (tmp / "index.json").write_text(json.dumps(meta, indent=1))
-            replace_dir(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return folder
 
     @classmethod

@@ -11,8 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -23,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..config import ModelConfig
-from ..durable import replace_dir
+from ..durable import staged_dir
 from ..hashing.layout import HashLayout
 from .transformer import EngramLM
 
@@ -50,14 +48,8 @@ def write_model_files(model: EngramLM, folder: str | os.PathLike, *, weights: bo
 def save_model(model: EngramLM, path: str | os.PathLike) -> Path:
     """Write the model folder atomically and durably (replacing an existing folder at `path`)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
+    with staged_dir(path) as tmp:
         write_model_files(model, tmp)
-        replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
