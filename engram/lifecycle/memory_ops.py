@@ -115,10 +115,13 @@ def _texts(texts: str | Sequence[str]) -> list[str]:
     return texts
 
 
-def _encode(data: PreparedData, text: str) -> list[int]:
-    ids = data.tokenizer.encode(text).ids
+def _encode(data: PreparedData, text: str, max_len: int) -> list[int]:
+    ids = data.tokenizer.encode(text, add_special_tokens=False).ids
     if not ids:
         raise EditError(f"{text!r} has no tokens under the run's tokenizer")
+    if len(ids) > max_len:
+        raise EditError(f"a text of {len(ids)} tokens is longer than the model's max_seq_len {max_len}; split it "
+                        "into several --text (one per line of --text-file)")
     return ids
 
 
@@ -138,7 +141,7 @@ def rows_for_texts(model: EngramLM, data: PreparedData, index: RowIndex, texts: 
     each text's token ids. `inputs_only`: the rows a next-token loss on the text reads (all
     tokens but the last, which predicts nothing in the text)."""
     merged: dict[tuple[int, int, int], AddressedRow] = {}
-    ids = [_encode(data, t) for t in texts]
+    ids = [_encode(data, t, model.config.max_seq_len) for t in texts]
     for t_ids in ids:
         if inputs_only and len(t_ids) < 2:
             raise EditError(f"{data.tokenizer.decode(t_ids)!r} is one token: there is nothing to predict in it")
@@ -159,7 +162,7 @@ def locate(run: str | Path, text: str, *, index: str | Path | None = None, max_c
     data = run_data(run, run_json)
     idx = load_index(run, run_json, model, index)
     (text,) = _texts(text)
-    ids = _encode(data, text)
+    ids = _encode(data, text, max_len=1 << 62)  # located by hashing alone: any length
     decode = decoder(data, model)
     rows = addressed_rows(model.hasher, model.compression.cpu()[torch.tensor(ids)].numpy(), idx,
                           max_count=max_count, max_shared=max_shared)

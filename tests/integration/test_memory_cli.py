@@ -56,7 +56,7 @@ def test_locate_shows_grams_rows_reads_and_partners(indexed_run, capsys):
     data = PreparedData.open(json.loads((indexed_run / "run.json").read_text())["data_dir"])
     piece = [int(i) for i in data.train.tokens[200:216]]
     text = data.tokenizer.decode(piece)
-    assert data.tokenizer.encode(text).ids == piece  # a stretch of the training split, as the text
+    assert data.tokenizer.encode(text, add_special_tokens=False).ids == piece  # a stretch of the training split, as the text
     code, out, _ = run(capsys, "memory", "locate", str(indexed_run), "--text", text, "--json")
     assert code == 0
     found = json.loads(out)
@@ -112,6 +112,7 @@ def test_write_trains_only_the_text_rows(indexed_run, tmp_path, capsys):
     (["forget", "{run}", "--out", "{tmp}/x"], "give the text to act on"),
     (["forget", "{run}", "--text", TEXT, "--out", "{run}"], "exists; write the edited run to a new folder"),
     (["locate", "{tmp}", "--text", TEXT], "not a training run folder"),
+    (["forget", "{run}", "--text", "river " * 300, "--out", "{tmp}/x"], "longer than the model's max_seq_len"),
     (["locate", "{run}", "--text", TEXT, "--index", "{tmp}"], "holds no row index"),
     (["replay", "{run}"], "is not an edited run"),
 ])
