@@ -32,20 +32,23 @@ def long_context_configs(base, data: PreparedData, *, rho: float = 0.75, max_seq
 
 
 def _scores(folder: Path, data: PreparedData, probes: list[dict], log) -> dict[str, Any]:
-    """Exact match per (task, target length) of one run (cached in long_context.json)."""
+    """Exact match and the answer's loss in nats per token (a graded signal where exact match
+    is 0), per (task, target length) of one run (cached in long_context.json)."""
     def compute():
-        _, greedy = answer_scores(newest_model(folder, log), data.tokenizer, [p["prompt"] for p in probes],
-                                  [p["answer"] for p in probes], batch_size=8)
+        logprob, greedy = answer_scores(newest_model(folder, log), data.tokenizer, [p["prompt"] for p in probes],
+                                        [p["answer"] for p in probes], batch_size=8)
         cells: dict[str, dict[str, list]] = {}
-        for hit, p in zip(greedy, probes):
-            cell = cells.setdefault(f"{p['task']}@{p['target_tokens']}", {"hits": [], "tokens": []})
+        for lp, hit, p in zip(logprob, greedy, probes):
+            cell = cells.setdefault(f"{p['task']}@{p['target_tokens']}", {"hits": [], "tokens": [], "nats": []})
             cell["hits"].append(hit)
             cell["tokens"].append(len(data.tokenizer.encode(p["prompt"]).ids))
-        return {k: {"exact_match": float(np.mean(c["hits"])), "n": len(c["hits"]),
-                    "mean_prompt_tokens": float(np.mean(c["tokens"]))}
+            cell["nats"].append(-lp / len(data.tokenizer.encode(" " + p["answer"], add_special_tokens=False).ids))
+        return {k: {"exact_match": float(np.mean(c["hits"])), "answer_nats_per_token": float(np.mean(c["nats"])),
+                    "n": len(c["hits"]), "mean_prompt_tokens": float(np.mean(c["tokens"]))}
                 for k, c in sorted(cells.items(), key=lambda kv: (kv[0].split("@")[0], int(kv[0].split("@")[1])))}
 
-    return cached_json(folder / "long_context.json", compute)
+    return cached_json(folder / "long_context.json", compute,
+                       reuse=lambda cached: all("answer_nats_per_token" in c for c in cached.values()))
 
 
 def run_long_context(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 600,
@@ -69,31 +72,40 @@ def run_long_context(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"]},
             "final_val_loss": losses,
             "cells": {cell: {**spread([r[cell]["exact_match"] for r in per_seed]), "n": per_seed[0][cell]["n"],
+                             "answer_nats_per_token": spread([r[cell]["answer_nats_per_token"] for r in per_seed]),
                              "mean_prompt_tokens": per_seed[0][cell]["mean_prompt_tokens"]}
                       for cell in per_seed[0]}}
     moe = results["arms"]["moe"]["cells"]
     for cell, c in results["arms"]["engram"]["cells"].items():
         c["minus_moe"] = paired(c["by_seed"], moe[cell]["by_seed"])
+        c["answer_nats_minus_moe"] = paired(c["answer_nats_per_token"]["by_seed"],
+                                            moe[cell]["answer_nats_per_token"]["by_seed"])
     write_results(out, results, _plot)
     return results
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
+    """Per task: exact match, and the answer's loss per token, against prompt length."""
     tasks = sorted({cell.split("@")[0] for arm in results["arms"].values() for cell in arm["cells"]})
-    fig, axes = figure((5 * len(tasks), 3.8), ncols=len(tasks))
+    fig, axes = figure((4.5 * 2 * len(tasks), 3.8), ncols=2 * len(tasks))
     axes = axes if isinstance(axes, list) else [axes]
-    for ax, task in zip(axes, tasks):
-        for name, arm in results["arms"].items():
-            cells = sorted((c["mean_prompt_tokens"], c["mean"], c["std"]) for k, c in arm["cells"].items()
-                           if k.startswith(task + "@"))
-            ax.errorbar([c[0] for c in cells], [c[1] for c in cells], yerr=[c[2] for c in cells], fmt="o-",
-                        capsize=3, label=f"{name} ({arm['params']['active'] / 1e6:.2f}M active)")
-        ax.set_xlabel("prompt length (tokens)")
-        ax.set_ylabel("exact match")
-        ax.set_ylim(-0.05, 1.05)
-        ax.set_title(f"{task}, {results['steps']} steps, {len(results['seeds'])} seeds", fontsize=9)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for i, task in enumerate(tasks):
+        for ax, what in zip(axes[2 * i:2 * i + 2], ("exact match", "answer nats per token")):
+            for name, arm in results["arms"].items():
+                cells = sorted((c["mean_prompt_tokens"], c) for k, c in arm["cells"].items()
+                               if k.startswith(task + "@"))
+                m = [c if what == "exact match" else c.get("answer_nats_per_token", {}) for _, c in cells]
+                if not all("mean" in v for v in m):
+                    continue
+                ax.errorbar([t for t, _ in cells], [v["mean"] for v in m], yerr=[v["std"] for v in m], fmt="o-",
+                            capsize=3, label=f"{name} ({arm['params']['active'] / 1e6:.2f}M active)")
+            ax.set_xlabel("prompt length (tokens)")
+            ax.set_ylabel(what)
+            if what == "exact match":
+                ax.set_ylim(-0.05, 1.05)
+            ax.set_title(f"{task}, {results['steps']} steps, {len(results['seeds'])} seeds", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
 
@@ -104,4 +116,7 @@ def summary(result: dict[str, Any]) -> list[str]:
     for name, arm in result["arms"].items():
         cells = "  ".join(f"{k} {c['mean']:.3f}±{c['std']:.3f}" for k, c in arm["cells"].items())
         lines.append(f"{name:7s} exact match: {cells}")
+        nats = "  ".join(f"{k} {c['answer_nats_per_token']['mean']:.3f}" for k, c in arm["cells"].items()
+                         if "answer_nats_per_token" in c)
+        lines.append(f"{name:7s} answer nats per token: {nats}")
     return lines

@@ -148,7 +148,7 @@ def _summarize(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 def _plot(results: dict[str, Any], path: Path) -> None:
     arms = list(results["arms"])
-    fig, axes = figure((5.5 * len(arms), 3.8), ncols=len(arms))
+    fig, axes = figure((6.5 * len(arms), 3.8), ncols=len(arms))
     axes = axes if isinstance(axes, list) else [axes]
     for ax, arm in zip(axes, arms):
         a = results["arms"][arm]
@@ -156,14 +156,14 @@ def _plot(results: dict[str, Any], path: Path) -> None:
                 ("target after\nforget owned", a["forget_owned"]["target_after"]),
                 ("target after\nforget all", a["forget_all"]["target_after"]),
                 ("others after\nforget all", a["forget_all"]["others_after"]),
-                ("answers new city\nwrite owned", a["write_owned"]["answers_new_after"]),
-                ("answers new city\nwrite all", a["write_all"]["answers_new_after"]),
+                ("says new city\nwrite owned", a["write_owned"]["answers_new_after"]),
+                ("says new city\nwrite all", a["write_all"]["answers_new_after"]),
                 ("others after\nwrite all", a["write_all"]["others_after"])]
         ax.bar(range(len(bars)), [b[1]["mean"] for b in bars], yerr=[b[1]["std"] for b in bars], capsize=3,
                color=["#888"] + ["#c44"] * 3 + ["#48c"] * 3)
         ax.axhline(a["others_before"]["mean"], color="k", ls="--", lw=0.8, label="others before")
         ax.axhline(results["chance"], color="#c44", ls=":", lw=0.8, label="chance")
-        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=6.5)
+        ax.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=6)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel("closed-book exact match")
         ax.set_title(f"{arm}: {results['targets']} people x {len(results['seeds'])} seeds", fontsize=9)
