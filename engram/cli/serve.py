@@ -141,11 +141,8 @@ def cmd_offload(args: argparse.Namespace) -> None:
     if not stems:
         raise UserError(f"{source} has no Engram tables")
     for layer, stem in stems.items():
-        files = [Path(str(stem) + ".bin")]
-        if args.dtype in ("int8", "fp8"):
-            files.append(Path(str(stem) + ".scales.bin"))
-        size = sum(f.stat().st_size for f in files)
-        print(f"layer {layer}: {', '.join(map(str, files))} ({size / 2**20:,.2f} MiB, {args.dtype})")
+        size = Path(str(stem) + ".bin").stat().st_size
+        print(f"layer {layer}: {stem}.bin ({size / 2**20:,.2f} MiB, {args.dtype})")
     print(f"serve with: engram eval {args.path} --tables {args.out} --cache-rows N")
 
 

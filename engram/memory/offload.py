@@ -8,13 +8,13 @@ background prefetch thread overlaps with the main thread) and move them to the d
 Disk format (version 2): a pair of files per table, `NAME.json` and `NAME.bin`.
     NAME.bin   the rows, row-major, [rows, dim] of `dtype`, little endian, no header.
     NAME.json  {"format": "engram-disk-table", "format_version": 2, "rows": int, "dim": int,
-                "dtype": "float32" | "float16" | "bfloat16" | "float64" | "int8" | "float8_e4m3fn",
+                "dtype": "float32" | "float16" | "bfloat16" | "float64" | "uint8",
                 "table_sizes": [int, ...] (per-head sizes, in head order; they sum to rows),
                 "byte_order": "little", "data_bytes": rows * dim * itemsize,
                 "sha256": hex digest of NAME.bin,
                 "block_rows": int, "block_crc32": 8 hex digits (big endian) per block of
                 block_rows rows, in order (the last block may be shorter),
-                "quantization": only for the codes of a quantized table (engram.memory.quantized)}
+                "quantization": only for the packed rows of a quantized table (engram.memory.quantized)}
 Version 1 is the same without the block fields.
 
 A served table checks each block's crc32 the first time a gather touches it, so a flipped byte
@@ -58,7 +58,7 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 BLOCK_BYTES = 256 << 10  # rows are checksummed in blocks of about this size (see above)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
-          "int8": torch.int8, "float8_e4m3fn": torch.float8_e4m3fn}  # the last two: codes of quantized tables
+          "uint8": torch.uint8}  # uint8: the packed rows of a quantized table (engram.memory.quantized)
 CHUNK_BYTES = 64 << 20  # conversion and checksum stream the data in pieces of this size
 TABLE_NAME = re.compile(r"blocks\.(\d+)\.engram\.table\.weight")
 
@@ -375,7 +375,7 @@ class DiskTable(MemoryTable):
         reads nothing. `verify`: hash the whole file (sha256) now instead. A version-1 file has
         no block checksums: with `check_blocks` it is hashed whole now, with a warning.
         `check_blocks=False` and `verify=False` serve the bytes unchecked (the caller's risk).
-        `codes`: open the codes of a quantized table as raw rows (for `QuantizedTable.open` only).
+        `codes`: open a quantized table's packed rows as raw bytes (for `QuantizedTable.open` only).
         """
         json_path, bin_path = _paths(path_stem)
         for p in (json_path, bin_path):
@@ -391,7 +391,7 @@ class DiskTable(MemoryTable):
                              f"is not supported (this engram-torch reads {FORMAT} versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}); {fix}")
         if head.get("quantization") and not codes:
-            raise ValueError(f"{json_path} holds the codes of a quantized table ({head['quantization']['kind']}); "
+            raise ValueError(f"{json_path} holds a quantized table ({head['quantization'].get('kind')}); "
                              "open it with engram.memory.quantized.QuantizedTable.open, which applies its scales")
         if head.get("dtype") not in DTYPES:
             raise ValueError(f"{json_path}: unknown dtype {head.get('dtype')!r} (known: {sorted(DTYPES)}); {fix}")

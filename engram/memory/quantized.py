@@ -1,6 +1,6 @@
 """Quantized tables: int8 codes with absmax scales, or fp8 (e4m3) codes with absmax scales, per
 row or per group of 32 values, as serving stacks store embedding tables to fit them in host
-memory. A gather reads the codes and scales of the rows asked for and dequantizes only those.
+memory. A gather reads the packed rows asked for and dequantizes only those.
 
     q = QuantizedTable.quantize(table.weight, table.table_sizes, "int8")            # per-row scales
     q = QuantizedTable.quantize(table.weight, table.table_sizes, "fp8", group=32)   # per-32 scales
@@ -12,18 +12,20 @@ int8, or (w / s) cast to float8_e4m3fn (round to nearest even); w ~ code * s. An
 gets s = 1 (codes 0). Scales are float32. Error bound: int8 |w - w~| <= s / 2 per value; e4m3
 keeps 3 mantissa bits, a relative error <= 2^-4 for normal values.
 
-On disk a quantized table is two checksummed DiskTable files (engram.memory.offload): the codes
-(`NAME.json`/`NAME.bin`, dtype int8 or float8_e4m3fn) and the scales (`NAME.scales.json`/`.bin`,
-float32 [rows, groups]); the codes' header names the scheme. Both are memory-mapped and each
+Each row is stored packed: its E code bytes, then its E / group float32 scales (4 bytes each,
+little endian), so one gather reads both (two gathers, codes and scales apart, cost 1.6x more
+here). On disk that is one checksummed DiskTable file of dtype uint8 and width E + 4 E / group,
+whose header names the scheme (`quantization`: kind, group, dim); it is memory-mapped and each
 block is crc-checked on first touch, like any disk table. Inference only (no gradients).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 
@@ -50,85 +52,118 @@ def quantize_rows(weight: torch.Tensor, kind: str, group: int | None = None) -> 
     return codes.reshape(R, E), scales
 
 
+def _e4m3_over_256(codes: torch.Tensor) -> torch.Tensor:
+    """float8_e4m3fn codes -> float16 values / 256, exactly, with integer ops. CPUs have no fp8
+    conversion instruction (torch converts one value at a time, ~3.5x slower): an e4m3 code's
+    exponent and mantissa bits, moved 7 bits up into a float16, are the same number times 2^-8,
+    subnormals included (e4m3's bias is 7, float16's 15). NaN codes are never written."""
+    b = codes.view(torch.int8).to(torch.int16)  # sign-extended
+    return (((b & 0x7F) << 7) | ((b & 0x80) << 8)).view(torch.float16)
+
+
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """codes [..., E] and scales [..., E / group] -> values [..., E] of `dtype`."""
+    """codes [..., E] and scales [..., E / group] -> values [..., E] of `dtype` (code * scale,
+    exactly as float32 computes it)."""
     groups = scales.shape[-1]
-    x = codes.float().unflatten(-1, (groups, codes.shape[-1] // groups)) * scales.float().unsqueeze(-1)
+    if codes.dtype == torch.float8_e4m3fn and codes.device.type == "cpu":
+        x, scales = _e4m3_over_256(codes).float(), scales.float() * 256.0  # powers of two: exact
+    else:
+        x = codes.float()
+    x = x.unflatten(-1, (groups, codes.shape[-1] // groups)).mul_(scales.float().unsqueeze(-1))
     return x.flatten(-2).to(dtype)
 
 
-class QuantizedTable(MemoryTable):
-    """Codes and scales of every row, each either a CPU/device tensor or a `DiskTable`; the rows a
-    gather asks for are dequantized to `out_dtype` on the device of `offsets`."""
+def pack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """codes [R, E] (1 byte each) and float32 scales [R, G] -> packed rows [R, E + 4G] uint8."""
+    R = codes.shape[0]
+    return torch.cat([codes.view(torch.uint8), scales.float().contiguous().view(torch.uint8).reshape(R, -1)], 1)
 
-    def __init__(self, table_sizes: Sequence[int], embedding_dim: int, codes: torch.Tensor | DiskTable,
-                 scales: torch.Tensor | DiskTable, kind: str, group: int | None, *,
-                 out_dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+
+def unpack(rows: torch.Tensor, dim: int, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed rows [..., E + 4G] uint8 -> (codes [..., E], float32 scales [..., G])."""
+    codes = rows[..., :dim].view(CODES[kind][0])
+    scales = rows[..., dim:].contiguous().view(torch.float32)
+    return codes, scales
+
+
+def quantize_packed(weight: torch.Tensor, kind: str, group: int | None = None) -> torch.Tensor:
+    return pack(*quantize_rows(weight, kind, group))
+
+
+class QuantizedTable(MemoryTable):
+    """Packed rows (codes + scales) of every row, a CPU/device tensor or a `DiskTable`; the rows
+    a gather asks for are dequantized to `out_dtype` on the device of `offsets`."""
+
+    def __init__(self, table_sizes: Sequence[int], embedding_dim: int, packed: torch.Tensor | DiskTable,
+                 kind: str, group: int | None, *, out_dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None) -> None:
         super().__init__(table_sizes, embedding_dim, device=device)
-        rows = lambda t: t.num_rows if isinstance(t, DiskTable) else t.shape[0]  # noqa: E731
-        if rows(codes) != self.num_rows or rows(scales) != self.num_rows:
-            raise ValueError(f"codes and scales must have {self.num_rows} rows (sum of table_sizes), got "
-                             f"{rows(codes)} and {rows(scales)}")
-        self.codes, self.scales, self.kind, self.group, self.out_dtype = codes, scales, kind, group, out_dtype
-        self.asynchronous = isinstance(codes, DiskTable)  # rows from a file: prefetch in the background
+        width = embedding_dim + 4 * (embedding_dim // (group or embedding_dim))
+        shape = (packed.num_rows, packed.embedding_dim) if isinstance(packed, DiskTable) else tuple(packed.shape)
+        if shape != (self.num_rows, width):
+            raise ValueError(f"packed rows must be [{self.num_rows}, {width}] (sum of table_sizes, {embedding_dim} "
+                             f"codes + scales), got {list(shape)}")
+        self.packed, self.kind, self.group, self.out_dtype = packed, kind, group, out_dtype
+        self.asynchronous = isinstance(packed, DiskTable)  # rows from a file: prefetch in the background
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, table_sizes: Sequence[int], kind: str, group: int | None = None,
                  **kwargs) -> "QuantizedTable":
-        codes, scales = quantize_rows(weight, kind, group)
-        return cls(table_sizes, weight.shape[1], codes, scales, kind, group, device=weight.device, **kwargs)
+        return cls(table_sizes, weight.shape[1], quantize_packed(weight, kind, group), kind, group,
+                   device=weight.device, **kwargs)
 
     @property
     def nbytes(self) -> int:
-        """Bytes of codes and scales together."""
-        size = lambda t: t.rows_NE.nbytes if isinstance(t, DiskTable) else t.nbytes  # noqa: E731
-        return size(self.codes) + size(self.scales)
-
-    def _rows(self, source, flat_ids: torch.Tensor) -> torch.Tensor:
-        if isinstance(source, DiskTable):
-            return source.gather(flat_ids)
-        if source.device == flat_ids.device or source.device.type != "cpu":
-            return source[flat_ids.to(source.device)].to(flat_ids.device)
-        return _gather_rows(source, flat_ids, flat_ids.device)
+        """Bytes of the packed rows (codes and scales)."""
+        return self.packed.rows_NE.nbytes if isinstance(self.packed, DiskTable) else self.packed.nbytes
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        for source in (self.codes, self.scales):  # disk sources deliver to our device
-            if isinstance(source, DiskTable):
-                source.follow(self.offsets.device)
-        return dequantize(self._rows(self.codes, flat_ids), self._rows(self.scales, flat_ids), self.out_dtype)
+        if isinstance(self.packed, DiskTable):
+            self.packed.follow(self.offsets.device)  # it delivers to our device
+            rows = self.packed.gather(flat_ids)
+        elif self.packed.device.type == "cpu":  # into pinned memory when the rows go to an accelerator
+            rows = _gather_rows(self.packed, flat_ids, flat_ids.device)
+        else:  # index_select on flat ids: advanced indexing (packed[ids]) is ~10x slower for small rows
+            rows = torch.index_select(self.packed, 0, flat_ids.reshape(-1).to(self.packed.device))
+            rows = rows.view(*flat_ids.shape, self.packed.shape[1]).to(flat_ids.device)
+        return dequantize(*unpack(rows, self.embedding_dim, self.kind), self.out_dtype)
 
-    def _apply(self, fn, recurse=True):  # resident codes follow .to(device); disk ones stay mapped
+    def _apply(self, fn, recurse=True):  # resident rows follow .to(device), never a dtype; disk ones stay mapped
         super()._apply(fn, recurse)
-        for name in ("codes", "scales"):
-            t = getattr(self, name)
-            if isinstance(t, torch.Tensor):
-                moved = fn(t)
-                setattr(self, name, moved if moved.dtype == t.dtype else t.to(moved.device))
+        if isinstance(self.packed, torch.Tensor):
+            moved = fn(self.packed)
+            self.packed = moved if moved.dtype == torch.uint8 else self.packed.to(moved.device)
         return self
 
     # ------------------------------------------------------------------ disk
     @staticmethod
-    def write(path_stem: str | os.PathLike, weight: torch.Tensor | Callable[[], Iterable[torch.Tensor]],
+    def write(path_stem: str | os.PathLike, weight: torch.Tensor | Iterable[torch.Tensor],
               table_sizes: Sequence[int], kind: str, group: int | None = None) -> Path:
-        """Quantize rows [R, E] (or the chunks a callable yields, read twice: once for the scales,
-        once for the codes, so a big table is never whole in memory) and write codes + scales as
-        two checksummed disk tables."""
-        chunks = (lambda: [weight]) if isinstance(weight, torch.Tensor) else weight
+        """Quantize rows [R, E] (or consecutive chunks of rows, so a big table is never whole in
+        memory) and write them packed as one checksummed disk table."""
+        chunks = [weight] if isinstance(weight, torch.Tensor) else weight
+        dims: list[int] = []
+
+        def packed() -> Iterable[torch.Tensor]:
+            for c in chunks:
+                dims.append(c.shape[1])
+                yield quantize_packed(c, kind, group)
+
         json_path, _ = _paths(path_stem)
         stem = json_path.with_suffix("")
-        # scales first: a codes file is never there without its scales
-        DiskTable.write(_scales_stem(stem), (quantize_rows(c, kind, group)[1] for c in chunks()), table_sizes)
-        DiskTable.write(stem, (quantize_rows(c, kind, group)[0] for c in chunks()), table_sizes,
-                        extra={"quantization": {"kind": kind, "group": group, "scales": _scales_stem(stem).name}})
+        first = iter(packed())
+        # the header needs E; it is known once the first chunk is read
+        head = next(first)
+        DiskTable.write(stem, itertools.chain([head], first), table_sizes,
+                        extra={"quantization": {"kind": kind, "group": group, "dim": dims[0]}})
         return stem
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, layer_id: int, out_stem: str | os.PathLike,
                         kind: str, group: int | None = None, **open_kwargs) -> "QuantizedTable":
         """Quantize Engram layer `layer_id` of a model folder chunk by chunk into `out_stem`; open it."""
-        sizes, _ = checkpoint_chunks(checkpoint_dir, layer_id, None)
-        stem = cls.write(out_stem, lambda: checkpoint_chunks(checkpoint_dir, layer_id, None)[1], sizes, kind, group)
-        return cls.open(stem, **open_kwargs)
+        sizes, chunks = checkpoint_chunks(checkpoint_dir, layer_id, None)
+        return cls.open(cls.write(out_stem, chunks, sizes, kind, group), **open_kwargs)
 
     @classmethod
     def open(cls, path_stem: str | os.PathLike, *, device: torch.device | str | None = None,
@@ -139,23 +174,16 @@ class QuantizedTable(MemoryTable):
         if q is None:
             raise ValueError(f"{json_path} is not a quantized table (its header has no quantization); open it with "
                              "DiskTable.open")
-        codes = DiskTable.open(stem, release_every=release_every, codes=True)
-        scales = DiskTable.open(stem.with_name(q["scales"]), release_every=release_every)
-        expect = codes.embedding_dim // (q["group"] or codes.embedding_dim)
-        if scales.embedding_dim != expect or scales.table_sizes != codes.table_sizes:
-            raise ValueError(f"{stem}: the scales file does not fit the codes ({scales.embedding_dim} scales per row, "
-                             f"expected {expect}); rewrite the table with engram offload --dtype {q['kind']}")
-        return cls(codes.table_sizes, codes.embedding_dim, codes, scales, q["kind"], q["group"], device=device,
+        if q.get("kind") not in CODES or "dim" not in q:
+            raise ValueError(f"{json_path}: unknown quantization {q}; rewrite it with engram offload --dtype int8|fp8")
+        packed = DiskTable.open(stem, release_every=release_every, codes=True)
+        return cls(packed.table_sizes, int(q["dim"]), packed, q["kind"], q["group"], device=device,
                    out_dtype=out_dtype)
 
     def extra_repr(self) -> str:
-        where = "disk" if isinstance(self.codes, DiskTable) else str(self.codes.device)
+        where = "disk" if isinstance(self.packed, DiskTable) else str(self.packed.device)
         return (f"heads={len(self.table_sizes)}, rows={self.num_rows}, dim={self.embedding_dim}, kind={self.kind}, "
                 f"group={self.group or 'row'}, {where}")
-
-
-def _scales_stem(stem: Path) -> Path:
-    return stem.with_name(stem.name + ".scales")
 
 
 def quantization_of(path_stem: str | os.PathLike) -> dict | None:
@@ -169,10 +197,10 @@ def quantization_of(path_stem: str | os.PathLike) -> dict | None:
 
 def convert_checkpoint_tables_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, kind: str,
                                         group: int | None = None) -> dict[int, Path]:
-    """`convert_checkpoint_tables` for quantized tables: every layer to `out_dir/layer{i}` (codes)
-    and `out_dir/layer{i}.scales`. Returns {layer_id: stem}."""
+    """`convert_checkpoint_tables` for quantized tables: every layer to `out_dir/layer{i}`.
+    Returns {layer_id: stem}."""
     out = {}
     for layer in checkpoint_table_layers(checkpoint_dir):
-        out[layer] = QuantizedTable.from_checkpoint(checkpoint_dir, layer, Path(out_dir) / f"layer{layer}", kind,
-                                                    group).codes.path.with_suffix("")
+        out[layer] = Path(out_dir) / f"layer{layer}"
+        QuantizedTable.from_checkpoint(checkpoint_dir, layer, out[layer], kind, group)
     return out

@@ -38,6 +38,11 @@ def test_fp8_matches_torch_e4m3_rounding_and_relative_bound():
     scaled = w.reshape(-1, 2, 32) / scales.unsqueeze(-1)
     assert torch.equal(codes.reshape(-1, 2, 32).float(), scaled.to(torch.float8_e4m3fn).float())
     back = dequantize(codes, scales)
+    # the integer-op conversion equals torch's own fp8 -> float32, subnormals and signs included
+    assert torch.equal(back, (codes.float().reshape(-1, 2, 32) * scales.unsqueeze(-1)).reshape(w.shape))
+    every_code = torch.arange(256, dtype=torch.uint8)
+    every_code = every_code[(every_code & 0x7F) != 0x7F].view(torch.float8_e4m3fn)  # all but the two NaNs
+    assert torch.equal(dequantize(every_code[None], torch.ones(1, 1)), every_code.float()[None])
     normal = scaled.abs().reshape(w.shape) >= 2.0 ** -6  # e4m3's smallest normal
     rel = ((back - w).abs() / w.abs().clamp_min(1e-30))[normal]
     assert float(rel.max()) <= 2.0 ** -4
@@ -65,7 +70,7 @@ def test_resident_and_disk_tables_gather_the_same_dequantized_rows(tmp_path, kin
     tol = 0.07 if kind == "fp8" else 0.03  # relative to the row's absmax (fp8: 2^-4; int8: 1/254)
     assert torch.allclose(a, dense(ids), atol=tol * float(w.abs().max()))
     header = json.loads((tmp_path / "t.json").read_text())
-    assert header["quantization"] == {"kind": kind, "group": group, "scales": "t.scales"}
+    assert header["quantization"] == {"kind": kind, "group": group, "dim": 64} and header["dtype"] == "uint8"
     expect = w.shape[0] * (64 + 4 * (64 // (group or 64)))  # 1-byte codes + float32 scales
     assert disk.nbytes == expect and resident.nbytes == expect
 
@@ -75,9 +80,9 @@ def test_codes_are_not_served_as_floats_and_corruption_is_caught(tmp_path):
     QuantizedTable.write(tmp_path / "t", w, SIZES, "int8")
     with pytest.raises(ValueError, match="QuantizedTable.open"):
         DiskTable.open(tmp_path / "t")
-    raw = bytearray((tmp_path / "t.scales.bin").read_bytes())
-    raw[8] ^= 0x40
-    (tmp_path / "t.scales.bin").write_bytes(bytes(raw))
+    raw = bytearray((tmp_path / "t.bin").read_bytes())
+    raw[64 + 2] ^= 0x40  # a byte of the first row's scale
+    (tmp_path / "t.bin").write_bytes(bytes(raw))
     table = QuantizedTable.open(tmp_path / "t")
     with pytest.raises(TableCorruptError, match="crc32"):
         table(torch.tensor([[[0, 0, 0]]]))
@@ -89,5 +94,7 @@ def test_codes_are_not_served_as_floats_and_corruption_is_caught(tmp_path):
 
 def test_a_model_moves_and_casts_around_its_quantized_codes():
     q = QuantizedTable.quantize(rows(), SIZES, "int8")
-    q.to(torch.bfloat16)
-    assert q.codes.dtype == torch.int8 and q.scales.dtype == torch.float32
+    ids = torch.tensor([[[3, 9, 1]]])
+    before = q(ids)
+    q.to(torch.bfloat16).float()
+    assert q.packed.dtype == torch.uint8 and torch.equal(q(ids), before)
