@@ -15,7 +15,7 @@ from ..model.accounting import count_params
 from ..model.planner import allocation, plan_sparsity
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig
-from .common import base_config, figure, paired, preset_model, seed_std, train_arm
+from .common import base_config, figure, paired, preset_model, row_reads, run_dir, seed_std, train_arm
 
 
 def dense_like(moe: ModelConfig) -> ModelConfig:
@@ -54,9 +54,12 @@ def run_engram_vs_moe(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1,
                                           for k, v in counts.items()},
                                "final_val_loss": {}, "curves": {}}
     dirs = {"moe": "moe", "engram": _arm_name(rho), "dense": "dense"}  # the rho sweep reuses these runs
+    results["row_reads"] = {}
     for name, config in configs.items():
         results["final_val_loss"][name], results["curves"][name] = train_arm(
             out, dirs[name], config, base, data_dir, seeds, log)
+        if config.engram is not None:  # how many times training read the average used row (seed 0's batches)
+            results["row_reads"][name] = row_reads(run_dir(out, dirs[name], steps, seeds[0]), base, data_dir, log)
     results["summary"] = {name: {"mean": statistics.mean(v), "std": seed_std(v)}
                           for name, v in results["final_val_loss"].items()}
     # paired by seed (same data order and init seed): the seed-to-seed noise partly cancels
@@ -142,8 +145,11 @@ def summary(result: dict[str, Any]) -> list[str]:
             p = result["params"][arm]
             d = result.get("paired_vs_moe", {}).get(arm)
             vs = f", {d['mean']:+.4f} ± {d['std']:.4f} vs moe (paired)" if d else ""
+            reads = result.get("row_reads", {}).get(arm)
+            rr = (", reads per used row " + "/".join(f"{r['reads_per_used_row']:.1f}" for r in reads.values())
+                  if reads else "")
             lines.append(f"{arm:7s} final val loss {s['mean']:.4f} ± {s['std']:.4f} over {len(result['seeds'])} "
-                         f"seeds{vs} (total {p['total']:,}, active {p['active']:,})")
+                         f"seeds{vs} (total {p['total']:,}, active {p['active']:,}){rr}")
     else:
         for p in result["points"]:
             lines.append(f"rho {p['rho']:.3f} ({p['experts']} experts, tables {p['table_params']:,}): "

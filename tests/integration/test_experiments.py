@@ -30,6 +30,13 @@ def test_experiment_runs_resumes_and_writes_results(small_dataset, tmp_path):
     assert set(first["final_val_loss"]) == {"moe", "engram", "dense"}
     assert all(len(v) == 2 for v in first["final_val_loss"].values())
     assert (tmp_path / "engram_vs_moe.png").is_file()
+    reads = first["row_reads"]["engram"]["1"]  # reads per used row of the Engram arm (seed 0's batches)
+    cfg = TrainConfig()
+    e = json.loads(next((tmp_path / "runs").glob("rho0.*_2steps_seed0/run.json")).read_text())["model"]["engram"]
+    heads = (e["max_ngram_size"] - 1) * e["n_head_per_ngram"]
+    assert set(first["row_reads"]) == {"engram"}
+    assert reads["reads"] == 2 * cfg.batch_size * cfg.seq_len * heads  # steps x positions x hash heads
+    assert 0 < reads["used_rows"] <= reads["table_rows"] and reads["reads_per_used_row"] >= 1
     assert json.loads((tmp_path / "engram_vs_moe.json").read_text())["final_val_loss"] == first["final_val_loss"]
     messages.clear()
     again = run_engram_vs_moe(tmp_path, small_dataset, seeds=(0, 1), steps=2, log=messages.append)
