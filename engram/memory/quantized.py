@@ -141,21 +141,14 @@ class QuantizedTable(MemoryTable):
               table_sizes: Sequence[int], kind: str, group: int | None = None) -> Path:
         """Quantize rows [R, E] (or consecutive chunks of rows, so a big table is never whole in
         memory) and write them packed as one checksummed disk table."""
-        chunks = [weight] if isinstance(weight, torch.Tensor) else weight
-        dims: list[int] = []
-
-        def packed() -> Iterable[torch.Tensor]:
-            for c in chunks:
-                dims.append(c.shape[1])
-                yield quantize_packed(c, kind, group)
-
+        chunks = iter([weight] if isinstance(weight, torch.Tensor) else weight)
+        first = next(chunks, None)
+        if first is None:
+            raise ValueError("no rows to write")
         json_path, _ = _paths(path_stem)
         stem = json_path.with_suffix("")
-        first = iter(packed())
-        # the header needs E; it is known once the first chunk is read
-        head = next(first)
-        DiskTable.write(stem, itertools.chain([head], first), table_sizes,
-                        extra={"quantization": {"kind": kind, "group": group, "dim": dims[0]}})
+        DiskTable.write(stem, (quantize_packed(c, kind, group) for c in itertools.chain([first], chunks)), table_sizes,
+                        extra={"quantization": {"kind": kind, "group": group, "dim": int(first.shape[1])}})
         return stem
 
     @classmethod

@@ -87,6 +87,12 @@ def test_forget_changes_only_logged_rows_keeps_the_source_and_replays(indexed_ru
     assert summary["after"]["text_loss"] > summary["before"]["text_loss"]  # the text is harder to predict
     code, out, _ = run(capsys, "memory", "replay", str(edited))
     assert code == 0 and "identical" in out
+    # only the rows the text owns: the held-out loss moves by less than the stated 0.01 nats
+    code, out, _ = run(capsys, "memory", "forget", str(indexed_run), "--text", TEXT, "--out", str(tmp_path / "owned"))
+    assert code == 0
+    owned = json.loads(next((tmp_path / "owned").glob("checkpoints/*/edit_log.json")).read_text())
+    assert 0 < owned["changed_rows"] < log["changed_rows"] and owned["skipped_rows"] > 0
+    assert abs(owned["summary"]["after"]["held_out_loss"] - owned["summary"]["before"]["held_out_loss"]) < 0.01
     # the edited run serves like any run, and cannot be resumed as training
     assert run(capsys, "eval", str(edited), "--windows", "2")[0] == 0
     code, _, err = run(capsys, "train", "--out", str(edited), "--resume", "--data",
