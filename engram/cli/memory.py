@@ -51,11 +51,9 @@ def cmd_locate(args: argparse.Namespace) -> None:
 def _report(result: dict) -> None:
     b, a = result["before"], result["after"]
     print(f"changed {result['changed']} rows, left {result['skipped']} alone -> {result['out']}")
-    reasons: dict[str, int] = {}
-    for s in result["log"]["skipped"]:
-        kind = s["reason"].split(":")[0].split(" with ")[0]
-        reasons[kind] = reasons.get(kind, 0) + 1
-    for kind, n in reasons.items():
+    from engram.memory.editing import count_reasons
+
+    for kind, n in count_reasons(s["reason"] for s in result["log"]["skipped"]).items():
         print(f"  not touched: {n} rows ({kind})")
     print(f"  text loss     {b['text_loss']:.4f} -> {a['text_loss']:.4f} ({a['text_loss'] - b['text_loss']:+.4f})")
     print(f"  held-out loss {b['held_out_loss']:.4f} -> {a['held_out_loss']:.4f} "

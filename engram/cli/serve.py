@@ -108,10 +108,11 @@ def _convert(source: Path, args: argparse.Namespace) -> dict:
     import torch
 
     from engram.memory.offload import convert_checkpoint_tables
-    from engram.memory.quantized import convert_checkpoint_tables_quantized
+    from engram.memory.quantized import QuantizedTable
 
     if args.dtype in ("int8", "fp8"):
-        return convert_checkpoint_tables_quantized(source, args.out, args.dtype, None if args.group == "row" else 32)
+        return convert_checkpoint_tables(source, args.out, convert=QuantizedTable.from_checkpoint, kind=args.dtype,
+                                         group=None if args.group == "row" else 32)
     if args.group != "row":
         raise UserError("--group applies to --dtype int8 or fp8 only")
     return convert_checkpoint_tables(source, args.out, dtype=torch.bfloat16 if args.dtype == "bf16" else None)

@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 
 from ..analysis.bios_recall import bios_recall
+from ..analysis.knowledge import answer_scores
 from ..lifecycle.memory_ops import INDEX_DIR, index_run, load_index, open_run, rows_for_texts, train_rows
-from ..memory.editing import forget_rows
+from ..memory.editing import forget_rows, split_rows
 from ..train.data import read_extra_records, read_records
 from ..train.dataset import PreparedData
 from ..train.synthetic_bios import ATTRIBUTES, Person, attribute_choices, completion_prompt, qa_prompt
@@ -45,8 +46,6 @@ def _recall(model, data, people, probes, who: list[int], attribute: str | None =
 
 def _answers(model, data, person: Person, value: str) -> float:
     """Does greedy decoding give `value` as the birth city, in the bio and the QA form (mean)?"""
-    from ..analysis.knowledge import answer_scores
-
     prompts = [completion_prompt(person, "birth_city"), qa_prompt(person, "birth_city")]
     return float(answer_scores(model, data.tokenizer, prompts, [value, value])[1].mean())
 
@@ -76,15 +75,16 @@ def _one_seed(folder: Path, data: PreparedData, people, probes, docs, *, targets
             edited = copy.deepcopy(model)
             rows, _ = rows_for_texts(edited, data, index, texts, 64, 0.5)
             tables = {layer: edited.blocks[layer].engram.table for layer in edited.engram_layers}
-            n = len(forget_rows(tables, rows, force=policy == "all", index=index).changed) if (
-                policy == "all" or any(r.skip is None for r in rows)) else 0
+            n = 0  # a person who owns no row is left as is
+            if split_rows(rows, policy == "all")[0]:
+                n = len(forget_rows(tables, rows, force=policy == "all", index=index).changed)
             cell = {"person": who, "op": "forget", "policy": policy, "rows": n, "addressed": len(rows),
                     "target_before": before, "target_after": _recall(edited, data, people, probes, [who]),
                     "others_after": _recall(edited, data, people, probes, rest)}
             out["cells"].append(cell)
             edited = copy.deepcopy(model)
             rows, ids = rows_for_texts(edited, data, index, facts, 64, 0.5, inputs_only=True)
-            chosen = [r for r in rows if policy == "all" or r.skip is None]
+            chosen = split_rows(rows, policy == "all")[0]
             if chosen:
                 train_rows(edited, ids, chosen, steps=write_steps, lr=write_lr, seed=seed)
             cell = {"person": who, "op": "write", "policy": policy, "rows": len(chosen), "addressed": len(rows),

@@ -24,7 +24,8 @@ from safetensors.torch import load_file, save_file
 
 from ..durable import staged_dir
 from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRow, EditLog, PatchedTable,
-                              addressed_rows, forget_rows, record_rows, replay as replay_log, row_sha256)
+                              addressed_rows, forget_rows, record_rows, replay as replay_log, row_sha256,
+                              split_rows)
 from ..memory.row_index import RowIndex, RowIndexError
 from ..model.io import write_model_files
 from ..model.transformer import EngramLM
@@ -252,7 +253,8 @@ def forget(run: str | Path, texts: str | Sequence[str], *, out: str | Path, mode
 
 
 def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], *, steps: int, lr: float,
-               skipped: list[AddressedRow] = (), seed: int = 0, decode: Callable = str) -> EditLog:
+               skipped: list[AddressedRow] = (), seed: int = 0, decode: Callable = str,
+               detail: dict[str, Any] | None = None) -> EditLog:
     """Fine-tune only `rows` of the model's tables, in place, on the texts' next-token loss
     (full-batch Adam; every other weight frozen by construction: see `PatchedTable`)."""
     if not rows:
@@ -283,7 +285,7 @@ def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], 
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
     return record_rows("write", {layer: tables[layer] for layer in layers}, rows, list(skipped), hashes,
-                       {"steps": steps, "lr": lr}, decode, f"write ({steps} steps)")
+                       {"steps": steps, "lr": lr, **(detail or {})}, decode, f"write ({steps} steps)")
 
 
 def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps: int = 50, lr: float = 0.05,
@@ -298,15 +300,13 @@ def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps
     data, texts = run_data(run, run_json), _texts(texts)
     rows, ids = rows_for_texts(model, data, load_index(run, run_json, model, index), texts, max_count, max_shared,
                                inputs_only=True)
-    chosen = [r for r in rows if force or r.skip is None]
-    left = [r for r in rows if not (force or r.skip is None)]
+    chosen, left = split_rows(rows, force)
     if not chosen:
         raise EditError(f"none of the text's {len(rows)} rows is its own to train; pass --force to train them anyway")
     seq_len = run_json.get("train", {}).get("seq_len", model.config.max_seq_len)
     before = _measure(model, data, ids, seq_len, eval_windows)
     log = train_rows(model, ids, chosen, steps=steps, lr=lr, seed=seed, decode=decoder(data, model),
-                     skipped=left)
-    log.detail["force"] = force
+                     skipped=left, detail={"force": force})
     after = _measure(model, data, ids, seq_len, eval_windows)
     summary = {"texts": texts, "steps": steps, "lr": lr, "max_count": max_count, "max_shared": max_shared,
                "before": before, "after": after}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -97,8 +97,7 @@ def _judge(index: RowIndex, layer: int, head: int, row: int, flat_row: int, m: i
         entry.skip = BEFORE_START
     elif own > max_count:
         entry.skip = f"common n-gram: {own} times in training (> max_count {max_count})"
-    elif sum(c for _, c in others) > max_shared * max(entry.reads, 1):
-        share = sum(c for _, c in others) / max(entry.reads, 1)
+    elif (share := sum(c for _, c in others) / max(entry.reads, 1)) > max_shared:
         entry.skip = f"shared: {share:.0%} of its training reads are {len(others)} other frequent n-gram(s)"
     return entry
 
@@ -184,11 +183,11 @@ def forget_rows(tables: dict[int, nn.Module], rows: list[AddressedRow], *, mode:
                 index: RowIndex | None = None, decode: Callable[[list[int]], str] = str) -> EditLog:
     """Reset the rows the text owns (all addressed rows with `force`) in place; the log names
     each row changed and each row left alone, with why."""
-    chosen = [r for r in rows if force or r.skip is None]
-    skipped = [r for r in rows if not (force or r.skip is None)]
+    chosen, skipped = split_rows(rows, force)
     if not chosen:
-        raise ValueError(f"none of the text's {len(rows)} rows is its own to reset ("
-                         f"{_reasons(skipped)}); pass force=True (--force) to reset them anyway")
+        reasons = "; ".join(f"{n} {kind}" for kind, n in count_reasons(r.skip for r in skipped).items())
+        raise ValueError(f"none of the text's {len(rows)} rows is its own to reset ({reasons}); pass force=True "
+                         "(--force) to reset them anyway")
     edited = {layer: editable_table(tables[layer], layer) for layer in sorted({r.layer for r in chosen})}
     before = {}
     with torch.no_grad():
@@ -203,12 +202,19 @@ def forget_rows(tables: dict[int, nn.Module], rows: list[AddressedRow], *, mode:
                        f"forget ({mode})")
 
 
-def _reasons(skipped: list[AddressedRow]) -> str:
+def split_rows(rows: list[AddressedRow], force: bool) -> tuple[list[AddressedRow], list[AddressedRow]]:
+    """(rows to change, rows left alone): the text's own rows, or every row with `force`."""
+    chosen = [r for r in rows if force or r.skip is None]
+    return chosen, [r for r in rows if not (force or r.skip is None)]
+
+
+def count_reasons(reasons: Iterable[str | None]) -> dict[str, int]:
+    """How many rows were left alone for each kind of reason (the text before a reason's colon)."""
     counts: dict[str, int] = {}
-    for r in skipped:
-        kind = (r.skip or "").split(":")[0].split(" with ")[0]
+    for reason in reasons:
+        kind = (reason or "").split(":")[0]
         counts[kind] = counts.get(kind, 0) + 1
-    return "; ".join(f"{n} {k}" for k, n in counts.items())
+    return counts
 
 
 def replay(tables: dict[int, nn.Module], log: dict[str, Any], values: dict[str, torch.Tensor]) -> int:

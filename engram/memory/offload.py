@@ -368,14 +368,14 @@ class DiskTable(MemoryTable):
     # ------------------------------------------------------------------ reading
     @classmethod
     def open(cls, path_stem: str | os.PathLike, device: torch.device | str | None = None, verify: bool = False,
-             *, check_blocks: bool = True, release_every: int | None = None, codes: bool = False) -> "DiskTable":
+             *, check_blocks: bool = True, release_every: int | None = None, packed: bool = False) -> "DiskTable":
         """Check the header against the .bin (length always) and map it.
 
         `check_blocks` (default): each block's crc32 is checked on its first touch, so opening
         reads nothing. `verify`: hash the whole file (sha256) now instead. A version-1 file has
         no block checksums: with `check_blocks` it is hashed whole now, with a warning.
         `check_blocks=False` and `verify=False` serve the bytes unchecked (the caller's risk).
-        `codes`: open a quantized table's packed rows as raw bytes (for `QuantizedTable.open` only).
+        `packed`: open a quantized table's packed rows as raw bytes (for `QuantizedTable.open` only).
         """
         json_path, bin_path = _paths(path_stem)
         for p in (json_path, bin_path):
@@ -390,7 +390,7 @@ class DiskTable(MemoryTable):
             raise ValueError(f"{json_path}: format {head.get('format')!r} version {head.get('format_version')!r} "
                              f"is not supported (this engram-torch reads {FORMAT} versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}); {fix}")
-        if head.get("quantization") and not codes:
+        if head.get("quantization") and not packed:
             raise ValueError(f"{json_path} holds a quantized table ({head['quantization'].get('kind')}); "
                              "open it with engram.memory.quantized.QuantizedTable.open, which applies its scales")
         if head.get("dtype") not in DTYPES:
@@ -507,13 +507,16 @@ def checkpoint_table_layers(checkpoint_dir: str | os.PathLike) -> list[int]:
         return sorted(int(m.group(1)) for k in f.keys() if (m := TABLE_NAME.fullmatch(k)))
 
 
-def convert_checkpoint_tables(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike,
-                              **kwargs) -> dict[int, Path]:
+def convert_checkpoint_tables(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
+                              convert: Callable[..., object] | None = None, **kwargs) -> dict[int, Path]:
     """Convert every `blocks.{i}.engram.table.weight` of a model folder to `out_dir/layer{i}`
-    (.json + .bin); `kwargs` go to `DiskTable.from_checkpoint`. Returns {layer_id: stem}."""
+    (.json + .bin) with `convert(checkpoint_dir, layer, stem, **kwargs)` (default
+    `DiskTable.from_checkpoint`; `QuantizedTable.from_checkpoint` writes quantized tables).
+    Returns {layer_id: stem}."""
+    convert = convert or DiskTable.from_checkpoint
     out = {}
     for layer in checkpoint_table_layers(checkpoint_dir):
         stem = Path(out_dir) / f"layer{layer}"
-        DiskTable.from_checkpoint(checkpoint_dir, layer, stem, **kwargs)
+        convert(checkpoint_dir, layer, stem, **kwargs)
         out[layer] = stem
     return out

@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .offload import DiskTable, _gather_rows, _paths, checkpoint_chunks, checkpoint_table_layers
+from .offload import DiskTable, _gather_rows, _paths, checkpoint_chunks
 from .table import MemoryTable
 
 CODES = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
@@ -169,7 +169,7 @@ class QuantizedTable(MemoryTable):
                              "DiskTable.open")
         if q.get("kind") not in CODES or "dim" not in q:
             raise ValueError(f"{json_path}: unknown quantization {q}; rewrite it with engram offload --dtype int8|fp8")
-        packed = DiskTable.open(stem, release_every=release_every, codes=True)
+        packed = DiskTable.open(stem, release_every=release_every, packed=True)
         return cls(packed.table_sizes, int(q["dim"]), packed, q["kind"], q["group"], device=device,
                    out_dtype=out_dtype)
 
@@ -187,13 +187,3 @@ def quantization_of(path_stem: str | os.PathLike) -> dict | None:
     except (OSError, ValueError):
         return None
 
-
-def convert_checkpoint_tables_quantized(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, kind: str,
-                                        group: int | None = None) -> dict[int, Path]:
-    """`convert_checkpoint_tables` for quantized tables: every layer to `out_dir/layer{i}`.
-    Returns {layer_id: stem}."""
-    out = {}
-    for layer in checkpoint_table_layers(checkpoint_dir):
-        out[layer] = Path(out_dir) / f"layer{layer}"
-        QuantizedTable.from_checkpoint(checkpoint_dir, layer, out[layer], kind, group)
-    return out
