@@ -10,6 +10,7 @@ Layer ids are 0-based everywhere in engram-torch (the paper counts layers from 1
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +52,9 @@ class EngramConfig:
     use_short_conv: bool = True
     conv_zero_init: bool = True
     use_gate: bool = True
+    # std of the table rows at initialization: 1 as nn.Embedding (the demo). 0 starts every row
+    # at zero, so a row no training step has read adds nothing (no random noise from rare rows).
+    table_init_std: float = 1.0
     bias: bool = False
     gate_norm_eps: float | None = 1e-6
     conv_norm_eps: float | None = 1e-5
@@ -108,6 +112,9 @@ class EngramConfig:
         _require(self.n_branches is None or self.n_branches >= 1,
                  f"n_branches must be >= 1 (1 = plain residual) or None (the model's), got {self.n_branches}")
         _require(self.kernel_size >= 1, f"kernel_size must be >= 1, got {self.kernel_size}")
+        _require(math.isfinite(self.table_init_std) and self.table_init_std >= 0,
+                 f"table_init_std must be a finite number >= 0 (1: N(0, 1) rows, 0: zero rows), "
+                 f"got {self.table_init_std}")
         for name in ("gate_norm_eps", "conv_norm_eps"):
             eps = getattr(self, name)
             _require(eps is None or eps > 0, f"{name} must be > 0 or None (dtype default), got {eps}")

@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from .args import (DTYPES, UserError, add_device_options, existing_dir, existing_file, nonneg_int, out_dir,
-                   positive_float, positive_int, probability)
+from .args import (DTYPES, UserError, add_device_options, existing_dir, existing_file, nonneg_float, nonneg_int,
+                   out_dir, positive_float, positive_int, probability)
 
 
 def load_model_config(path: str):
@@ -210,9 +210,13 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         for option in ("rows_per_head", "over_encoding_rows"):
             if getattr(args, option) is not None:
                 kwargs[option] = _row_counts(getattr(args, option), "--" + option.replace("_", "-"))
+        kwargs["table_init_std"] = args.table_init_std
+    elif args.table_init_std != 1.0:
+        raise UserError(f"--table-init-std is an option of table_size, not of {args.name}")
     result = experiments.run(args.name, out, data, **kwargs)
     print(experiments.summary(result))
-    print(f"results: {out / (args.name + '.json')}, plot: {out / (args.name + '.png')}")
+    name = result.get("name", args.name)
+    print(f"results: {out / (name + '.json')}, plot: {out / (name + '.png')}")
 
 
 def add_commands(sub) -> None:
@@ -297,5 +301,8 @@ def add_commands(sub) -> None:
                     "(default 512,2048,8192,32768,131072,524288)")
     ex.add_argument("--over-encoding-rows", help="table_size: rows per head of the OverEncoding arms (default: "
                     "those of --rows-per-head; none for no OverEncoding arm)")
+    ex.add_argument("--table-init-std", type=nonneg_float, default=1.0,
+                    help="table_size: also sweep tables whose rows start N(0, STD^2) (0: zero rows), paired with "
+                    "the N(0, 1) arms; results in table_size_initSTD.json (default 1: N(0, 1) only)")
     ex.set_defaults(func=cmd_experiment)
 

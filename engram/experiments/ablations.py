@@ -4,6 +4,7 @@ resets, and the table-size sweep at a fixed backbone."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -72,32 +73,51 @@ def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1
 
 
 def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(512, 2048, 8192, 32768, 131072,
-                   524288), over_encoding_rows=None, seeds=(0, 1, 2), steps: int = 400, preset: str = "tiny",
-                   log=print) -> dict[str, Any]:
+                   524288), over_encoding_rows=None, table_init_std: float = 1.0, seeds=(0, 1, 2), steps: int = 400,
+                   preset: str = "tiny", log=print) -> dict[str, Any]:
     """Loss against table slots at a fixed backbone (only `vocab_size_per_ngram` changes); the
     backbone without Engram and the capacity-1 table are the two reference lines. OverEncoding
     (the same tables added to the input embedding, no gate, no conv) is swept over
-    `over_encoding_rows` (default: the same sizes; () for none), the paper's comparison."""
+    `over_encoding_rows` (default: the same sizes; () for none), the paper's comparison.
+
+    `table_init_std` other than 1 sweeps tables whose rows start N(0, std^2) (0: at zero, so a
+    row training never read adds no noise) beside the N(0, 1) arms of the same sizes, paired by
+    seed; the results go to `table_size_init{std}.json`."""
     out = Path(out_dir)
     base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
     full = preset_model(base, data)
     orders = full.engram.max_ngram_size - 1
-    arms = {f"rows{r}": engram_changed(full, vocab_size_per_ngram=(r,) * orders) for r in rows_per_head}
-    oe = over_encoding(full)
-    for r in rows_per_head if over_encoding_rows is None else over_encoding_rows:
-        arms[f"oe_rows{r}"] = engram_changed(oe, vocab_size_per_ngram=(r,) * orders)
+    oe_rows = rows_per_head if over_encoding_rows is None else over_encoding_rows
+    inits = (1.0,) if table_init_std == 1.0 else (1.0, table_init_std)
+    arms, names = {}, dict(SHARED_RUNS)
+    for std in inits:
+        suffix = "" if std == 1.0 else f"_init{std:g}"
+        for prefix, model, sizes in (("rows", full, rows_per_head), ("oe_rows", over_encoding(full), oe_rows)):
+            for r in sizes:
+                arms[f"{prefix}{r}{suffix}"] = engram_changed(model, vocab_size_per_ngram=(r,) * orders,
+                                                               table_init_std=std)
+                if std == 1.0 and (r,) * orders == full.engram.vocab_size_per_ngram:
+                    names[f"{prefix}{r}"] = "full" if prefix == "rows" else "over_encoding"  # the ablations' arms
     arms["capacity_1"] = engram_changed(full, single_row=True)
     arms["no_engram"] = dataclasses.replace(full, engram=None)
-    names = dict(SHARED_RUNS)
-    names.update({f"rows{r}": "full" for r in rows_per_head if (r,) * orders == full.engram.vocab_size_per_ngram})
-    names.update({f"oe_rows{r}": "over_encoding" for r in rows_per_head  # the ablation's arm, at the preset's size
-                  if (r,) * orders == full.engram.vocab_size_per_ngram and f"oe_rows{r}" in arms})
     results = run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
-    results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"]
-                                          for n, a in results["arms"].items() if n.startswith("rows")}
+    suffix = "" if table_init_std == 1.0 else f"_init{table_init_std:g}"
+    results["table_init_std"] = table_init_std
+    results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"] for n, a in results["arms"].items()
+                                          if _sweep_arm(n, "rows", suffix)}
+    if suffix:  # each size: the new init minus N(0, 1), paired by seed
+        a = results["arms"]
+        results["init_vs_normal"] = {n: paired(a[n + suffix]["final_val_loss"], a[n]["final_val_loss"])
+                                     for n in a if n + suffix in a}
+        results["name"] = f"table_size{suffix}"
     write_results(out, results, _plot_table_size)
     return results
+
+
+def _sweep_arm(name: str, prefix: str, suffix: str) -> bool:
+    """Whether `name` is a table_size arm of one line: PREFIX, a row count, SUFFIX (the init)."""
+    return re.fullmatch(rf"{prefix}\d+{re.escape(suffix)}", name) is not None
 
 
 def _plot_ablations(results: dict[str, Any], path: Path) -> None:
@@ -119,13 +139,18 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
 
 def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
+    std = results.get("table_init_std", 1.0)
     fig, ax = figure((6, 4))
-    for prefix, label in (("rows", "Engram (gated, conv), layer of the preset"), ("oe_rows", "OverEncoding (input)")):
+    lines = [("rows", "", "Engram (gated, conv), layer of the preset"), ("oe_rows", "", "OverEncoding (input)")]
+    if std != 1.0:
+        lines = [(p, s, label + (f", rows N(0, {std:g}²)" if s else ", rows N(0, 1)"))
+                 for p, _, label in lines for s in ("", f"_init{std:g}")]
+    for prefix, suffix, label in lines:
         pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()
-                     if n.startswith(prefix))
+                     if _sweep_arm(n, prefix, suffix))
         if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-", capsize=3,
-                        label=label)
+            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-" if not suffix
+                        else "s--", capsize=3, label=label)
     for name, style in (("no_engram", "k--"), ("capacity_1", "r:")):
         a = arms[name]
         ax.axhline(a["mean"], color=style[0], ls=style[1:], label=f"{name}: {a['mean']:.3f} ± {a['std']:.3f}")

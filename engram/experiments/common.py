@@ -176,8 +176,9 @@ SHARED_RUNS = {"no_engram": "moe"}
 
 def write_results(out: Path, results: dict[str, Any], plot) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{results['experiment']}.json").write_text(json.dumps(results, indent=1))
-    plot(results, out / f"{results['experiment']}.png")
+    name = results.get("name", results["experiment"])  # a variant of an experiment keeps its own files
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    plot(results, out / f"{name}.png")
 
 
 def figure(size, ncols: int = 1):

@@ -166,6 +166,8 @@ class Engram(nn.Module):
         D, M = c.hidden_size, c.n_branches
         self.table = table if table is not None else InMemoryTable(
             table_sizes, c.head_dim, sparse=c.sparse_grad, device=device, dtype=dtype)
+        if table is None:  # a table passed in keeps its rows
+            self._scale_table()
         if tuple(self.table.table_sizes) != tuple(table_sizes) or self.table.embedding_dim != c.head_dim:
             raise ValueError(
                 f"table has sizes {self.table.table_sizes} x {self.table.embedding_dim}, expected "
@@ -191,9 +193,19 @@ class Engram(nn.Module):
         if self.proj.bias is not None:
             nn.init.zeros_(self.proj.bias)
 
+    @torch.no_grad()
+    def _scale_table(self) -> None:
+        """Rows drawn N(0, 1) by the table become N(0, table_init_std^2) (trainable tables only:
+        a disk table's rows are its file's)."""
+        weight = getattr(self.table, "weight", None)
+        if self.config.table_init_std != 1.0 and isinstance(weight, torch.Tensor) and not weight.is_meta:
+            weight.mul_(self.config.table_init_std)
+
     def reset_parameters(self) -> None:
-        """Table N(0, 1); projection N(0, init_std / sqrt(d_mem)), bias 0; norms 1; conv 0."""
+        """Table N(0, table_init_std^2) (1 by default); projection N(0, init_std / sqrt(d_mem)),
+        bias 0; norms 1; conv 0."""
         self.table.reset_parameters()
+        self._scale_table()
         self._reset_proj()
         for norm in (getattr(self, "key_norm", None), getattr(self, "query_norm", None)):
             if norm is not None:

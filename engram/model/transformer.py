@@ -102,9 +102,10 @@ class EngramLM(nn.Module):
         - RMSNorm gains 1; MoE routing bias 0;
         - hyper-connections: see `HyperConnection.reset_parameters` (H_res starts near identity);
         - Engram: `Engram.reset_parameters`, once per module (its table is drawn once): table
-          N(0, 1); W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0, so the value starts at the
-          residual stream's scale (docs/LOG.md: nn.Linear's default cost 0.65 nats); gate
-          norms 1; short conv 0 (a new module starts as a plain gated add, PAPER.md step 6);
+          N(0, table_init_std^2) (1 by default); W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0,
+          so the value starts at the residual stream's scale (docs/LOG.md: nn.Linear's default
+          cost 0.65 nats); gate norms 1; short conv 0 (a new module starts as a plain gated
+          add, PAPER.md step 6);
         - buffers: the compression table and the tables' offsets are filled in again.
         """
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)

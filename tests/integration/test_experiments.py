@@ -108,6 +108,19 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert sweep["arms"]["no_engram"]["row_reads"] is None
     one = sweep["arms"]["capacity_1"]["row_reads"]["1"]  # every position reads row 0 of each head
     assert one["used_rows"] == one["table_rows"] == heads and one["reads_per_used_row"] == 2 * 16 * 128
+    # zero-initialized tables beside the N(0, 1) ones, paired by seed; the N(0, 1) arm is reused
+    messages.clear()
+    zero = run_table_size(tmp_path, small_dataset, rows_per_head=(64,), over_encoding_rows=(), table_init_std=0.0,
+                          seeds=(0,), steps=2, log=messages.append)
+    assert sorted(m.split(",")[0] for m in messages if m.startswith("training")) == ["training rows64_init0"]
+    assert set(zero["init_vs_normal"]) == {"rows64"} and (tmp_path / "table_size_init0.png").is_file()
+    assert json.loads((tmp_path / "table_size_init0.json").read_text())["table_init_std"] == 0.0
+    z = zero["arms"]["rows64_init0"]
+    assert zero["slots_to_final_val_loss"] == {str(z["params"]["table_rows"]): z["mean"]}
+    assert zero["init_vs_normal"]["rows64"]["mean"] == z["mean"] - sweep["arms"]["rows64"]["mean"]
+    with safe_open(str(_newest(tmp_path / "runs" / "rows64_init0_2steps_seed0") / "model.safetensors"), "pt") as f:
+        table = f.get_tensor("blocks.1.engram.table.weight")
+    assert int(table.any(1).sum()) == z["row_reads"]["1"]["used_rows"] < len(table)  # exactly the rows read moved
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
     from engram.experiments.ablations import run_boundary_reset
@@ -182,6 +195,10 @@ def test_cli_rejects_bad_table_sizes(capsys):
     assert "--rows-per-head takes comma-separated integers" in capsys.readouterr().err
     assert main(["experiment", "table_size", "--data", "x", "--over-encoding-rows", "0"]) == 2
     assert "--over-encoding-rows needs integers >= 1" in capsys.readouterr().err
+    assert main(["experiment", "table_size", "--data", "x", "--table-init-std", "-1"]) == 2
+    assert "needs a number >= 0" in capsys.readouterr().err
+    assert main(["experiment", "ablations", "--data", "x", "--table-init-std", "0"]) == 2
+    assert "--table-init-std is an option of table_size, not of ablations" in capsys.readouterr().err
 
 
 def test_knowledge_capacity_runs_probes_and_controls(tmp_path):

@@ -29,6 +29,8 @@ def test_json_round_trip():
     (dict(layer_ids=()), "one or more"),
     (dict(n_branches=0), "n_branches must be >= 1"),
     (dict(gate_norm_eps=0.0), "gate_norm_eps must be > 0 or None"),
+    (dict(table_init_std=-0.5), r"table_init_std must be a finite number >= 0 \(1: N\(0, 1\) rows, 0: zero rows\)"),
+    (dict(table_init_std=float("nan")), "table_init_std must be a finite number >= 0"),
 ])
 def test_invalid_values_name_the_fix(change, message):
     with pytest.raises(ValueError, match=message):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engram import Engram, EngramConfig, NgramHasher, ShortConvState
+from engram import Engram, EngramConfig, InMemoryTable, NgramHasher, ShortConvState
 
 
 def make(M=1, D=16, conv_zero_init=True, **kw):
@@ -281,6 +281,23 @@ def test_standalone_module_starts_at_the_residual_scale(rng):
     assert module.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(cfg.memory_dim), rel=0.15)
     assert Engram(cfg, hasher.table_sizes[1], init_std=0.1).proj.weight.std().item() == pytest.approx(
         0.1 / math.sqrt(cfg.memory_dim), rel=0.15)
+
+
+@pytest.mark.parametrize("use_gate", [True, False])
+def test_table_init_std_scales_the_rows_and_zero_rows_add_nothing(rng, use_gate):
+    cfg, hasher, module = make(M=2, table_init_std=0.25, use_gate=use_gate)
+    assert module.table.weight.std().item() == pytest.approx(0.25, rel=0.1)
+    module.reset_parameters()
+    assert module.table.weight.std().item() == pytest.approx(0.25, rel=0.1)
+    # zero rows: value and keys are zero whatever the projection, so the module adds exactly nothing
+    cfg, hasher, module = make(M=2, conv_zero_init=False, table_init_std=0.0, use_gate=use_gate)
+    assert not module.table.weight.any()
+    ids, hidden, rows = inputs(hasher, cfg)
+    assert not module(hidden, rows).any()
+    table = InMemoryTable(hasher.table_sizes[1], cfg.head_dim)
+    given = table.weight.detach().clone()
+    Engram(cfg, hasher.table_sizes[1], table=table)
+    assert torch.equal(table.weight, given)  # a table passed in keeps its rows
 
 
 def test_passing_every_layers_rows_says_which_to_pass():

@@ -283,9 +283,12 @@ def test_sparse_gradients_with_dense_adam_is_a_clear_error():
         build_optimizers(model, lr=1e-3, table_optimizer="adam")
 
 
-def test_a_training_step_with_sparse_adam_moves_only_the_rows_read(rng):
+@pytest.mark.parametrize("table_init_std", [1.0, 0.0])
+def test_a_training_step_with_sparse_adam_moves_only_the_rows_read(rng, table_init_std):
+    """With zero-initialized rows (table_init_std=0) the rows no step has read stay exactly zero."""
     c = presets.tiny()
-    model = EngramLM(dataclasses.replace(c, engram=dataclasses.replace(c.engram, sparse_grad=True)))
+    model = EngramLM(dataclasses.replace(c, engram=dataclasses.replace(c.engram, sparse_grad=True,
+                                                                       table_init_std=table_init_std)))
     optimizers = build_optimizers(model, lr=1e-3, table_optimizer="sparse_adam")
     table = model.blocks[1].engram.table
     before = table.weight.detach().clone()
@@ -300,6 +303,8 @@ def test_a_training_step_with_sparse_adam_moves_only_the_rows_read(rng):
     read[(out.intermediates["rows"][1] + table.offsets).flatten()] = True
     changed = (table.weight != before).any(1)
     assert torch.equal(changed, read), (int(changed.sum()), int(read.sum()))
+    if table_init_std == 0.0:
+        assert not table.weight[~read].any() and table.weight[read].any(1).all()
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
