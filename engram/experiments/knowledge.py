@@ -3,8 +3,8 @@ an MoE at the same total and active parameters?
 
 At each model size: the MoE (the preset without Engram), Engram at the same total and active
 parameters (the planner), and OverEncoding (the same tables on the input, no gate, no conv).
-Controls at the largest size: capacity 1 (one row per head), other table sizes, Engram zeroed at
-inference, and the fact given in context. Each trained model is probed with
+Controls at the largest size: capacity 1 (one row per head), other table sizes, tables starting at
+zero, Engram zeroed at inference, and the fact given in context. Each trained model is probed with
 `engram.analysis.bios_recall` (exact match per condition, bits of knowledge); probes are saved
 in the run folder (`recall.json`) so a finished run costs nothing when the experiment resumes.
 """
@@ -32,7 +32,8 @@ SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
 def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75, controls: bool = False,
                       table_scales=(1 / 16, 4)) -> dict[str, ModelConfig]:
     """The arms at one size: moe, engram (planned to the MoE's total and active parameters),
-    over_encoding; with `controls`, capacity_1 and the planned tables scaled by `table_scales`."""
+    over_encoding; with `controls`, capacity_1, the planned tables scaled by `table_scales`, and
+    engram and over_encoding with zero-initialized rows (`_init0`: a row no step read adds nothing)."""
     full = dataclasses.replace(preset_model(base, data), **SIZES[size])
     moe = dataclasses.replace(full, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=full.engram.compressed_vocab_size,
@@ -43,6 +44,8 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
         for scale in table_scales:
             rows = tuple(max(1, round(r * scale)) for r in planned.engram.vocab_size_per_ngram)
             arms[f"table_x{scale:g}"] = engram_changed(planned, vocab_size_per_ngram=rows)
+        for name in ("engram", "over_encoding"):
+            arms[f"{name}_init0"] = engram_changed(arms[name], table_init_std=0.0)
     return arms
 
 

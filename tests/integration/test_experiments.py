@@ -210,7 +210,10 @@ def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
     res = run_knowledge_capacity(tmp_path, data, sizes=("d64",), seeds=(0,), steps=2, max_people=6,
                                  log=lambda *a: None)
     arms = res["sizes"]["d64"]
-    assert set(arms) == {"moe", "engram", "over_encoding", "capacity_1", "table_x0.0625", "table_x4"}
+    assert set(arms) == {"moe", "engram", "over_encoding", "capacity_1", "table_x0.0625", "table_x4", "engram_init0",
+                         "over_encoding_init0"}
+    run = json.loads((tmp_path / "runs" / "knowledge_d64_over_encoding_init0_2steps_seed0" / "run.json").read_text())
+    assert run["model"]["engram"]["table_init_std"] == 0.0 and run["model"]["engram"]["use_gate"] is False
     moe, engram = arms["moe"], arms["engram"]
     assert abs(engram["params"]["total"] / moe["params"]["total"] - 1) < 0.01  # the planner's iso-parameter arm
     assert "engram_zeroed" in engram and "engram_zeroed" not in moe
