@@ -89,20 +89,18 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
     full = preset_model(base, data)
     orders = full.engram.max_ngram_size - 1
     oe_rows = rows_per_head if over_encoding_rows is None else over_encoding_rows
-    inits = (1.0,) if table_init_std == 1.0 else (1.0, table_init_std)
+    suffix = _init_suffix(table_init_std)
     arms, names = {}, dict(SHARED_RUNS)
-    for std in inits:
-        suffix = "" if std == 1.0 else f"_init{std:g}"
+    for std in sorted({1.0, table_init_std}, reverse=True):
         for prefix, model, sizes in (("rows", full, rows_per_head), ("oe_rows", over_encoding(full), oe_rows)):
             for r in sizes:
-                arms[f"{prefix}{r}{suffix}"] = engram_changed(model, vocab_size_per_ngram=(r,) * orders,
-                                                               table_init_std=std)
+                arms[f"{prefix}{r}{_init_suffix(std)}"] = engram_changed(model, vocab_size_per_ngram=(r,) * orders,
+                                                                         table_init_std=std)
                 if std == 1.0 and (r,) * orders == full.engram.vocab_size_per_ngram:
                     names[f"{prefix}{r}"] = "full" if prefix == "rows" else "over_encoding"  # the ablations' arms
     arms["capacity_1"] = engram_changed(full, single_row=True)
     arms["no_engram"] = dataclasses.replace(full, engram=None)
     results = run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
-    suffix = "" if table_init_std == 1.0 else f"_init{table_init_std:g}"
     results["table_init_std"] = table_init_std
     results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"] for n, a in results["arms"].items()
                                           if _sweep_arm(n, "rows", suffix)}
@@ -113,6 +111,11 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
         results["name"] = f"table_size{suffix}"
     write_results(out, results, _plot_table_size)
     return results
+
+
+def _init_suffix(std: float) -> str:
+    """The arm-name suffix of tables initialized N(0, std^2): none for the usual N(0, 1)."""
+    return "" if std == 1.0 else f"_init{std:g}"
 
 
 def _sweep_arm(name: str, prefix: str, suffix: str) -> bool:
@@ -144,7 +147,7 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     lines = [("rows", "", "Engram (gated, conv), layer of the preset"), ("oe_rows", "", "OverEncoding (input)")]
     if std != 1.0:
         lines = [(p, s, label + (f", rows N(0, {std:g}²)" if s else ", rows N(0, 1)"))
-                 for p, _, label in lines for s in ("", f"_init{std:g}")]
+                 for p, _, label in lines for s in ("", _init_suffix(std))]
     for prefix, suffix, label in lines:
         pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()
                      if _sweep_arm(n, prefix, suffix))
