@@ -146,7 +146,8 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     fig, ax = figure((6, 4))
     lines = [("rows", "", "Engram (gated, conv), layer of the preset"), ("oe_rows", "", "OverEncoding (input)")]
     if std != 1.0:
-        lines = [(p, s, label + (f", rows N(0, {std:g}²)" if s else ", rows N(0, 1)"))
+        start = "rows start at 0" if std == 0 else f"rows N(0, {std:g}²)"
+        lines = [(p, s, f"{label}, {start if s else 'rows N(0, 1)'}")
                  for p, _, label in lines for s in ("", _init_suffix(std))]
     for prefix, suffix, label in lines:
         pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()
@@ -160,9 +161,10 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("table slots (rows over all hash heads of the Engram layer)")
     ax.set_ylabel("final validation loss")
-    ax.set_title(f"table size at a fixed backbone, {results['preset']}, {len(results['seeds'])} seeds", fontsize=9)
+    ax.set_title(f"table size at a fixed backbone, {results['preset']}, {results['steps']} steps, "
+                 f"{len(results['seeds'])} seeds, data {'/'.join(Path(results['data']).parts[-2:])}", fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="best", framealpha=0.8)
     fig.tight_layout()
     fig.savefig(path)
 
