@@ -113,11 +113,9 @@ def run_knowledge_capacity(out_dir: str | Path, data_dir: str | Path, *, sizes=t
 
 
 def _plot(results: dict[str, Any], path: Path) -> None:
-    fig, (left, right) = figure((11, 4.2), ncols=2)
+    fig, (left, right) = figure((11, 5), ncols=2)
     sizes = list(results["sizes"])
-    names = sorted({n for s in sizes for n in results["sizes"][s]},
-                   key=lambda n: ("moe", "engram", "over_encoding").index(n) if n in ("moe", "engram", "over_encoding")
-                   else 9)
+    names = list(dict.fromkeys(n for s in sizes for n in results["sizes"][s]))  # the arms' order, every time
     width = 0.8 / len(names)
     for j, name in enumerate(names):
         xs = [i + j * width for i, s in enumerate(sizes) if name in results["sizes"][s]]
@@ -128,7 +126,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     left.set_ylabel("bits of knowledge per active parameter")
     left.set_title(f"{results['people']} people, {results['steps']} steps, {len(results['seeds'])} seeds",
                    fontsize=9)
-    left.legend(fontsize=7)
+    left.legend(fontsize=7, ncols=2)
     left.grid(axis="y", alpha=0.3)
     size = sizes[-1]
     conds = list(CONDITIONS)
@@ -142,7 +140,7 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(conds))], conds, fontsize=8)
     right.set_ylabel("exact match (greedy answer)")
     right.set_title(f"attribute recall by condition, {size}", fontsize=9)
-    right.legend(fontsize=7)
+    right.legend(fontsize=7, ncols=3, loc="upper center", bbox_to_anchor=(0.5, -0.12))
     right.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
