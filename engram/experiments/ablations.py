@@ -12,8 +12,8 @@ from ..config import ModelConfig
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig
 from ..train.tokenizer import special_ids
-from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, over_encoding, paired,
-                     preset_model, run_arms, write_results)
+from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, init_suffix, over_encoding,
+                     paired, preset_model, run_arms, write_results)
 
 
 def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
@@ -89,12 +89,12 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
     full = preset_model(base, data)
     orders = full.engram.max_ngram_size - 1
     oe_rows = rows_per_head if over_encoding_rows is None else over_encoding_rows
-    suffix = _init_suffix(table_init_std)
+    suffix = init_suffix(table_init_std)
     arms, names = {}, dict(SHARED_RUNS)
     for std in sorted({1.0, table_init_std}, reverse=True):
         for prefix, model, sizes in (("rows", full, rows_per_head), ("oe_rows", over_encoding(full), oe_rows)):
             for r in sizes:
-                arms[f"{prefix}{r}{_init_suffix(std)}"] = engram_changed(model, vocab_size_per_ngram=(r,) * orders,
+                arms[f"{prefix}{r}{init_suffix(std)}"] = engram_changed(model, vocab_size_per_ngram=(r,) * orders,
                                                                          table_init_std=std)
                 if std == 1.0 and (r,) * orders == full.engram.vocab_size_per_ngram:
                     names[f"{prefix}{r}"] = "full" if prefix == "rows" else "over_encoding"  # the ablations' arms
@@ -111,11 +111,6 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
         results["name"] = f"table_size{suffix}"
     write_results(out, results, _plot_table_size)
     return results
-
-
-def _init_suffix(std: float) -> str:
-    """The arm-name suffix of tables initialized N(0, std^2): none for the usual N(0, 1)."""
-    return "" if std == 1.0 else f"_init{std:g}"
 
 
 def _sweep_arm(name: str, prefix: str, suffix: str) -> bool:
@@ -144,17 +139,15 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
     std = results.get("table_init_std", 1.0)
     fig, ax = figure((6, 4))
-    lines = [("rows", "", "Engram (gated, conv), layer of the preset"), ("oe_rows", "", "OverEncoding (input)")]
-    if std != 1.0:
-        start = "rows start at 0" if std == 0 else f"rows N(0, {std:g}²)"
-        lines = [(p, s, f"{label}, {start if s else 'rows N(0, 1)'}")
-                 for p, _, label in lines for s in ("", _init_suffix(std))]
-    for prefix, suffix, label in lines:
-        pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()
-                     if _sweep_arm(n, prefix, suffix))
-        if pts:
-            ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts], fmt="o-" if not suffix
-                        else "s--", capsize=3, label=label)
+    start = ", rows start at 0" if std == 0 else f", rows N(0, {std:g}²)"
+    inits = {"": ""} if std == 1.0 else {"": ", rows N(0, 1)", init_suffix(std): start}  # arm suffix: label
+    for prefix, name in (("rows", "Engram (gated, conv), layer of the preset"), ("oe_rows", "OverEncoding (input)")):
+        for suffix, init in inits.items():
+            pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()
+                         if _sweep_arm(n, prefix, suffix))
+            if pts:
+                ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] for p in pts],
+                            fmt="s--" if suffix else "o-", capsize=3, label=name + init)
     for name, style in (("no_engram", "k--"), ("capacity_1", "r:")):
         a = arms[name]
         ax.axhline(a["mean"], color=style[0], ls=style[1:], label=f"{name}: {a['mean']:.3f} ± {a['std']:.3f}")

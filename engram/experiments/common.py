@@ -92,6 +92,11 @@ def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
     return dataclasses.replace(config, engram=dataclasses.replace(config.engram, **engram_changes))
 
 
+def init_suffix(table_init_std: float) -> str:
+    """The arm-name suffix of tables whose rows start N(0, std^2): none for the usual N(0, 1)."""
+    return "" if table_init_std == 1.0 else f"_init{table_init_std:g}"
+
+
 def over_encoding(config: ModelConfig) -> ModelConfig:
     """The paper's other baseline (OverEncoding, Huang et al. 2025): the same hashed n-gram
     tables, read at the input and added to the token embedding, with no context gate and no

@@ -22,8 +22,8 @@ from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
 from ..train.data import read_extra_records
 from ..train.dataset import PreparedData
-from .common import (base_config, cached_json, engram_changed, figure, newest_model, over_encoding, paired,
-                     preset_model, run_dir, spread, train_arm, write_results)
+from .common import (base_config, cached_json, engram_changed, figure, init_suffix, newest_model, over_encoding,
+                     paired, preset_model, run_dir, spread, train_arm, write_results)
 
 # model sizes: changes to the preset (Engram follows the model's width)
 SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
@@ -45,7 +45,7 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
             rows = tuple(max(1, round(r * scale)) for r in planned.engram.vocab_size_per_ngram)
             arms[f"table_x{scale:g}"] = engram_changed(planned, vocab_size_per_ngram=rows)
         for name in ("engram", "over_encoding"):
-            arms[f"{name}_init0"] = engram_changed(arms[name], table_init_std=0.0)
+            arms[name + init_suffix(0.0)] = engram_changed(arms[name], table_init_std=0.0)
     return arms
 
 
