@@ -187,6 +187,10 @@ def _row_counts(text: str, option: str) -> tuple[int, ...]:
     return counts
 
 
+# experiments that can run arms whose table rows start N(0, std^2) beside the N(0, 1) ones
+INIT_STD_EXPERIMENTS = ("ablations", "engram_vs_moe", "rho_sweep", "table_size")
+
+
 def cmd_experiment(args: argparse.Namespace) -> None:
     """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
     knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits."""
@@ -210,9 +214,10 @@ def cmd_experiment(args: argparse.Namespace) -> None:
         for option in ("rows_per_head", "over_encoding_rows"):
             if getattr(args, option) is not None:
                 kwargs[option] = _row_counts(getattr(args, option), "--" + option.replace("_", "-"))
+    if args.name in INIT_STD_EXPERIMENTS:
         kwargs["table_init_std"] = args.table_init_std
     elif args.table_init_std != 1.0:
-        raise UserError(f"--table-init-std is an option of table_size, not of {args.name}")
+        raise UserError(f"--table-init-std is an option of {', '.join(INIT_STD_EXPERIMENTS)}, not of {args.name}")
     result = experiments.run(args.name, out, data, **kwargs)
     print(experiments.summary(result))
     name = result.get("name", args.name)
@@ -302,7 +307,8 @@ def add_commands(sub) -> None:
     ex.add_argument("--over-encoding-rows", help="table_size: rows per head of the OverEncoding arms (default: "
                     "those of --rows-per-head; none for no OverEncoding arm)")
     ex.add_argument("--table-init-std", type=nonneg_float, default=1.0,
-                    help="table_size: also sweep tables whose rows start N(0, STD^2) (0: zero rows), paired with "
-                    "the N(0, 1) arms; results in table_size_initSTD.json (default 1: N(0, 1) only)")
+                    help="engram_vs_moe, rho_sweep, table_size: also train the Engram arms with table rows that "
+                    "start N(0, STD^2) (0: zero rows), paired with the N(0, 1) arms; ablations: every arm's rows "
+                    "start so; results in NAME_initSTD.json (default 1: N(0, 1) only)")
     ex.set_defaults(func=cmd_experiment)
 

@@ -12,8 +12,8 @@ from ..config import ModelConfig
 from ..train.dataset import PreparedData
 from ..train.loop import TrainConfig
 from ..train.tokenizer import special_ids
-from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, init_suffix, over_encoding,
-                     paired, preset_model, run_arms, write_results)
+from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, init_label, init_suffix,
+                     over_encoding, paired, preset_model, run_arms, write_results)
 
 
 def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
@@ -38,9 +38,11 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
     return arms
 
 
-def _versus_full(results: dict[str, Any]) -> dict[str, Any]:
-    """Each arm's mean minus `full`'s, and the spread of their differences paired by seed."""
-    full = results["arms"]["full"]
+def _versus_full(results: dict[str, Any], reference: str = "full") -> dict[str, Any]:
+    """Each arm's mean minus the `reference` arm's (the full Engram model), and the spread of
+    their differences paired by seed."""
+    full = results["arms"][reference]
+    results["reference"] = reference
     for arm in results["arms"].values():
         arm["delta_vs_full"] = arm["mean"] - full["mean"]
         arm["paired_delta_std"] = paired(arm["final_val_loss"], full["final_val_loss"])["std"]
@@ -48,12 +50,27 @@ def _versus_full(results: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
-                  preset: str = "tiny", log=print) -> dict[str, Any]:
-    """Each arm changes one thing of the preset's Engram model; the deltas are against `full`."""
+                  preset: str = "tiny", arms=None, table_init_std: float = 1.0, log=print) -> dict[str, Any]:
+    """Each arm changes one thing of the preset's Engram model; the deltas are against `full`.
+    `arms` picks some of them (`full` among them); a `table_init_std` other than 1 starts every
+    arm's table rows N(0, std^2) (0: at zero; arm names end `_initSTD`, results in
+    ablations_initSTD.json)."""
     out = Path(out_dir)
     base = base_config(preset, steps)
-    arms = ablation_configs(base, PreparedData.open(data_dir))
-    results = _versus_full(run_arms(out, "ablations", arms, base, data_dir, seeds, log, run_names=SHARED_RUNS))
+    configs = ablation_configs(base, PreparedData.open(data_dir))
+    if arms is not None:
+        unknown = sorted(set(arms) - set(configs))
+        if unknown or "full" not in arms:
+            raise ValueError(f"ablations: arms must include 'full' and come from {', '.join(configs)}; "
+                             f"got {', '.join(arms)}")
+        configs = {name: c for name, c in configs.items() if name in arms}
+    suffix = init_suffix(table_init_std)
+    if suffix:  # arms without a table (no_engram, m4_no_engram) are the same runs as before
+        configs = {name + suffix if c.engram else name: engram_changed(c, table_init_std=table_init_std) if c.engram
+                   else c for name, c in configs.items()}
+    results = _versus_full(run_arms(out, "ablations", configs, base, data_dir, seeds, log, run_names=SHARED_RUNS),
+                           "full" + suffix)
+    results.update(name="ablations" + suffix, table_init_std=table_init_std)
     write_results(out, results, _plot_ablations)
     return results
 
@@ -124,12 +141,13 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
     fig, ax = figure((6.5, 0.35 * len(names) + 1.5))
     ax.barh(range(len(names)), [arms[n]["delta_vs_full"] for n in names],
             xerr=[arms[n]["paired_delta_std"] for n in names], capsize=3,
-            color=["tab:gray" if n == "full" else "tab:blue" for n in names])
+            color=["tab:gray" if n == results.get("reference", "full") else "tab:blue" for n in names])
     ax.set_yticks(range(len(names)), [f"{n} ({arms[n]['mean']:.3f})" for n in names], fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("val loss minus full Engram (nats; bars: spread of paired differences)", fontsize=8)
-    ax.set_title(f"ablations, {results['preset']}, {results['steps']} steps, {len(results['seeds'])} seeds",
-                 fontsize=9)
+    init = "" if results.get("table_init_std", 1.0) == 1.0 else ", " + init_label(results["table_init_std"])
+    ax.set_title(f"{results['experiment']}, {results['preset']}, {results['steps']} steps, "
+                 f"{len(results['seeds'])} seeds{init}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
@@ -139,8 +157,7 @@ def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
     std = results.get("table_init_std", 1.0)
     fig, ax = figure((6, 4))
-    start = ", rows start at 0" if std == 0 else f", rows N(0, {std:g}²)"
-    inits = {"": ""} if std == 1.0 else {"": ", rows N(0, 1)", init_suffix(std): start}  # arm suffix: label
+    inits = {"": ""} if std == 1.0 else {"": ", " + init_label(1.0), init_suffix(std): ", " + init_label(std)}
     for prefix, name in (("rows", "Engram (gated, conv), layer of the preset"), ("oe_rows", "OverEncoding (input)")):
         for suffix, init in inits.items():
             pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()

@@ -97,6 +97,13 @@ def init_suffix(table_init_std: float) -> str:
     return "" if table_init_std == 1.0 else f"_init{table_init_std:g}"
 
 
+def init_label(table_init_std: float) -> str:
+    """How plots and summaries name a table init."""
+    if table_init_std == 0:
+        return "rows start at 0"
+    return "rows N(0, 1)" if table_init_std == 1.0 else f"rows N(0, {table_init_std:g}²)"
+
+
 def over_encoding(config: ModelConfig) -> ModelConfig:
     """The paper's other baseline (OverEncoding, Huang et al. 2025): the same hashed n-gram
     tables, read at the input and added to the token embedding, with no context gate and no

@@ -2,11 +2,12 @@
 an MoE at the same total and active parameters?
 
 At each model size: the MoE (the preset without Engram), Engram at the same total and active
-parameters (the planner), and OverEncoding (the same tables on the input, no gate, no conv).
-Controls at the largest size: capacity 1 (one row per head), other table sizes, tables starting at
-zero, Engram zeroed at inference, and the fact given in context. Each trained model is probed with
-`engram.analysis.bios_recall` (exact match per condition, bits of knowledge); probes are saved
-in the run folder (`recall.json`) so a finished run costs nothing when the experiment resumes.
+parameters (the planner), and OverEncoding (the same tables on the input, no gate, no conv), the
+last two also with table rows that start at zero. Controls at the largest size: capacity 1 (one row
+per head), other table sizes, Engram zeroed at inference, and the fact given in context. Each
+trained model is probed with `engram.analysis.bios_recall` (exact match per condition, bits of
+knowledge); probes are saved in the run folder (`recall.json`) so a finished run costs nothing
+when the experiment resumes.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
 def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75, controls: bool = False,
                       table_scales=(1 / 16, 4)) -> dict[str, ModelConfig]:
     """The arms at one size: moe, engram (planned to the MoE's total and active parameters),
-    over_encoding; with `controls`, capacity_1, the planned tables scaled by `table_scales`, and
-    engram and over_encoding with zero-initialized rows (`_init0`: a row no step read adds nothing)."""
+    over_encoding, and both with zero-initialized rows (`_init0`: a row no step read adds nothing);
+    with `controls`, capacity_1 and the planned tables scaled by `table_scales`."""
     full = dataclasses.replace(preset_model(base, data), **SIZES[size])
     moe = dataclasses.replace(full, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=full.engram.compressed_vocab_size,
@@ -44,8 +45,8 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
         for scale in table_scales:
             rows = tuple(max(1, round(r * scale)) for r in planned.engram.vocab_size_per_ngram)
             arms[f"table_x{scale:g}"] = engram_changed(planned, vocab_size_per_ngram=rows)
-        for name in ("engram", "over_encoding"):
-            arms[name + init_suffix(0.0)] = engram_changed(arms[name], table_init_std=0.0)
+    for name in ("engram", "over_encoding"):
+        arms[name + init_suffix(0.0)] = engram_changed(arms[name], table_init_std=0.0)
     return arms
 
 
@@ -81,8 +82,9 @@ def _arm_summary(recalls: list[dict], params: dict[str, int]) -> dict[str, Any]:
 
 def run_knowledge_capacity(out_dir: str | Path, data_dir: str | Path, *, sizes=tuple(SIZES), seeds=(0, 1, 2),
                            steps: int = 1000, preset: str = "tiny", rho: float = 0.75, max_people: int = 500,
-                           log=print) -> dict[str, Any]:
-    """Train every arm at every size over seeds (resumable), probe each model, and compare."""
+                           controls: bool = True, log=print) -> dict[str, Any]:
+    """Train every arm at every size over seeds (resumable), probe each model, and compare. The
+    controls (capacity 1, other table sizes) run at the largest size; `controls=False` skips them."""
     out = Path(out_dir)
     data = PreparedData.open(data_dir)
     people, probes = read_extra_records(data_dir, "people"), read_extra_records(data_dir, "probes")
@@ -92,7 +94,7 @@ def run_knowledge_capacity(out_dir: str | Path, data_dir: str | Path, *, sizes=t
                                "bits_max": None, "sizes": {}}
     largest = list(sizes)[-1]
     for size in sizes:
-        arms = knowledge_configs(base, data, size, rho=rho, controls=size == largest)
+        arms = knowledge_configs(base, data, size, rho=rho, controls=controls and size == largest)
         results["sizes"][size] = {}
         for name, config in arms.items():
             run_name = f"knowledge_{size}_{name}"

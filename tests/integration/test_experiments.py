@@ -42,6 +42,19 @@ def test_experiment_runs_resumes_and_writes_results(small_dataset, tmp_path):
     again = run_engram_vs_moe(tmp_path, small_dataset, seeds=(0, 1), steps=2, log=messages.append)
     assert not any("training" in m for m in messages)  # finished runs are not trained again
     assert again["final_val_loss"] == first["final_val_loss"]
+    messages.clear()
+    zero = run_engram_vs_moe(tmp_path, small_dataset, seeds=(0, 1), steps=2, table_init_std=0.0,
+                             log=messages.append)  # the same planned model, rows starting at zero, beside the others
+    trained = [m.split(" -> ")[0] for m in messages if m.startswith("training")]
+    assert trained == ["training rho0.75_init0, seed 0", "training rho0.75_init0, seed 1"]
+    assert zero["final_val_loss"]["engram"] == first["final_val_loss"]["engram"]
+    assert zero["params"]["engram_init0"] == zero["params"]["engram"]
+    assert set(zero["row_reads"]) == {"engram", "engram_init0"} and set(zero["init_vs_normal"]) >= {"mean", "std"}
+    saved = json.loads((tmp_path / "engram_vs_moe_init0.json").read_text())
+    assert saved["table_init_std"] == 0.0 and (tmp_path / "engram_vs_moe_init0.png").is_file()
+    run = json.loads((tmp_path / "runs" / "rho0.75_init0_2steps_seed0" / "run.json").read_text())
+    assert run["model"]["engram"]["table_init_std"] == 0.0
+    assert json.loads((tmp_path / "engram_vs_moe.json").read_text())["final_val_loss"] == first["final_val_loss"]
 
 
 def test_rho_sweep_reports_the_achieved_rho(small_dataset, tmp_path):
@@ -54,6 +67,17 @@ def test_rho_sweep_reports_the_achieved_rho(small_dataset, tmp_path):
     assert (tmp_path / "rho_sweep.png").is_file()
     saved = json.loads((tmp_path / "rho_sweep.json").read_text())
     assert len(saved["rho_to_final_val_loss"]) == 2
+    messages = []
+    zero = run_rho_sweep(tmp_path, small_dataset, rhos=(0.5, 1.0), seeds=(0,), steps=2, table_init_std=0.0,
+                         log=messages.append)
+    assert [m.split(",")[0] for m in messages if m.startswith("training")] == ["training rho0.5_init0"]
+    by_init = {(p["rho_requested"], p["table_init_std"]): p for p in zero["points"]}
+    assert set(by_init) == {(0.5, 1.0), (1.0, 1.0), (0.5, 0.0)}  # the MoE has no table to start at zero
+    assert by_init[(0.5, 0.0)]["table_params"] == points[0.5]["table_params"]
+    assert by_init[(0.5, 0.0)]["paired_vs_normal_init"]["by_seed"] == [
+        by_init[(0.5, 0.0)]["final_val_loss"][0] - points[0.5]["final_val_loss"][0]]
+    assert len(json.loads((tmp_path / "rho_sweep_init0.json").read_text())["rho_to_final_val_loss"]) == 3
+    assert (tmp_path / "rho_sweep_init0.png").is_file() and "vs rows N(0, 1)" in _experiment_summary(zero)
 
 
 def test_ablation_arms_change_one_thing_each(small_dataset):
@@ -121,6 +145,22 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     with safe_open(str(_newest(tmp_path / "runs" / "rows64_init0_2steps_seed0") / "model.safetensors"), "pt") as f:
         table = f.get_tensor("blocks.1.engram.table.weight")
     assert int(table.any(1).sum()) == z["row_reads"]["1"]["used_rows"] < len(table)  # exactly the rows read moved
+    # some ablations, every table starting at zero; the MoE (no table) is the same run as before
+    messages.clear()
+    zab = run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, arms=("full", "no_gate", "no_engram"),
+                        table_init_std=0.0, log=messages.append)
+    trained = sorted(m.split(",")[0] for m in messages if m.startswith("training"))
+    assert trained == ["training full_init0", "training no_gate_init0"]
+    assert set(zab["arms"]) == {"full_init0", "no_gate_init0", "no_engram"} and zab["reference"] == "full_init0"
+    assert zab["arms"]["full_init0"]["delta_vs_full"] == 0
+    assert zab["arms"]["no_engram"]["final_val_loss"] == arms["no_engram"]["final_val_loss"]
+    e = json.loads((tmp_path / "runs" / "no_gate_init0_2steps_seed0" / "run.json").read_text())["model"]["engram"]
+    assert e["table_init_std"] == 0.0 and e["use_gate"] is False
+    assert (tmp_path / "ablations_init0.png").is_file() and (tmp_path / "ablations.json").is_file()
+    with pytest.raises(ValueError, match="must include 'full'"):
+        run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, arms=("no_gate",), log=messages.append)
+    with pytest.raises(ValueError, match="got full, no_such_arm"):
+        run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, arms=("full", "no_such_arm"), log=messages.append)
     lines = _experiment_summary(result).splitlines()
     assert len(lines) == len(arms) and lines[0].startswith("full") and "+0.0000 vs full" in lines[0]
     from engram.experiments.ablations import run_boundary_reset
@@ -197,12 +237,13 @@ def test_cli_rejects_bad_table_sizes(capsys):
     assert "--over-encoding-rows needs integers >= 1" in capsys.readouterr().err
     assert main(["experiment", "table_size", "--data", "x", "--table-init-std", "-1"]) == 2
     assert "needs a number >= 0" in capsys.readouterr().err
-    assert main(["experiment", "ablations", "--data", "x", "--table-init-std", "0"]) == 2
-    assert "--table-init-std is an option of table_size, not of ablations" in capsys.readouterr().err
+    assert main(["experiment", "boundary_reset", "--data", "x", "--table-init-std", "0"]) == 2
+    assert ("--table-init-std is an option of ablations, engram_vs_moe, rho_sweep, table_size, not of "
+            "boundary_reset" in capsys.readouterr().err)
 
 
 def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
-    from engram.experiments.knowledge import run_knowledge_capacity
+    from engram.experiments.knowledge import knowledge_configs, run_knowledge_capacity
     from engram.train.dataset import prepare_dataset
 
     data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=2048,
@@ -214,6 +255,8 @@ def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
                          "over_encoding_init0"}
     run = json.loads((tmp_path / "runs" / "knowledge_d64_over_encoding_init0_2steps_seed0" / "run.json").read_text())
     assert run["model"]["engram"]["table_init_std"] == 0.0 and run["model"]["engram"]["use_gate"] is False
+    smaller = knowledge_configs(TrainConfig(table_optimizer="sparse_adam"), PreparedData.open(data), "d64")
+    assert set(smaller) == {"moe", "engram", "over_encoding", "engram_init0", "over_encoding_init0"}  # no controls
     moe, engram = arms["moe"], arms["engram"]
     assert abs(engram["params"]["total"] / moe["params"]["total"] - 1) < 0.01  # the planner's iso-parameter arm
     assert "engram_zeroed" in engram and "engram_zeroed" not in moe
