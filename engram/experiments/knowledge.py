@@ -133,12 +133,14 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     size = sizes[-1]
     conds = list(CONDITIONS)
     shown = [n for n in names if n in results["sizes"][size]]
-    width = 0.8 / (len(shown) + 1)
-    for j, name in enumerate(shown + ["engram (zeroed)"]):
-        arm = results["sizes"][size]["engram" if name == "engram (zeroed)" else name]
-        em = arm["engram_zeroed" if name == "engram (zeroed)" else "as_trained"]["exact_match"]
+    zeroed = [n for n in ("engram", "engram" + init_suffix(0.0)) if n in shown]  # Engram zeroed at inference
+    bars = [(n, "as_trained") for n in shown] + [(n, "engram_zeroed") for n in zeroed]
+    width = 0.8 / len(bars)
+    for j, (name, variant) in enumerate(bars):
+        em = results["sizes"][size][name][variant]["exact_match"]
         right.bar([i + j * width for i in range(len(conds))], [em[c]["mean"] if c in em else 0 for c in conds],
-                  width, yerr=[em[c]["std"] if c in em else 0 for c in conds], capsize=2, label=name)
+                  width, yerr=[em[c]["std"] if c in em else 0 for c in conds], capsize=2,
+                  label=name + (" (zeroed)" if variant == "engram_zeroed" else ""))
     right.set_xticks([i + 0.4 - width / 2 for i in range(len(conds))], conds, fontsize=8)
     right.set_ylabel("exact match (greedy answer)")
     right.set_title(f"attribute recall by condition, {size}", fontsize=9)
