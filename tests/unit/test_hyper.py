@@ -186,7 +186,10 @@ def test_sinkhorn_equals_the_all_log_domain_version_with_fewer_ops():
     cold[..., 0] -= 200.0  # exp(-200) = 0 in float32: column 0 underflows before normalizing
     new, old = sinkhorn(cold, 20), sinkhorn_log_domain(cold, 20)
     assert torch.isfinite(new).all() and (new - old).abs().max() < 1e-6
-    assert ((new.sum(-2) - 1).abs().max() < 1e-4) and ((new.sum(-1) - 1).abs().max() < 1e-5)
+    # rows are normalized last, so they sum to 1; 20 steps leave the columns as far from 1 as the
+    # oracle's (up to ~1e-3 for some draws: column 0 starts 200 nats down), no farther
+    assert (new.sum(-1) - 1).abs().max() < 1e-5
+    assert (new.sum(-2) - 1).abs().max() <= (old.sum(-2) - 1).abs().max() + 1e-6
 
     counts = []  # aten ops run per call, nested ones included (logsumexp is ~7 of them)
     for fn in (sinkhorn, sinkhorn_log_domain):
