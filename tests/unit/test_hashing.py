@@ -372,7 +372,8 @@ def test_segment_ids_stop_ngrams_like_a_reset_id():
 
     hasher = NgramHasher(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=[101, 103],
                          compressed_vocab_size=50, pad_id=0)
-    a, b = torch.randint(1, 50, (1, 6)), torch.randint(1, 50, (1, 5))
+    eos = 49  # the reset id of the last part: no document draws it
+    a, b = torch.randint(1, eos, (1, 6)), torch.randint(1, eos, (1, 5))
     packed = torch.cat([a, b], 1)
     seg = torch.tensor([[0] * 6 + [1] * 5])
     rows = hasher.hash(packed, segment_ids=seg)[1]
@@ -381,7 +382,6 @@ def test_segment_ids_stop_ngrams_like_a_reset_id():
     with pytest.raises(ValueError, match="segment_ids must have"):
         hasher.hash(packed, segment_ids=seg[:, :3])
     # the same documents separated by a reset id: the rows after it equal the second document's
-    eos = 49
     a[0, -1] = eos
     with_eos = torch.cat([a, b], 1)
     reset = NgramHasher.from_layout(dataclasses.replace(hasher.layout, reset_id=eos))
