@@ -90,14 +90,14 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
     base = base_config(preset, steps)
     arms = engram_vs_moe_configs(base, data, 0.5)
     moe, ct_cfg = arms["moe"], arms["engram"].engram
+    planned = {rho: moe if rho == 1.0 else plan_sparsity(moe, rho, compressed_vocab_size=ct_cfg.compressed_vocab_size,
+                                                          pad_id=ct_cfg.pad_id, sparse_grad=True) for rho in rhos}
     points = []
     for std in sorted({1.0, table_init_std}, reverse=True):
         for rho in rhos:
             if rho == 1.0 and std != 1.0:
                 continue  # the MoE has no table
-            config = moe if rho == 1.0 else engram_changed(
-                plan_sparsity(moe, rho, compressed_vocab_size=ct_cfg.compressed_vocab_size, pad_id=ct_cfg.pad_id,
-                              sparse_grad=True), table_init_std=std)
+            config = moe if rho == 1.0 else engram_changed(planned[rho], table_init_std=std)
             achieved = 1.0 if rho == 1.0 else allocation(moe, config)["rho"]
             losses, _ = train_arm(out, _arm_name(round(rho, 4) if rho != 1.0 else 1.0) + init_suffix(std), config,
                                   base, data_dir, seeds, log)
