@@ -132,7 +132,7 @@ def unique_ratios(data_dir: str | None, tokens_per_rank: list[int]) -> dict[int,
     corpus's compressed ids (at most the whole training split)."""
     from engram.hashing.compression import CompressedTokenizer
     from engram.hashing.ngram import NgramHasher
-    from engram.train.dataset import PreparedData
+    from engram.data.dataset import PreparedData
     from engram.train.loop import dataset_sizes, preset_config
 
     if not data_dir or not os.path.isdir(data_dir):

@@ -28,7 +28,7 @@ from engram.config import EngramConfig, ModelConfig
 from engram.train.system import tune_malloc
 
 SHAPE = dict(vocab_size=8192, hidden_size=256, n_layers=8, n_heads=8, n_kv_heads=4, mlp_hidden_size=768,
-             n_branches=1, max_seq_len=1024, moe=None)
+             n_streams=1, max_seq_len=1024, moe=None)
 
 
 def engram_config(table_ratio: float = 10.0) -> tuple[ModelConfig, ModelConfig]:
@@ -39,8 +39,8 @@ def engram_config(table_ratio: float = 10.0) -> tuple[ModelConfig, ModelConfig]:
     heads, dim = 16, 16  # 2 orders x 8 heads, 16-dim rows (d_mem 256), as in presets.small
     rows = int(table_ratio * backbone / (2 * heads * dim))  # rows per head; 2 Engram layers
     engram = EngramConfig(compressed_vocab_size=SHAPE["vocab_size"], pad_id=0, layer_ids=(1, 4),
-                          vocab_size_per_ngram=(rows, rows), max_ngram_size=3, n_head_per_ngram=8,
-                          n_embed_per_ngram=128, sparse_grad=True)
+                          rows_per_head=(rows, rows), max_ngram_size=3, n_head_per_ngram=8,
+                          n_embed_per_ngram=128)
     return dense, dataclasses.replace(dense, engram=engram)
 
 
@@ -162,7 +162,7 @@ def main() -> None:
     torch.manual_seed(0)
     dense_cfg, engram_cfg = engram_config()
     counts = {"dense": count_params(dense_cfg), "engram": count_params(engram_cfg)}
-    models = {"engram": EngramLM(engram_cfg)}
+    models = {"engram": EngramLM(engram_cfg).use_sparse_table_grads()}  # as sparse_adam trains it
     models["dense"] = shared_backbone(dense_cfg, models["engram"])
     ids = torch.randint(0, SHAPE["vocab_size"], (args.batch, args.seq + 1))
     prompts = {b: torch.randint(0, SHAPE["vocab_size"], (b, args.prompt)) for b in (1, 8)}

@@ -21,7 +21,7 @@ from common import machine
 from engram import NgramHasher
 from engram.compat.numpy_reference import numpy_hash, numpy_layout
 
-DEMO = dict(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, vocab_size_per_ngram=[646400, 646400],
+DEMO = dict(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, rows_per_head=[646400, 646400],
             compressed_vocab_size=98627, pad_id=2, seed=0)
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     tokens = args.batch * args.seq
 
     mults, primes = numpy_layout(DEMO["layer_ids"], DEMO["max_ngram_size"], DEMO["n_head_per_ngram"],
-                                 DEMO["vocab_size_per_ngram"], DEMO["compressed_vocab_size"], DEMO["seed"])
+                                 DEMO["rows_per_head"], DEMO["compressed_vocab_size"], DEMO["seed"])
     reference = numpy_hash(ids_np, DEMO["layer_ids"], mults, primes, DEMO["pad_id"])
 
     def run_reference():

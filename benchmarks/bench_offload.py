@@ -39,9 +39,9 @@ from engram.hashing.compression import CompressedTokenizer
 from engram.memory.cache import CachedTable
 from engram.memory.offload import DiskTable, convert_checkpoint_tables
 from engram.model.io import load_model, save_model
-from engram.train.dataset import PreparedData, prepare_dataset
+from engram.data.dataset import PreparedData, prepare_dataset
 from engram.train.system import tune_malloc
-from engram.train.tokenizer import special_ids
+from engram.data.tokenizer import special_ids
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -57,10 +57,10 @@ def config_for(data: PreparedData, ct: CompressedTokenizer, table_ratio: float):
     base = presets.small(vocab_size=data.tokenizer.get_vocab_size(), compressed_vocab_size=len(ct), pad_id=pad)
     backbone = count_params(base)["total"] - count_params(base)["engram"]
     e = base.engram
-    rows = int(table_ratio * backbone / (e.n_hash_heads * e.head_dim))
+    rows = int(table_ratio * backbone / (e.n_hash_heads * e.row_dim))
     import dataclasses
 
-    engram = dataclasses.replace(e, layer_ids=(1,), vocab_size_per_ngram=(rows,) * (e.max_ngram_size - 1))
+    engram = dataclasses.replace(e, layer_ids=(1,), rows_per_head=(rows,) * (e.max_ngram_size - 1))
     return dataclasses.replace(base, engram=engram)
 
 
@@ -152,7 +152,7 @@ def main() -> None:
     save_model(resident, work / "model")
     stems = convert_checkpoint_tables(work / "model", work / "tables")
     table_bytes = sum(Path(str(s) + ".bin").stat().st_size for s in stems.values())
-    num_rows = counts["engram_tables_params"] // cfg.engram.head_dim
+    num_rows = counts["engram_tables_params"] // cfg.engram.row_dim
     fractions = [float(f) for f in args.cache_fractions.split(",")]
     variants = {"(a) resident": resident,
                 "(b) disk": disk_model(work / "model", stems, prefetch=False, cache_rows=None),
@@ -205,7 +205,7 @@ def main() -> None:
     probe = json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 else {}
     peak_rss, bounded_tok_s = probe.get("peak_rss_mb"), probe.get("tok_s")
 
-    print(f"model: {cfg.n_layers} blocks x {cfg.hidden_size}, M={cfg.n_branches}, Engram at block 1; backbone "
+    print(f"model: {cfg.n_layers} blocks x {cfg.hidden_size}, M={cfg.n_streams}, Engram at block 1; backbone "
           f"{counts['total'] - counts['engram']:,} params, tables {counts['engram_tables_params']:,} "
           f"({table_bytes / 2**20:,.0f} MiB, {counts['engram_tables_params'] / (counts['total'] - counts['engram']):.1f}x)")
     print(f"{args.sequences} sequences per pass (new ones each pass, ~{n_tokens:,.0f} tokens), lengths U(100, 1024); "

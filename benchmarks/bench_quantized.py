@@ -23,9 +23,9 @@ import torch
 from common import machine
 from engram.memory.quantized import QuantizedTable
 from engram.memory.table import InMemoryTable
-from engram.train.checkpoint import latest_good_checkpoint, load_checkpoint
-from engram.train.dataset import PreparedData
-from engram.train.loop import evaluate
+from engram.runs import latest_good_checkpoint, load_checkpoint
+from engram.data.dataset import PreparedData
+from engram.eval import evaluate
 
 VARIANTS = [("fp32", None, None), ("bf16", None, None), ("int8", "int8", None), ("fp8 row", "fp8", None),
             ("fp8 /32", "fp8", 32)]

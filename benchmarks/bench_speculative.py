@@ -21,8 +21,8 @@ import torch
 
 from common import machine
 from engram.model.generate import generate, speculative_generate
-from engram.train.checkpoint import latest_good_checkpoint, load_checkpoint
-from engram.train.dataset import PreparedData
+from engram.runs import latest_good_checkpoint, load_checkpoint
+from engram.data.dataset import PreparedData
 
 
 def main() -> None:

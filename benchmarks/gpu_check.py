@@ -129,7 +129,7 @@ def check_host_table(device, sequences: int, table_gib: float, max_len: int) -> 
     base = dataclasses.replace(dense, max_seq_len=1024)
     rows = int(table_gib * 2**30 / 4 / 16 / 16)  # fp32, 16 heads x 16 dims
     cfg = dataclasses.replace(base, engram=dataclasses.replace(
-        engram_config()[1].engram, layer_ids=(1,), vocab_size_per_ngram=(rows, rows)))
+        engram_config()[1].engram, layer_ids=(1,), rows_per_head=(rows, rows)))
     torch.manual_seed(0)
     model = EngramLM(cfg, device=device).eval()
     gen = torch.Generator().manual_seed(0)
@@ -183,9 +183,8 @@ def main() -> None:
                                "GPU throughput (CPU numbers instead)"]
     torch.manual_seed(0)
     _, cfg = engram_config(table_ratio=10.0 if cuda else 2.0)
-    # dense table gradients (the paper's recipe: dense Adam) so the whole training step is one
-    # graph; sparse ones run their gather between graphs (tests/unit/test_compile.py)
-    cfg = dataclasses.replace(cfg, engram=dataclasses.replace(cfg.engram, sparse_grad=False))
+    # dense table gradients (the default; the paper's recipe: dense Adam) so the whole training
+    # step is one graph; sparse ones run their gather between graphs (tests/unit/test_compile.py)
     model = EngramLM(cfg, device=device)
     ids = torch.randint(0, SHAPE["vocab_size"], (8, 257), device=device)
     result = {"benchmark": "gpu_check", "machine": machine(), "device": torch.cuda.get_device_name() if cuda

@@ -10,9 +10,13 @@ Layer ids are 0-based everywhere in engram-torch (the paper counts layers from 1
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
+
+_log = logging.getLogger("engram.config")
+_reported: set[str] = set()  # old-field notes already logged (once per process each)
 
 
 def _require(ok: bool, message: str) -> None:
@@ -20,24 +24,79 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def note_old_field(note: str) -> None:
+    """Log how an old field of a stored file was read, once per process (a checkpoint's config
+    is read several times on load)."""
+    if note not in _reported:
+        _reported.add(note)
+        _log.info("engram.config: %s", note)
+
+
+def _upgrade_engram_dict(data: dict[str, Any], *, hidden_size: int | None,
+                         n_streams: int | None) -> dict[str, Any]:
+    """A stored Engram config with today's field names (docs/names.md has the table).
+
+    - `vocab_size_per_ngram` is `rows_per_head`;
+    - `hidden_size` / `n_branches` (before issue 10) were copies of the model's: checked against
+      the model's when known, then dropped;
+    - `sparse_grad` is the table optimizer's choice now: dropped;
+    - `table_init_std` missing: the file predates the field, whose default was N(0, 1).
+    """
+    data = dict(data)
+    if "vocab_size_per_ngram" in data:
+        _require("rows_per_head" not in data, "engram config has both rows_per_head and its old name "
+                 "vocab_size_per_ngram; keep rows_per_head")
+        data["rows_per_head"] = data.pop("vocab_size_per_ngram")
+        note_old_field("old field vocab_size_per_ngram read as rows_per_head")
+    for old, new, model in (("hidden_size", "hidden_size", hidden_size), ("n_branches", "n_streams", n_streams)):
+        if old in data:
+            given = data.pop(old)
+            _require(
+                given is None or model is None or given == model,
+                f"engram.{old}={given} conflicts with the model's {new}={model}; the Engram modules take the "
+                f"model's {new}: leave it out of the engram config and set {new} on ModelConfig",
+            )
+            note_old_field(f"old field engram.{old} dropped (the Engram modules take the model's {new})")
+    if "sparse_grad" in data:
+        data.pop("sparse_grad")
+        note_old_field("old field engram.sparse_grad dropped (the table optimizer decides: sparse_adam and "
+                  "row_adam call EngramLM.use_sparse_table_grads)")
+    if "table_init_std" not in data:
+        data["table_init_std"] = 1.0
+        note_old_field("engram.table_init_std missing (a file from before the field) read as 1.0, N(0, 1) rows")
+    return data
+
+
+def _upgrade_model_dict(data: dict[str, Any]) -> dict[str, Any]:
+    """A stored ModelConfig with today's field names: `n_branches` is `n_streams`."""
+    data = dict(data)
+    if "n_branches" in data:
+        _require("n_streams" not in data, "model config has both n_streams and its old name n_branches; "
+                 "keep n_streams")
+        data["n_streams"] = data.pop("n_branches")
+        note_old_field("old field n_branches read as n_streams")
+    return data
+
+
 @dataclass(frozen=True, kw_only=True)
 class EngramConfig:
     """Shape and behaviour of the Engram modules of one model (all layers share it).
 
-    Hashing fields (`layer_ids` .. `seed`) define the hash layout; module fields
+    Hashing fields (`layer_ids` .. `reset_id`) define the hash layout; module fields
     (`n_embed_per_ngram` ..) define the weights. `pad_id` and `compressed_vocab_size` are in
-    the *compressed* id space (see `CompressedTokenizer`).
-
-    `hidden_size` and `n_branches` are the model's (D and M): inside a `ModelConfig` leave
-    them None, the model fills them in (`ModelConfig.engram_module_config`). Set them only to
-    build an `Engram` module on its own.
+    the *compressed* id space (see `CompressedTokenizer`). The model's width D and stream
+    count M are the model's (`ModelConfig`), given to each `Engram` module when it is built.
+    Whether table gradients are sparse is the optimizer's choice, not the config's
+    (`EngramLM.use_sparse_table_grads`). Old field names still load (`from_dict`, docs/names.md).
     """
 
     # -- hashing (PAPER.md step 3) --
     compressed_vocab_size: int
     pad_id: int
     layer_ids: tuple[int, ...]
-    vocab_size_per_ngram: tuple[int, ...]
+    # rows asked for per hash head, one entry per n-gram order 2..N; each head's table gets the
+    # next unused prime above it (the hash layout's `primes`)
+    rows_per_head: tuple[int, ...]
     max_ngram_size: int = 3
     n_head_per_ngram: int = 8
     seed: int = 0
@@ -45,20 +104,18 @@ class EngramConfig:
     # sequences): earlier ids read as pad_id. None: they run across everything (the paper's demo).
     reset_id: int | None = None
     # -- module (PAPER.md steps 4-8) --
-    hidden_size: int | None = None  # D; None: the model's
-    n_branches: int | None = None  # M; None: the model's
     n_embed_per_ngram: int = 512
     kernel_size: int = 4
     use_short_conv: bool = True
     conv_zero_init: bool = True
     use_gate: bool = True
-    # std of the table rows at initialization: 1 as nn.Embedding (the demo). 0 starts every row
-    # at zero, so a row no training step has read adds nothing (no random noise from rare rows).
-    table_init_std: float = 1.0
+    # std of the table rows at initialization. 0 (new models) starts every row at zero, so a row
+    # no training step has read adds nothing (no random noise from rare rows); 1 is nn.Embedding's
+    # N(0, 1), the demo's, and what a stored config without this field means (`from_dict`).
+    table_init_std: float = 0.0
     bias: bool = False
     gate_norm_eps: float | None = 1e-6
     conv_norm_eps: float | None = 1e-5
-    sparse_grad: bool = False
     # Ablation: every n-gram reads its head's one shared row (the "capacity-1" control), so the
     # memory cannot tell n-grams apart; the hash layout stays as configured.
     single_row: bool = False
@@ -66,22 +123,20 @@ class EngramConfig:
     def __post_init__(self) -> None:
         # JSON gives lists; keep tuples so the config stays hashable and frozen.
         object.__setattr__(self, "layer_ids", tuple(int(i) for i in self.layer_ids))
-        object.__setattr__(
-            self, "vocab_size_per_ngram", tuple(int(v) for v in self.vocab_size_per_ngram)
-        )
+        object.__setattr__(self, "rows_per_head", tuple(int(v) for v in self.rows_per_head))
         n = self.max_ngram_size
         _require(
             2 <= n <= 8,
             f"max_ngram_size must be in 2..8 (the paper uses 3), got {n}",
         )
         _require(
-            len(self.vocab_size_per_ngram) == n - 1,
-            f"vocab_size_per_ngram needs one entry per order 2..{n} ({n - 1} values), "
-            f"got {len(self.vocab_size_per_ngram)}: {list(self.vocab_size_per_ngram)}",
+            len(self.rows_per_head) == n - 1,
+            f"rows_per_head needs one entry per order 2..{n} ({n - 1} values), "
+            f"got {len(self.rows_per_head)}: {list(self.rows_per_head)}",
         )
         _require(
-            all(v >= 2 for v in self.vocab_size_per_ngram),
-            f"every vocab_size_per_ngram entry must be >= 2, got {list(self.vocab_size_per_ngram)}",
+            all(v >= 2 for v in self.rows_per_head),
+            f"every rows_per_head entry must be >= 2, got {list(self.rows_per_head)}",
         )
         _require(
             len(self.layer_ids) >= 1 and all(i >= 0 for i in self.layer_ids),
@@ -107,10 +162,6 @@ class EngramConfig:
             f"n_embed_per_ngram ({self.n_embed_per_ngram}) must be divisible by "
             f"n_head_per_ngram ({self.n_head_per_ngram}): each head gets an equal slice",
         )
-        _require(self.hidden_size is None or self.hidden_size >= 1,
-                 f"hidden_size must be >= 1 or None (the model's), got {self.hidden_size}")
-        _require(self.n_branches is None or self.n_branches >= 1,
-                 f"n_branches must be >= 1 (1 = plain residual) or None (the model's), got {self.n_branches}")
         _require(self.kernel_size >= 1, f"kernel_size must be >= 1, got {self.kernel_size}")
         _require(math.isfinite(self.table_init_std) and self.table_init_std >= 0,
                  f"table_init_std must be a finite number >= 0 (1: N(0, 1) rows, 0: zero rows), "
@@ -119,14 +170,14 @@ class EngramConfig:
             eps = getattr(self, name)
             _require(eps is None or eps > 0, f"{name} must be > 0 or None (dtype default), got {eps}")
 
-    # -- derived sizes (shape legend: H hash heads per layer, E head dim) --
+    # -- derived sizes (shape legend: H hash heads per layer, E row width) --
     @property
     def n_hash_heads(self) -> int:
         """H: tables per Engram layer, (N - 1) orders x K heads."""
         return (self.max_ngram_size - 1) * self.n_head_per_ngram
 
     @property
-    def head_dim(self) -> int:
+    def row_dim(self) -> int:
         """E: width of one table row."""
         return self.n_embed_per_ngram // self.n_head_per_ngram
 
@@ -140,7 +191,11 @@ class EngramConfig:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "EngramConfig":
+    def from_dict(cls, data: dict[str, Any], *, hidden_size: int | None = None,
+                  n_streams: int | None = None) -> "EngramConfig":
+        """From `to_dict` output, or from a stored file with old field names (docs/names.md).
+        `hidden_size` / `n_streams`: the model's, to check an old file's copies against."""
+        data = _upgrade_engram_dict(data, hidden_size=hidden_size, n_streams=n_streams)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         _require(
@@ -196,17 +251,18 @@ class MoEConfig:
 class ModelConfig:
     """An EngramLM: pre-norm blocks of attention (GQA, RoPE) and a dense or MoE MLP, on M
     hyper-connection streams (M = 1: the plain residual stream), with Engram modules at
-    `engram.layer_ids` (0-based block indices; None: no Engram)."""
+    `engram.layer_ids` (0-based block indices; None: no Engram). The Engram modules take the
+    model's width (`hidden_size`, D) and streams (`n_streams`, M)."""
 
     vocab_size: int
     hidden_size: int
     n_layers: int
     n_heads: int
     n_kv_heads: int | None = None  # None: = n_heads (multi-head); fewer: grouped-query
-    head_dim: int | None = None  # None: hidden_size // n_heads
+    head_dim: int | None = None  # attention head width; None: hidden_size // n_heads
     mlp_hidden_size: int  # SwiGLU width of the dense MLP (all blocks without MoE)
     moe: MoEConfig | None = None
-    n_branches: int = 1  # hyper-connection streams M
+    n_streams: int = 1  # M: hyper-connection streams
     sinkhorn_iters: int = 20
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
@@ -218,7 +274,8 @@ class ModelConfig:
         if isinstance(self.moe, dict):
             object.__setattr__(self, "moe", MoEConfig(**self.moe))
         if isinstance(self.engram, dict):
-            object.__setattr__(self, "engram", EngramConfig.from_dict(self.engram))
+            object.__setattr__(self, "engram", EngramConfig.from_dict(
+                self.engram, hidden_size=self.hidden_size, n_streams=self.n_streams))
         for name in ("vocab_size", "hidden_size", "n_layers", "n_heads", "mlp_hidden_size", "max_seq_len"):
             _require(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
         kv = self.kv_heads
@@ -233,7 +290,7 @@ class ModelConfig:
                 "or set head_dim explicitly",
             )
         _require(self.attn_head_dim % 2 == 0, f"head_dim must be even for RoPE, got {self.attn_head_dim}")
-        _require(self.n_branches >= 1, f"n_branches must be >= 1 (1 = plain residual), got {self.n_branches}")
+        _require(self.n_streams >= 1, f"n_streams must be >= 1 (1 = plain residual), got {self.n_streams}")
         if self.moe is not None:
             _require(
                 self.moe.first_k_dense <= self.n_layers,
@@ -241,16 +298,6 @@ class ModelConfig:
             )
         if self.engram is not None:
             e = self.engram
-            for name in ("hidden_size", "n_branches"):  # the model's; an equal copy (old files) is dropped
-                given, model = getattr(e, name), getattr(self, name)
-                _require(
-                    given is None or given == model,
-                    f"engram.{name}={given} conflicts with the model's {name}={model}; the Engram modules "
-                    f"take the model's {name}: leave engram.{name} unset and set {name} on ModelConfig",
-                )
-            if e.hidden_size is not None or e.n_branches is not None:
-                e = dataclasses.replace(e, hidden_size=None, n_branches=None)
-                object.__setattr__(self, "engram", e)
             _require(
                 max(e.layer_ids) < self.n_layers,
                 f"engram.layer_ids {list(e.layer_ids)} must be 0-based block indices < n_layers={self.n_layers}",
@@ -264,25 +311,19 @@ class ModelConfig:
     def attn_head_dim(self) -> int:
         return self.hidden_size // self.n_heads if self.head_dim is None else self.head_dim
 
-    @property
-    def engram_module_config(self) -> EngramConfig | None:
-        """`engram` with the model's width and streams filled in: what each `Engram` module gets."""
-        if self.engram is None:
-            return None
-        return dataclasses.replace(self.engram, hidden_size=self.hidden_size, n_branches=self.n_branches)
-
     def is_moe_layer(self, layer: int) -> bool:
         return self.moe is not None and layer >= self.moe.first_k_dense
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["moe"] = None if self.moe is None else self.moe.to_dict()
-        if self.engram is not None:  # without the model's own hidden_size / n_branches
-            d["engram"] = {k: v for k, v in self.engram.to_dict().items() if k not in ("hidden_size", "n_branches")}
+        d["engram"] = None if self.engram is None else self.engram.to_dict()
         return d
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """From `to_dict` output, or from a stored file with old field names (docs/names.md)."""
+        data = _upgrade_model_dict(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         _require(not unknown, f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")

@@ -3,7 +3,7 @@
 `tiny` and `small` run on a CPU (tests, the README's main job, benchmarks); `moe_27b` and
 `engram_27b` are the paper's shapes (PAPER.md "Training recipe") and are only meant to be
 built on the meta device for accounting and planning. Keyword overrides replace fields:
-`tiny(n_layers=6)`, `tiny(hidden_size=192, n_branches=4)` (Engram follows the model's width
+`tiny(n_layers=6)`, `tiny(hidden_size=192, n_streams=4)` (Engram follows the model's width
 and streams); `engram=False` gives the same backbone without Engram.
 """
 
@@ -27,27 +27,27 @@ def tiny(*, engram: bool = True, vocab_size: int = 8192, compressed_vocab_size: 
     return _finish(ModelConfig(
         vocab_size=vocab_size, hidden_size=D, n_layers=4, n_heads=4, n_kv_heads=2, mlp_hidden_size=384,
         moe=MoEConfig(n_routed_experts=8, n_shared_experts=1, top_k=2, expert_hidden_size=128, first_k_dense=1),
-        n_branches=1, max_seq_len=256,
+        n_streams=1, max_seq_len=256,
         engram=EngramConfig(
             compressed_vocab_size=compressed_vocab_size or vocab_size, pad_id=pad_id, layer_ids=(1,),
-            vocab_size_per_ngram=(16384, 16384), max_ngram_size=3, n_head_per_ngram=4, n_embed_per_ngram=64,
-            sparse_grad=False),
+            rows_per_head=(16384, 16384), max_ngram_size=3, n_head_per_ngram=4, n_embed_per_ngram=64),
     ), engram, overrides)
 
 
 def small(*, engram: bool = True, vocab_size: int = 8192, compressed_vocab_size: int | None = None,
-          pad_id: int = 0, table_rows_per_head: int = 507_500, **overrides) -> ModelConfig:
+          pad_id: int = 0, rows_per_head: int = 507_500, **overrides) -> ModelConfig:
     """8 blocks of width 256, MoE (16 experts, top-2), M = 4 hyper-connection streams, Engram
-    at blocks 1 and 4 with ~10x the backbone's parameters in its tables (sparse gradients)."""
+    at blocks 1 and 4 with ~10x the backbone's parameters in its tables (train them with a
+    row-sparse table optimizer: sparse_adam or row_adam). `rows_per_head`: for both orders."""
     D, M = 256, 4
     return _finish(ModelConfig(
         vocab_size=vocab_size, hidden_size=D, n_layers=8, n_heads=8, n_kv_heads=4, mlp_hidden_size=768,
         moe=MoEConfig(n_routed_experts=16, n_shared_experts=1, top_k=2, expert_hidden_size=256, first_k_dense=1),
-        n_branches=M, max_seq_len=1024,
+        n_streams=M, max_seq_len=1024,
         engram=EngramConfig(
             compressed_vocab_size=compressed_vocab_size or vocab_size, pad_id=pad_id, layer_ids=(1, 4),
-            vocab_size_per_ngram=(table_rows_per_head,) * 2, max_ngram_size=3, n_head_per_ngram=8,
-            n_embed_per_ngram=128, sparse_grad=True),
+            rows_per_head=(rows_per_head,) * 2, max_ngram_size=3, n_head_per_ngram=8,
+            n_embed_per_ngram=128),
     ), engram, overrides)
 
 
@@ -58,7 +58,7 @@ def moe_27b(**overrides) -> ModelConfig:
     return _finish(ModelConfig(
         vocab_size=129280, hidden_size=2560, n_layers=30, n_heads=32, n_kv_heads=32, mlp_hidden_size=10240,
         moe=MoEConfig(n_routed_experts=72, n_shared_experts=2, top_k=6, expert_hidden_size=1536, first_k_dense=1),
-        n_branches=4, max_seq_len=4096, engram=None,
+        n_streams=4, max_seq_len=4096, engram=None,
     ), True, overrides)
 
 
@@ -72,8 +72,8 @@ def engram_27b(*, compressed_vocab_size: int | None = None, pad_id: int = 2, **o
         base, moe=dataclasses.replace(base.moe, n_routed_experts=55),
         engram=EngramConfig(
             compressed_vocab_size=compressed_vocab_size or base.vocab_size, pad_id=pad_id, layer_ids=(1, 14),
-            vocab_size_per_ngram=(2_262_400, 2_262_400), max_ngram_size=3, n_head_per_ngram=8,
-            n_embed_per_ngram=640, sparse_grad=True),
+            rows_per_head=(2_262_400, 2_262_400), max_ngram_size=3, n_head_per_ngram=8,
+            n_embed_per_ngram=640),
     ), True, overrides)
 
 

@@ -13,3 +13,10 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(seed)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Everything under tests/distributed spawns gloo ranks: mark it `distributed`."""
+    for item in items:
+        if "distributed" in item.path.parts[-2:-1]:
+            item.add_marker(pytest.mark.distributed)

@@ -107,7 +107,7 @@ def ablation_eval(model: Any, data: Any, seq_len: int, max_windows: int,
                   layers: Iterable[int] | None = None) -> dict[str, dict[str, Any]]:
     """val_loss, val_bpb (lower is better; references: a uniform prediction over the vocabulary)
     and next-token top-1 accuracy, with and without Engram, on the same validation windows."""
-    from ..train.loop import evaluate
+    from ..eval import evaluate
 
     V = model.config.vocab_size
     last: dict[str, float] = {}  # one evaluate() gives both numbers: val_bpb reads what val_loss left

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..train.synthetic_bios import ATTRIBUTES, Person, attribute_choices, biography, completion_prompt, qa_prompt
+from ..data.synthetic_bios import ATTRIBUTES, Person, attribute_choices, biography, completion_prompt, qa_prompt
 from .knowledge import answer_scores
 
 CONDITIONS = ("bio", "qa_trained", "qa_held_out", "in_context")

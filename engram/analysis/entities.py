@@ -56,7 +56,7 @@ def token_classes(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int,
 @torch.no_grad()
 def entity_gate_stats(model: Any, tokenizer: Any, documents: Iterable[str], titles: Iterable[str], *,
                       max_tokens: int | None = None) -> dict[int, dict[str, float]]:
-    """Mean gate (over branches) of each token class, per Engram layer, over `documents`
+    """Mean gate (over streams) of each token class, per Engram layer, over `documents`
     (each read from its start, up to `max_tokens`, default the model's max_seq_len)."""
     if not model.engram_layers:
         raise ValueError("the model has no Engram layers, so there are no gates to measure")
@@ -78,7 +78,7 @@ def entity_gate_stats(model: Any, tokenizer: Any, documents: Iterable[str], titl
             out = model(torch.tensor([ids], device=device), return_intermediates=True)
             counts += np.bincount(cls, minlength=k)
             for layer, g in out.intermediates["gates"].items():
-                per_token = g[0].float().mean(-1).cpu().numpy()  # mean over branches: [T]
+                per_token = g[0].float().mean(-1).cpu().numpy()  # mean over streams: [T]
                 sums[int(layer)] += np.bincount(cls, weights=per_token, minlength=k)
     finally:
         model.train(was_training)

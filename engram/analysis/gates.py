@@ -1,8 +1,8 @@
-"""Gate heatmaps of any text: how strongly each Engram layer and branch lets its memory in.
+"""Gate heatmaps of any text: how strongly each Engram layer and stream lets its memory in.
 
     res = gate_values(model, tokenizer, "Alexander the Great was ...")
     gate_heatmap_html(res, "gates.html")   # the text, each token's background = its gate
-    gate_heatmap_png(res, "gates.png")     # rows (layer, branch) x columns (tokens)
+    gate_heatmap_png(res, "gates.png")     # rows (layer, stream) x columns (tokens)
 
 The gates come from the model's own forward (`return_intermediates=True`); nothing is edited.
 Like the paper's figure, gates near 1 mark tokens where the N-gram memory is trusted (the end
@@ -43,7 +43,7 @@ def gate_values(model: Any, tokenizer: Any, text: str) -> dict[str, Any]:
     """Per-token gates of every Engram layer for `text` (no special tokens added).
 
     Returns {"text", "tokens": [str] (slices of the text, joining back to it), "ids": [int],
-    "gates": {layer: float numpy [T, M]}} (M = hyper-connection branches)."""
+    "gates": {layer: float numpy [T, M]}} (M = hyper-connection streams)."""
     if not model.engram_layers:
         raise ValueError("the model has no Engram layers, so there are no gates to show")
     enc = tokenizer.encode(text, add_special_tokens=False)
@@ -62,12 +62,12 @@ def gate_values(model: Any, tokenizer: Any, text: str) -> dict[str, Any]:
 
 
 def _rows(result: dict[str, Any]) -> list[tuple[str, np.ndarray]]:
-    """One (label, [T] gates) per (layer, branch), layers in order."""
+    """One (label, [T] gates) per (layer, stream), layers in order."""
     rows = []
     for layer in sorted(result["gates"]):
         g = np.asarray(result["gates"][layer])
         for m in range(g.shape[1]):
-            rows.append((f"layer {layer}, branch {m}", g[:, m]))
+            rows.append((f"layer {layer}, stream {m}", g[:, m]))
     return rows
 
 
@@ -78,7 +78,7 @@ def _colour(g: float) -> str:
 
 
 def gate_heatmap_html(result: dict[str, Any], path: str | os.PathLike, title: str = "Engram gates") -> Path:
-    """A self-contained HTML page: for each (layer, branch) the text with each token's background
+    """A self-contained HTML page: for each (layer, stream) the text with each token's background
     coloured by its gate (0 white -> 1 red); hovering a token shows its value."""
     esc = html.escape
     parts = [
@@ -113,7 +113,7 @@ def _tick(tok: str) -> str:
 
 
 def gate_heatmap_png(result: dict[str, Any], path: str | os.PathLike, title: str = "Engram gates") -> Path:
-    """A heatmap: rows (layer, branch), columns tokens (labelled with their text), colours 0..1."""
+    """A heatmap: rows (layer, stream), columns tokens (labelled with their text), colours 0..1."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

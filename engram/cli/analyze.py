@@ -6,9 +6,11 @@ import argparse
 import json
 from pathlib import Path
 
+from engram.runs import run_data
+
 from .args import UserError, existing_dir, out_dir, positive_int
 from .data import SAMPLE
-from .serve import open_run, run_data
+from .inference import open_run
 
 
 def _seq_len(run: dict) -> int:

@@ -51,6 +51,18 @@ fraction = _checked(_finite, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 open_fraction = _checked(_finite, lambda v: 0 < v < 1, "a number strictly between 0 and 1")
 
 
+def each(parse):
+    """The type of one value of a list option (`nargs="+"`): a comma list is one clear error."""
+    def check(text: str):
+        if "," in text:
+            raise argparse.ArgumentTypeError(f"takes its values as separate words (e.g. {text.replace(',', ' ')}), "
+                                             f"not comma-separated; got {text!r}")
+        return parse(text)
+
+    check.__name__ = parse.__name__
+    return check
+
+
 def existing_file(text: str) -> str:
     path = Path(text)
     if path.is_dir():

@@ -8,7 +8,7 @@ from pathlib import Path
 from .args import Parser, UserError, existing_file, existing_path, nonneg_int, open_fraction, out_dir, positive_int
 
 SAMPLE = "Only Alexander the Great could tame the horse Bucephalus."
-DEMO_LAYOUT = dict(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, vocab_size_per_ngram=[646400, 646400],
+DEMO_LAYOUT = dict(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, rows_per_head=[646400, 646400],
                    seed=0)
 
 
@@ -61,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 def cmd_data_build(args: argparse.Namespace) -> None:
     """Build a dataset folder: documents split by document, a tokenizer, token files."""
-    from engram.train.dataset import prepare_dataset
+    from engram.data.dataset import prepare_dataset
 
     if args.corpus and args.input:
         raise UserError("give either --corpus NAME or --input PATH ..., not both")

@@ -2,7 +2,7 @@
 a training run stopped for non-finite steps is one line, exit code 1.
 
 One module per command group: data (demo, data build), train (train, config, experiment),
-serve (eval, generate, offload, info), analyze, memory (index, locate,
+inference (eval, generate, offload, export-hf, info), analyze, memory (index, locate,
 forget, write, replay). Set ENGRAM_DEBUG=1 to see the traceback
 behind an error line.
 """
@@ -13,27 +13,26 @@ import argparse
 import os
 import sys
 
-from . import analyze, data, memory, serve, train
+from . import analyze, data, inference, memory, train
 from .args import Parser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="engram", description="Engram: conditional memory via scalable lookup.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (data, train, serve, analyze, memory):
+    for group in (data, train, inference, analyze, memory):
         group.add_commands(sub)
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    from engram.train.checkpoint import CheckpointError
-    from engram.train.loop import TrainingDiverged
+    from engram.train.trainer import TrainingDiverged
 
     try:
         args = build_parser().parse_args(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
         args.func(args)
-    except (UserError, CheckpointError, ValueError, FileNotFoundError, UnicodeDecodeError, TrainingDiverged) as e:
+    except (UserError, ValueError, FileNotFoundError, UnicodeDecodeError, TrainingDiverged) as e:
         if os.environ.get("ENGRAM_DEBUG"):
             raise
         print(f"engram: error: {e}", file=sys.stderr)

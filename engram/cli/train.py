@@ -8,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from .args import (DTYPES, UserError, add_device_options, existing_dir, existing_file, nonneg_float, nonneg_int,
-                   out_dir, positive_float, positive_int, probability)
+from .args import (DTYPES, UserError, add_device_options, each, existing_dir, existing_file, fraction, nonneg_float,
+                   nonneg_int, out_dir, positive_float, positive_int, probability)
 
 
 def load_model_config(path: str):
@@ -29,27 +29,17 @@ def load_model_config(path: str):
         raise UserError(f"{path}: {e}; start from: engram config --preset tiny > model.json") from None
 
 
-def _with_table_optimizer(config, table_optimizer: str | None):
-    """(config, table optimizer): the optimizer decides whether table gradients are sparse; by
-    default the config's sparse_grad picks sparse_adam or dense adam."""
-    if config.engram is None:
-        return config, table_optimizer or "adam"
-    if table_optimizer is None:
-        return config, "sparse_adam" if config.engram.sparse_grad else "adam"
-    engram = dataclasses.replace(config.engram, sparse_grad=table_optimizer != "adam")
-    return dataclasses.replace(config, engram=engram), table_optimizer
-
-
 def cmd_train(args: argparse.Namespace) -> None:
     """Train a model (building the default corpus first when no --data is given)."""
-    from engram.train.dataset import prepare_dataset
-    from engram.train.loop import TrainConfig, hashes_raw_ids, train
+    from engram.data.dataset import prepare_dataset
+    from engram.train.loop import hashes_raw_ids, train
     from engram.train.system import tune_malloc
 
     from engram.distributed import init_distributed, is_main, launched_by_torchrun
 
     if args.config and args.preset:
         raise UserError("give either --preset NAME or --config FILE, not both")
+    cfg = train_config(args)  # every setting checked before any work
     if args.nproc > 1 and not launched_by_torchrun():
         _relaunch_under_torchrun(args.nproc, args.argv)
         return
@@ -61,8 +51,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         tune_malloc()
     model_config = None
     if args.config:
-        model_config, args.table_optimizer = _with_table_optimizer(load_model_config(args.config),
-                                                                   args.table_optimizer)
+        model_config = load_model_config(args.config)
         if model_config.engram is not None and hashes_raw_ids(model_config):
             print(f"note: {args.config} has engram.compressed_vocab_size = vocab_size, so Engram hashes raw token "
                   "ids (no tokenizer compression); `engram config --data DIR` sizes a config to a dataset's "
@@ -76,9 +65,6 @@ def cmd_train(args: argparse.Namespace) -> None:
         import torch.distributed as dist
 
         dist.barrier()  # the other ranks wait for rank 0's corpus
-    fields = {k: getattr(args, k) for k in TRAIN_FIELDS if getattr(args, k) is not None}
-    fields.update({k: True for k in ("activation_checkpointing", "compile", "fsdp") if getattr(args, k)})
-    cfg = TrainConfig(**fields)
     summary = train(out, cfg, data_dir=data, resume=args.resume, model_config=model_config)
     if not is_main():
         return
@@ -112,14 +98,35 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
         raise UserError(f"the {nproc} training processes stopped with exit code {code} (their errors are above)")
 
 
-TRAIN_FIELDS = ("preset", "seed", "max_steps", "batch_size", "seq_len", "lr", "warmup_steps", "table_optimizer",
-                "eval_every", "checkpoint_every", "grad_accum", "device", "dtype", "table_dtype", "max_bad_steps")
+SWITCHES = ("activation_checkpointing", "compile", "fsdp")  # TrainConfig booleans: flags that turn them on
+
+
+def train_config(args: argparse.Namespace):
+    """The TrainConfig of `engram train`: --train-config FILE (JSON, checked field by field), then
+    every flag given on the command line on top of it."""
+    from engram.train.loop import TrainConfig
+
+    fields = {}
+    if args.train_config:
+        try:
+            fields = json.loads(Path(args.train_config).read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{args.train_config} is not valid JSON ({e.msg}, line {e.lineno})") from None
+        TrainConfig.from_dict(fields, where=args.train_config)  # names a bad field before flags are added
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(args, f.name)
+        if f.name in SWITCHES:
+            if value:
+                fields[f.name] = True
+        elif value is not None:
+            fields[f.name] = value
+    return TrainConfig.from_dict(fields, where="engram train")
 
 
 def cmd_retrofit(args: argparse.Namespace) -> None:
     """Train an Engram adapter for a pretrained transformers model (HF folder or GGUF file) on a corpus."""
     from engram.hf.retrofit_train import RetrofitConfig, retrofit
-    from engram.train.dataset import prepare_dataset
+    from engram.data.dataset import prepare_dataset
 
     base = _resolve_base(args.model)
     out = Path(args.out)
@@ -130,10 +137,7 @@ def cmd_retrofit(args: argparse.Namespace) -> None:
     fields = {k: getattr(args, k) for k in ("steps", "batch_size", "seq_len", "lr", "eval_every", "checkpoint_every",
                                             "rows_per_head", "seed", "prompt") if getattr(args, k) is not None}
     if args.layers:
-        try:
-            fields["layers"] = tuple(int(x) for x in args.layers.split(","))
-        except ValueError:
-            raise UserError(f"--layers must be comma-separated decoder layer indices, got {args.layers!r}") from None
+        fields["layers"] = tuple(args.layers)
     s = retrofit(out, base, data, RetrofitConfig(**fields), resume=args.resume)
     print(f"held-out loss: base {s['base_val_loss']:.4f} -> with Engram {s['final_val_loss']:.4f}; adapter "
           f"{s['adapter_params']:,} parameters ({s['adapter_bytes'] / 2**20:,.1f} MiB); {s['s_per_step_median']:.1f} s "
@@ -166,7 +170,7 @@ def cmd_config(args: argparse.Namespace) -> None:
     sizes = {"vocab_size": args.vocab_size}
     if args.data:
         from engram.hashing.compression import CompressedTokenizer
-        from engram.train.dataset import PreparedData
+        from engram.data.dataset import PreparedData
         from engram.train.loop import dataset_sizes
 
         data = PreparedData.open(args.data)
@@ -174,28 +178,24 @@ def cmd_config(args: argparse.Namespace) -> None:
     print(json.dumps(preset_config(args.preset, **sizes).to_dict(), indent=1))
 
 
-def _row_counts(text: str, option: str) -> tuple[int, ...]:
-    """Comma-separated integers >= 1 ("none": an empty sweep)."""
-    if text.strip().lower() == "none":
-        return ()
-    try:
-        counts = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        raise UserError(f"{option} takes comma-separated integers such as 1024,16384 (or none); got {text!r}") from None
-    if min(counts) < 1:
-        raise UserError(f"{option} needs integers >= 1, got {text!r}")
-    return counts
-
-
-# experiments that can run arms whose table rows start N(0, std^2) beside the N(0, 1) ones
-INIT_STD_EXPERIMENTS = ("ablations", "engram_vs_moe", "rho_sweep", "table_size")
+# experiment options and the experiments that take them (as keyword arguments of experiments.run)
+EXPERIMENT_OPTIONS = {
+    "rho": ("engram_vs_moe", "knowledge_capacity"),
+    "rhos": ("rho_sweep",),
+    "arms": ("ablations",),
+    "sizes": ("knowledge_capacity",),
+    "rows_per_head": ("table_size",),
+    "over_encoding_rows": ("table_size",),
+    # arms whose table rows start N(0, std^2) beside the reference ones
+    "table_init_std": ("ablations", "engram_vs_moe", "rho_sweep", "table_size"),
+}
 
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
     knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits."""
     from engram import experiments
-    from engram.train.dataset import prepare_dataset
+    from engram.data.dataset import prepare_dataset
     from engram.train.system import tune_malloc
 
     if args.name not in experiments.EXPERIMENTS:
@@ -208,16 +208,17 @@ def cmd_experiment(args: argparse.Namespace) -> None:
     kwargs = {"seeds": tuple(range(args.seeds))}
     if args.steps is not None:
         kwargs["steps"] = args.steps
-    if args.name == "engram_vs_moe":
-        kwargs["rho"] = args.rho
-    if args.name == "table_size":
-        for option in ("rows_per_head", "over_encoding_rows"):
-            if getattr(args, option) is not None:
-                kwargs[option] = _row_counts(getattr(args, option), "--" + option.replace("_", "-"))
-    if args.name in INIT_STD_EXPERIMENTS:
-        kwargs["table_init_std"] = args.table_init_std
-    elif args.table_init_std != 1.0:
-        raise UserError(f"--table-init-std is an option of {', '.join(INIT_STD_EXPERIMENTS)}, not of {args.name}")
+    if args.no_over_encoding:
+        if args.over_encoding_rows:
+            raise UserError("give --over-encoding-rows or --no-over-encoding, not both")
+        args.over_encoding_rows = ()
+    for option, names in EXPERIMENT_OPTIONS.items():
+        value = getattr(args, option)
+        if value is None:
+            continue
+        if args.name not in names:
+            raise UserError(f"--{option.replace('_', '-')} is an option of {', '.join(names)}, not of {args.name}")
+        kwargs[option] = tuple(value) if isinstance(value, list) else value
     result = experiments.run(args.name, out, data, **kwargs)
     print(experiments.summary(result))
     name = result.get("name", args.name)
@@ -236,18 +237,30 @@ def add_commands(sub) -> None:
     tr.add_argument("--data", type=existing_dir, help="a dataset folder from `engram data build` "
                     "(default: build wiki-en in OUT/data)")
     tr.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint in --out")
+    tr.add_argument("--train-config", type=existing_file, help="a JSON object of training settings (TrainConfig "
+                    "fields: lr, max_steps, ...); flags given here override it")
     tr.add_argument("--max-steps", type=positive_int)
     tr.add_argument("--seed", type=nonneg_int)
     tr.add_argument("--batch-size", type=positive_int, help="sequences per optimizer step")
     tr.add_argument("--grad-accum", type=positive_int, help="split each step's batch into this many micro-batches "
                     "(same update, less memory; must divide --batch-size)")
     tr.add_argument("--seq-len", type=positive_int)
-    tr.add_argument("--lr", type=positive_float)
+    tr.add_argument("--lr", type=positive_float, help="peak learning rate of the backbone (default 3e-3)")
+    tr.add_argument("--min-lr-ratio", type=fraction, help="the cosine decay ends at lr x this (default 0.1)")
     tr.add_argument("--warmup-steps", type=nonneg_int)
+    tr.add_argument("--weight-decay", type=nonneg_float, help="AdamW weight decay of the backbone matrices "
+                    "(default 0.1; the tables have none)")
+    tr.add_argument("--grad-clip", type=positive_float, help="clip the global gradient norm to this (default 1.0)")
     tr.add_argument("--table-optimizer", choices=["adam", "sparse_adam", "row_adam"],
-                    help="default: adam (with --config: sparse_adam when its engram.sparse_grad is true)")
+                    help="adam (default: dense, the paper's), sparse_adam or row_adam (only the rows a step read; "
+                    "row_adam keeps one second moment per row)")
+    tr.add_argument("--table-lr-multiplier", type=positive_float, help="the tables' learning rate is lr x this "
+                    "(default 5, the paper's)")
     tr.add_argument("--eval-every", type=positive_int)
+    tr.add_argument("--eval-windows", type=positive_int, help="validation windows per evaluation (default 64)")
     tr.add_argument("--checkpoint-every", type=positive_int)
+    tr.add_argument("--keep-last", type=positive_int, help="checkpoints kept (default 3)")
+    tr.add_argument("--sample-prompt", help="the prompt of the sample printed at the end ('' for none)")
     add_device_options(tr)
     tr.add_argument("--table-dtype", choices=DTYPES, help="how the Engram tables are stored (default fp32; bf16 "
                     "halves their memory)")
@@ -269,7 +282,8 @@ def add_commands(sub) -> None:
     rf.add_argument("--out", required=True, type=out_dir, help="run folder (adapter checkpoints, metrics, plot)")
     rf.add_argument("--data", type=existing_dir, help="a dataset folder from `engram data build` (re-tokenized "
                     "with the model's tokenizer; default: build wiki-en in OUT/data)")
-    rf.add_argument("--layers", help="0-based decoder layers to add Engram to, comma-separated (default 1,14)")
+    rf.add_argument("--layers", type=each(nonneg_int), nargs="+", action="extend", metavar="LAYER",
+                    help="0-based decoder layers to add Engram to (default 1 14)")
     rf.add_argument("--steps", type=positive_int)
     rf.add_argument("--batch-size", type=positive_int)
     rf.add_argument("--seq-len", type=positive_int)
@@ -301,14 +315,22 @@ def add_commands(sub) -> None:
                     help="training steps per run (default: 400; 1000 for knowledge_probes, entity_gates, "
                     "knowledge_capacity and memory_edits (which edits knowledge_capacity's runs); 600 for "
                     "long_context)")
-    ex.add_argument("--rho", type=probability, default=0.75, help="share of the inactive budget kept in experts")
-    ex.add_argument("--rows-per-head", help="table_size: comma-separated rows per hash head to sweep "
-                    "(default 512,2048,8192,32768,131072,524288)")
-    ex.add_argument("--over-encoding-rows", help="table_size: rows per head of the OverEncoding arms (default: "
-                    "those of --rows-per-head; none for no OverEncoding arm)")
-    ex.add_argument("--table-init-std", type=nonneg_float, default=1.0,
+    ex.add_argument("--rho", type=probability, help="engram_vs_moe, knowledge_capacity: share of the inactive "
+                    "budget kept in experts (default 0.75)")
+    ex.add_argument("--rhos", type=each(probability), nargs="+", action="extend", metavar="RHO",
+                    help="rho_sweep: the rhos to sweep (default 1/3 0.5 2/3 5/6 1)")
+    ex.add_argument("--arms", type=each(str), nargs="+", action="extend", metavar="ARM",
+                    help="ablations: the arms to run, full among them (default: every arm)")
+    ex.add_argument("--sizes", type=each(str), nargs="+", action="extend", metavar="SIZE",
+                    help="knowledge_capacity: the model sizes (default: every size)")
+    ex.add_argument("--rows-per-head", type=each(positive_int), nargs="+", action="extend", metavar="N",
+                    help="table_size: rows per hash head to sweep (default 512 2048 8192 32768 131072 524288)")
+    ex.add_argument("--over-encoding-rows", type=each(positive_int), nargs="+", action="extend", metavar="N",
+                    help="table_size: rows per head of the OverEncoding arms (default: those of --rows-per-head)")
+    ex.add_argument("--no-over-encoding", action="store_true", help="table_size: no OverEncoding arm")
+    ex.add_argument("--table-init-std", type=nonneg_float,
                     help="engram_vs_moe, rho_sweep, table_size: also train the Engram arms with table rows that "
-                    "start N(0, STD^2) (0: zero rows), paired with the N(0, 1) arms; ablations: every arm's rows "
-                    "start so; results in NAME_initSTD.json (default 1: N(0, 1) only)")
+                    "start N(0, STD^2) (0: zero rows), paired with the reference arms; ablations: every arm's rows "
+                    "start so; results in NAME_initSTD.json")
     ex.set_defaults(func=cmd_experiment)
 

@@ -22,7 +22,7 @@ def _is_prime_trial(n: int) -> bool:
     return True
 
 
-def numpy_layout(layer_ids, max_ngram_size, n_head_per_ngram, vocab_size_per_ngram,
+def numpy_layout(layer_ids, max_ngram_size, n_head_per_ngram, rows_per_head,
                  compressed_vocab_size, seed):
     """(multipliers {layer: int64[N]}, primes {layer: [[K] per order]}) as the reference makes them."""
     half_bound = max(1, (np.iinfo(np.int64).max // compressed_vocab_size) // 2)
@@ -34,7 +34,7 @@ def numpy_layout(layer_ids, max_ngram_size, n_head_per_ngram, vocab_size_per_ngr
     for layer_id in layer_ids:
         per_order = []
         for n in range(2, max_ngram_size + 1):
-            start, heads = vocab_size_per_ngram[n - 2] - 1, []
+            start, heads = rows_per_head[n - 2] - 1, []
             for _ in range(n_head_per_ngram):
                 c = start + 1
                 while not (_is_prime_trial(c) and c not in seen):

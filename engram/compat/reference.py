@@ -31,8 +31,10 @@ def reference_config(
     `CompressedTokenizer` or its lookup table) and it is mapped the demo's way, or give
     `compressed_pad_id` directly. With neither, 2 (the demo's default, which DeepSeek-V3's
     compression maps to 2). `pad_id` alone is refused: an int that silently means another id
-    would address other rows. It carries `hidden_size` and `n_branches` (the demo's hc_mult)
-    because the demo's module stands alone; in a `ModelConfig` they are the model's."""
+    would address other rows. `hidden_size` and `hc_mult` (the demo's width and stream count)
+    are accepted with the demo's other fields but are not part of our config: our `Engram`
+    takes them when it is built (`reference_engram` passes them). The tables are N(0, 1) as
+    in the demo (`table_init_std=1.0`)."""
     if pad_id is not None and compressed_pad_id is not None:
         raise ValueError("give the demo's raw pad_id (with compression) or compressed_pad_id, not both")
     if pad_id is not None:
@@ -45,10 +47,11 @@ def reference_config(
     return EngramConfig(
         compressed_vocab_size=compressed_vocab_size, pad_id=2 if compressed_pad_id is None else compressed_pad_id,
         layer_ids=tuple(layer_ids),
-        vocab_size_per_ngram=tuple(engram_vocab_size), max_ngram_size=max_ngram_size,
-        n_head_per_ngram=n_head_per_ngram, seed=seed, hidden_size=hidden_size, n_branches=hc_mult,
+        rows_per_head=tuple(engram_vocab_size), max_ngram_size=max_ngram_size,
+        n_head_per_ngram=n_head_per_ngram, seed=seed,
         n_embed_per_ngram=n_embed_per_ngram, kernel_size=kernel_size, use_short_conv=True,
         conv_zero_init=False, use_gate=True, bias=True, gate_norm_eps=None, conv_norm_eps=1e-5,
+        table_init_std=1.0,
     )
 
 
@@ -74,7 +77,7 @@ def reference_engram(
         layout.check_matches(config, "the demo config")
     if layer_id not in layout.primes:
         raise ValueError(f"layer_id {layer_id} is not one of the Engram layers {list(config.layer_ids)}")
-    module = Engram(config, layout.primes[layer_id], layer_id=layer_id)
+    module = Engram(config, layout.primes[layer_id], hidden_size=hidden_size, n_streams=hc_mult, layer_id=layer_id)
     if state_dict is not None:
         load_reference_state_dict(module, state_dict)
     return module
@@ -82,7 +85,7 @@ def reference_engram(
 
 def _demo_names(module: Engram) -> dict[str, tuple[str, slice | int | None]]:
     """demo key -> (our parameter name, index into it) for one module."""
-    D, M = module.config.hidden_size, module.config.n_branches
+    D, M = module.hidden_size, module.n_streams
     names: dict[str, tuple[str, slice | int | None]] = {
         "multi_head_embedding.embedding.weight": ("table.weight", None),
         "value_proj.weight": ("proj.weight", slice(0, D)),

@@ -31,15 +31,8 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ..model.io import write_model_files
-from ..train.checkpoint import CheckpointError, finish_checkpoint, new_checkpoint_dir
+from ..runs import DCP_DIR, CheckpointError, finish_checkpoint, is_distributed_checkpoint, new_checkpoint_dir
 from .runtime import broadcast_object, is_main
-
-DCP_DIR = "dcp"
-
-
-def is_distributed_checkpoint(path: str | Path) -> bool:
-    return (Path(path) / DCP_DIR / ".metadata").is_file()
-
 
 def _tables_by_param(model: nn.Module) -> dict[int, Any]:
     """id(table weight) -> its ShardedTable, for the model's sharded tables."""
@@ -206,3 +199,14 @@ def load_training_state(path: str | Path, model: nn.Module, optimizers: list[tor
                     st[key] = value.to_local() if id(p) in tables else value
                 if st:
                     opt.state[p] = st
+
+
+class DCPFormat:
+    """The sharded format of `engram.runs.Checkpoints`: every rank saves its shards; a load
+    reshards for this world size (or loads whole tensors in one process)."""
+    save = staticmethod(save_distributed_checkpoint)
+    load = staticmethod(load_training_state)
+
+
+DCP = DCPFormat()
+__all__ = ["DCP", "is_distributed_checkpoint", "save_distributed_checkpoint", "load_training_state"]

@@ -25,7 +25,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..memory.table import InMemoryTable
-from ..train.optim import coalesce
+from ..memory.sparse_rows import coalesce
 from .sharded_table import ShardedTable
 
 

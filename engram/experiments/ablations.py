@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from ..config import ModelConfig
-from ..train.dataset import PreparedData
+from ..data.dataset import PreparedData
 from ..train.loop import TrainConfig
-from ..train.tokenizer import special_ids
+from ..data.tokenizer import special_ids
 from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, init_label, init_suffix,
                      over_encoding, paired, preset_model, run_arms, write_results)
 
@@ -32,8 +32,8 @@ def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelCo
     for layer in range(full.n_layers):
         if (layer,) != full.engram.layer_ids:
             arms[f"layer_{layer}"] = engram_changed(full, layer_ids=(layer,))
-    other_m = 4 if full.n_branches == 1 else 1
-    arms[f"m{other_m}"] = dataclasses.replace(full, n_branches=other_m)  # Engram follows the streams
+    other_m = 4 if full.n_streams == 1 else 1
+    arms[f"m{other_m}"] = dataclasses.replace(full, n_streams=other_m)  # Engram follows the streams
     arms[f"m{other_m}_no_engram"] = dataclasses.replace(arms[f"m{other_m}"], engram=None)
     return arms
 
@@ -92,7 +92,7 @@ def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1
 def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(512, 2048, 8192, 32768, 131072,
                    524288), over_encoding_rows=None, table_init_std: float = 1.0, seeds=(0, 1, 2), steps: int = 400,
                    preset: str = "tiny", log=print) -> dict[str, Any]:
-    """Loss against table slots at a fixed backbone (only `vocab_size_per_ngram` changes); the
+    """Loss against table slots at a fixed backbone (only `rows_per_head` changes); the
     backbone without Engram and the capacity-1 table are the two reference lines. OverEncoding
     (the same tables added to the input embedding, no gate, no conv) is swept over
     `over_encoding_rows` (default: the same sizes; () for none), the paper's comparison.
@@ -111,9 +111,9 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
     for std in sorted({1.0, table_init_std}, reverse=True):
         for prefix, model, sizes in (("rows", full, rows_per_head), ("oe_rows", over_encoding(full), oe_rows)):
             for r in sizes:
-                arms[f"{prefix}{r}{init_suffix(std)}"] = engram_changed(model, vocab_size_per_ngram=(r,) * orders,
+                arms[f"{prefix}{r}{init_suffix(std)}"] = engram_changed(model, rows_per_head=(r,) * orders,
                                                                          table_init_std=std)
-                if std == 1.0 and (r,) * orders == full.engram.vocab_size_per_ngram:
+                if std == 1.0 and (r,) * orders == full.engram.rows_per_head:
                     names[f"{prefix}{r}"] = "full" if prefix == "rows" else "over_encoding"  # the ablations' arms
     arms["capacity_1"] = engram_changed(full, single_row=True)
     arms["no_engram"] = dataclasses.replace(full, engram=None)

@@ -18,10 +18,10 @@ from ..analysis.table_stats import training_row_reads
 from ..config import ModelConfig
 from ..hashing.compression import CompressedTokenizer
 from ..model.accounting import count_params
-from ..train.checkpoint import latest_good_checkpoint, load_checkpoint
-from ..train.dataset import PreparedData
+from ..runs import is_run, load_checkpoint, newest_checkpoint, read_run
+from ..data.dataset import PreparedData
 from ..train.loop import TrainConfig, model_config_for, train
-from ..train.tokenizer import special_ids
+from ..data.tokenizer import special_ids
 
 
 def seed_std(values) -> float:
@@ -52,8 +52,8 @@ def train_arm(out: Path, name: str, config: ModelConfig, base: TrainConfig, data
     for seed in seeds:
         folder = run_dir(out, name, base.max_steps, seed)
         summary_path = folder / "summary.json"
-        if (folder / "run.json").is_file():  # a shared run must be of the same model, on the same data
-            run = json.loads((folder / "run.json").read_text())
+        if is_run(folder):  # a shared run must be of the same model, on the same data
+            run = read_run(folder)
             if ModelConfig.from_dict(run["model"]) != config:
                 raise ValueError(f"{folder} holds a run of another model than arm {name!r} asks for; "
                                  "move it away or use another --out folder")
@@ -84,8 +84,8 @@ def preset_model(base: TrainConfig, data: PreparedData) -> ModelConfig:
 
 def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
     """`config` with some Engram fields changed. Width and streams are the model's: change
-    `hidden_size` / `n_branches` on the ModelConfig (`dataclasses.replace(config, n_branches=4)`)."""
-    model_fields = sorted({"hidden_size", "n_branches"} & set(engram_changes))
+    `hidden_size` / `n_streams` on the ModelConfig (`dataclasses.replace(config, n_streams=4)`)."""
+    model_fields = sorted({"hidden_size", "n_streams"} & set(engram_changes))
     if model_fields:
         raise ValueError(f"engram_changed: {model_fields} belong to the model, not its Engram config; "
                          f"use dataclasses.replace(config, {model_fields[0]}=...)")
@@ -140,7 +140,7 @@ def run_arms(out: Path, experiment: str, arms: dict[str, ModelConfig], base: Tra
             "train_seconds": [train_seconds(run_dir(out, run_name, base.max_steps, s), base) for s in seeds],
             "std": seed_std(losses),
             "params": {"total": p["total"], "active": p["active"], "engram": p["engram"],
-                       "table_rows": p["engram_tables_params"] // config.engram.head_dim if config.engram else 0}}
+                       "table_rows": p["engram_tables_params"] // config.engram.row_dim if config.engram else 0}}
     return results
 
 
@@ -160,14 +160,14 @@ def cached_json(path: Path, compute, reuse=lambda cached: True) -> Any:
 
 def newest_model(folder: Path, log):
     """The model of a run's newest good checkpoint."""
-    return load_checkpoint(latest_good_checkpoint(folder, warn=log))[0]
+    return load_checkpoint(newest_checkpoint(folder, warn=log))[0]
 
 
 def row_reads(folder: Path, base: TrainConfig, data_dir, log) -> dict[str, Any]:
     """{layer: reads per used row, ...} of an Engram run's training (cached in row_reads.json).
     The batches are the run's own, replayed; the rows depend on the config only."""
     def compute():
-        seed = json.loads((folder / "run.json").read_text())["train"]["seed"]
+        seed = read_run(folder)["train"]["seed"]
         reads = training_row_reads(newest_model(folder, log), PreparedData.open(data_dir).train,
                                    steps=base.max_steps, batch_size=base.batch_size, seq_len=base.seq_len, seed=seed)
         return {str(k): v for k, v in reads.items()}

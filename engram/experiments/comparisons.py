@@ -12,7 +12,7 @@ from typing import Any
 from ..config import ModelConfig
 from ..model.accounting import count_params
 from ..model.planner import allocation, plan_sparsity
-from ..train.dataset import PreparedData
+from ..data.dataset import PreparedData
 from ..train.loop import TrainConfig
 from .common import (base_config, engram_changed, figure, init_label, init_suffix, paired, preset_model, row_reads,
                      run_dir, seed_std, train_arm, write_results)
@@ -33,7 +33,7 @@ def engram_vs_moe_configs(cfg: TrainConfig, data: PreparedData, rho: float = 0.7
     with_engram = preset_model(cfg, data)
     moe = dataclasses.replace(with_engram, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=with_engram.engram.compressed_vocab_size,
-                            pad_id=with_engram.engram.pad_id, sparse_grad=cfg.table_optimizer != "adam")
+                            pad_id=with_engram.engram.pad_id)
     return {"moe": moe, "engram": planned, "dense": dense_like(moe)}
 
 
@@ -91,7 +91,7 @@ def run_rho_sweep(out_dir: str | Path, data_dir: str | Path, *, rhos=(1 / 3, 0.5
     arms = engram_vs_moe_configs(base, data, 0.5)
     moe, ct_cfg = arms["moe"], arms["engram"].engram
     planned = {rho: moe if rho == 1.0 else plan_sparsity(moe, rho, compressed_vocab_size=ct_cfg.compressed_vocab_size,
-                                                          pad_id=ct_cfg.pad_id, sparse_grad=True) for rho in rhos}
+                                                          pad_id=ct_cfg.pad_id) for rho in rhos}
     points = []
     for std in sorted({1.0, table_init_std}, reverse=True):
         for rho in rhos:

@@ -21,8 +21,8 @@ from ..analysis.bios_recall import CONDITIONS, bios_recall
 from ..config import ModelConfig
 from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
-from ..train.data import read_extra_records
-from ..train.dataset import PreparedData
+from ..data.corpora import read_extra_records
+from ..data.dataset import PreparedData
 from .common import (base_config, cached_json, engram_changed, figure, init_suffix, newest_model, over_encoding,
                      paired, preset_model, run_dir, spread, train_arm, write_results)
 
@@ -38,13 +38,13 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
     full = dataclasses.replace(preset_model(base, data), **SIZES[size])
     moe = dataclasses.replace(full, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=full.engram.compressed_vocab_size,
-                            pad_id=full.engram.pad_id, sparse_grad=base.table_optimizer != "adam")
+                            pad_id=full.engram.pad_id)
     arms = {"moe": moe, "engram": planned, "over_encoding": over_encoding(planned)}
     if controls:
         arms["capacity_1"] = engram_changed(planned, single_row=True)
         for scale in table_scales:
-            rows = tuple(max(1, round(r * scale)) for r in planned.engram.vocab_size_per_ngram)
-            arms[f"table_x{scale:g}"] = engram_changed(planned, vocab_size_per_ngram=rows)
+            rows = tuple(max(1, round(r * scale)) for r in planned.engram.rows_per_head)
+            arms[f"table_x{scale:g}"] = engram_changed(planned, rows_per_head=rows)
     for name in ("engram", "over_encoding"):
         arms[name + init_suffix(0.0)] = engram_changed(arms[name], table_init_std=0.0)
     return arms

@@ -15,8 +15,8 @@ import numpy as np
 from ..analysis.knowledge import answer_scores
 from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
-from ..train.data import read_extra_records
-from ..train.dataset import PreparedData
+from ..data.corpora import read_extra_records
+from ..data.dataset import PreparedData
 from .common import (base_config, cached_json, figure, newest_model, paired, preset_model, run_dir, spread,
                      train_arm, write_results)
 
@@ -27,7 +27,7 @@ def long_context_configs(base, data: PreparedData, *, rho: float = 0.75, max_seq
     full = dataclasses.replace(preset_model(base, data), max_seq_len=max_seq_len)
     moe = dataclasses.replace(full, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=full.engram.compressed_vocab_size,
-                            pad_id=full.engram.pad_id, sparse_grad=base.table_optimizer != "adam")
+                            pad_id=full.engram.pad_id)
     return {"moe": moe, "engram": planned}
 
 

@@ -25,9 +25,9 @@ from ..analysis.bios_recall import bios_recall
 from ..analysis.knowledge import answer_scores
 from ..lifecycle.memory_ops import INDEX_DIR, index_run, load_index, open_run, rows_for_texts, train_rows
 from ..memory.editing import forget_rows, split_rows
-from ..train.data import read_extra_records, read_records
-from ..train.dataset import PreparedData
-from ..train.synthetic_bios import ATTRIBUTES, Person, attribute_choices, completion_prompt, qa_prompt
+from ..data.corpora import read_extra_records, read_records
+from ..data.dataset import PreparedData
+from ..data.synthetic_bios import ATTRIBUTES, Person, attribute_choices, completion_prompt, qa_prompt
 from .common import base_config, figure, paired, run_dir, spread, train_arm, write_results
 from .knowledge import knowledge_configs
 

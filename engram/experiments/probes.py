@@ -18,8 +18,8 @@ from ..analysis.entities import CLASSES, entity_gate_stats
 from ..analysis.gates import plot_gates
 from ..analysis.knowledge import (CONTEXT_TEMPLATE, REVERSE_CONTEXT_TEMPLATE, REVERSE_TEMPLATE, TEMPLATE,
                                   country_capitals, probe_facts, split_stated)
-from ..train.data import read_records
-from ..train.dataset import PreparedData
+from ..data.corpora import read_records
+from ..data.dataset import PreparedData
 from .common import (SHARED_RUNS, base_config, figure, newest_model, preset_model, run_dir, spread, train_arm,
                      write_results)
 

@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..config import note_old_field
+
 LAYOUT_VERSION = 1
 _LAYER_SEED_STRIDE = 10007  # seed + 10007 * layer_id, as in the reference
 _INT64_MAX = int(np.iinfo(np.int64).max)
@@ -69,7 +71,7 @@ def reference_multipliers(
 
 def reference_primes(
     layer_ids: Sequence[int], max_ngram_size: int, n_head_per_ngram: int,
-    vocab_size_per_ngram: Sequence[int],
+    rows_per_head: Sequence[int],
 ) -> dict[int, list[int]]:
     """Table sizes per layer in head order (order 2 heads, then order 3 heads, ...)."""
     used: set[int] = set()
@@ -77,7 +79,7 @@ def reference_primes(
     for layer_id in layer_ids:
         sizes: list[int] = []
         for n in range(2, max_ngram_size + 1):
-            start = vocab_size_per_ngram[n - 2] - 1
+            start = rows_per_head[n - 2] - 1
             for _ in range(n_head_per_ngram):
                 start = next_unused_prime(start, used)
                 used.add(start)
@@ -112,14 +114,14 @@ class HashLayout:
     """Everything needed to turn compressed ids into row ids, with no random generator.
 
     `multipliers[layer_id]` has N odd int64 values; `primes[layer_id]` has (N-1)*K table
-    sizes in head order. `vocab_fingerprint` names the compressed vocabulary the ids come
+    sizes in head order, each the next unused prime above the order's `rows_per_head`. `vocab_fingerprint` names the compressed vocabulary the ids come
     from (None when the ids were not produced by a `CompressedTokenizer`).
     """
 
     layer_ids: tuple[int, ...]
     max_ngram_size: int
     n_head_per_ngram: int
-    vocab_size_per_ngram: tuple[int, ...]
+    rows_per_head: tuple[int, ...]
     compressed_vocab_size: int
     pad_id: int
     seed: int
@@ -137,7 +139,7 @@ class HashLayout:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "layer_ids", tuple(int(i) for i in self.layer_ids))
-        object.__setattr__(self, "vocab_size_per_ngram", tuple(int(v) for v in self.vocab_size_per_ngram))
+        object.__setattr__(self, "rows_per_head", tuple(int(v) for v in self.rows_per_head))
         object.__setattr__(self, "multipliers", {int(k): tuple(int(x) for x in v) for k, v in self.multipliers.items()})
         object.__setattr__(self, "primes", {int(k): tuple(int(x) for x in v) for k, v in self.primes.items()})
         self._validate()
@@ -146,14 +148,14 @@ class HashLayout:
     @classmethod
     def build(
         cls, *, layer_ids: Sequence[int], max_ngram_size: int, n_head_per_ngram: int,
-        vocab_size_per_ngram: Sequence[int], compressed_vocab_size: int, pad_id: int,
+        rows_per_head: Sequence[int], compressed_vocab_size: int, pad_id: int,
         seed: int = 0, vocab_fingerprint: str | None = None, reset_id: int | None = None,
     ) -> "HashLayout":
         """Compute a layout with the reference algorithm (numpy's generator, prime search)."""
-        if len(vocab_size_per_ngram) != max_ngram_size - 1:
+        if len(rows_per_head) != max_ngram_size - 1:
             raise ValueError(
-                f"vocab_size_per_ngram needs {max_ngram_size - 1} entries (orders 2..{max_ngram_size}), "
-                f"got {list(vocab_size_per_ngram)}"
+                f"rows_per_head needs {max_ngram_size - 1} entries (orders 2..{max_ngram_size}), "
+                f"got {list(rows_per_head)}"
             )
         if compressed_vocab_size < 1:
             raise ValueError(f"compressed_vocab_size must be >= 1, got {compressed_vocab_size}")
@@ -161,10 +163,10 @@ class HashLayout:
             int(l): tuple(reference_multipliers(seed, int(l), max_ngram_size, compressed_vocab_size))
             for l in layer_ids
         }
-        primes = reference_primes(layer_ids, max_ngram_size, n_head_per_ngram, vocab_size_per_ngram)
+        primes = reference_primes(layer_ids, max_ngram_size, n_head_per_ngram, rows_per_head)
         return cls(
             layer_ids=tuple(layer_ids), max_ngram_size=max_ngram_size,
-            n_head_per_ngram=n_head_per_ngram, vocab_size_per_ngram=tuple(vocab_size_per_ngram),
+            n_head_per_ngram=n_head_per_ngram, rows_per_head=tuple(rows_per_head),
             compressed_vocab_size=compressed_vocab_size, pad_id=pad_id, seed=seed,
             multipliers=mults, primes={k: tuple(v) for k, v in primes.items()},
             vocab_fingerprint=vocab_fingerprint, reset_id=reset_id,
@@ -176,7 +178,7 @@ class HashLayout:
         return cls.build(
             layer_ids=config.layer_ids, max_ngram_size=config.max_ngram_size,
             n_head_per_ngram=config.n_head_per_ngram,
-            vocab_size_per_ngram=config.vocab_size_per_ngram,
+            rows_per_head=config.rows_per_head,
             compressed_vocab_size=config.compressed_vocab_size, pad_id=config.pad_id,
             seed=config.seed, vocab_fingerprint=vocab_fingerprint, reset_id=getattr(config, "reset_id", None),
         )
@@ -222,7 +224,7 @@ class HashLayout:
 
     def mismatches(self, other: "HashLayout | Any") -> list[str]:
         """Field-by-field differences from another layout or from a config's hashing fields."""
-        names = ["layer_ids", "max_ngram_size", "n_head_per_ngram", "vocab_size_per_ngram",
+        names = ["layer_ids", "max_ngram_size", "n_head_per_ngram", "rows_per_head",
                  "compressed_vocab_size", "pad_id", "seed", "reset_id"]
         if isinstance(other, HashLayout):
             names += ["multipliers", "primes"]
@@ -265,7 +267,7 @@ class HashLayout:
         return {
             "version": self.version, "layer_ids": list(self.layer_ids),
             "max_ngram_size": self.max_ngram_size, "n_head_per_ngram": self.n_head_per_ngram,
-            "vocab_size_per_ngram": list(self.vocab_size_per_ngram),
+            "rows_per_head": list(self.rows_per_head),
             "compressed_vocab_size": self.compressed_vocab_size, "pad_id": self.pad_id,
             "seed": self.seed, "vocab_fingerprint": self.vocab_fingerprint, "reset_id": self.reset_id,
             "scheme": self.scheme, "row_multiple": self.row_multiple,
@@ -282,8 +284,12 @@ class HashLayout:
                 f"hash layout version {version!r} is not supported (this engram-torch reads "
                 f"version {LAYOUT_VERSION}); upgrade engram-torch or re-export the layout"
             )
+        data = dict(data)
+        if "vocab_size_per_ngram" in data and "rows_per_head" not in data:  # layouts saved before the rename
+            data["rows_per_head"] = data.pop("vocab_size_per_ngram")
+            note_old_field("old hash layout field vocab_size_per_ngram read as rows_per_head")
         try:
-            return cls(**{k: v for k, v in data.items()})
+            return cls(**data)
         except TypeError as e:
             raise ValueError(f"hash layout JSON has missing or unknown fields: {e}") from None
 

@@ -158,12 +158,12 @@ class NgramHasher:
 
     def __init__(
         self, *, layer_ids: Sequence[int], max_ngram_size: int, n_head_per_ngram: int,
-        vocab_size_per_ngram: Sequence[int], compressed_vocab_size: int, pad_id: int,
+        rows_per_head: Sequence[int], compressed_vocab_size: int, pad_id: int,
         seed: int = 0, vocab_fingerprint: str | None = None, kernel: str = "auto",
     ) -> None:
         layout = HashLayout.build(
             layer_ids=layer_ids, max_ngram_size=max_ngram_size, n_head_per_ngram=n_head_per_ngram,
-            vocab_size_per_ngram=vocab_size_per_ngram, compressed_vocab_size=compressed_vocab_size,
+            rows_per_head=rows_per_head, compressed_vocab_size=compressed_vocab_size,
             pad_id=pad_id, seed=seed, vocab_fingerprint=vocab_fingerprint,
         )
         self._init_from_layout(layout, kernel)

@@ -50,7 +50,7 @@ def qwen4exp_layout(*, vocab_size: int, layer_ids: Sequence[int], ngram_size: in
     layers = sorted(layer_ids)
     return HashLayout(
         layer_ids=tuple(layers), max_ngram_size=ngram_size, n_head_per_ngram=heads_per_ngram,
-        vocab_size_per_ngram=(ngram_vocab_size_base,) * (ngram_size - 1), compressed_vocab_size=vocab_size,
+        rows_per_head=(ngram_vocab_size_base,) * (ngram_size - 1), compressed_vocab_size=vocab_size,
         pad_id=eos_token_id, seed=seed, reset_id=eos_token_id, scheme="qwen4exp", row_multiple=row_multiple,
         multipliers={layer: qwen4exp_multipliers(vocab_size, ngram_size, i, seed) for i, layer in enumerate(layers)},
         primes={layer: tuple(primes[i * heads:(i + 1) * heads]) for i, layer in enumerate(layers)})

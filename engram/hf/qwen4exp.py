@@ -95,13 +95,14 @@ def from_qwen4exp(model_or_layer: nn.Module, row_multiple: int | None = None) ->
         d_mem = emb.ngram_embedding.weight.shape[1] * n_heads
         config = EngramConfig(
             compressed_vocab_size=layout.compressed_vocab_size, pad_id=layout.pad_id, layer_ids=layout.layer_ids,
-            vocab_size_per_ngram=layout.vocab_size_per_ngram, max_ngram_size=layout.max_ngram_size,
+            rows_per_head=layout.rows_per_head, max_ngram_size=layout.max_ngram_size,
             n_head_per_ngram=layout.n_head_per_ngram, n_embed_per_ngram=d_mem // (layout.max_ngram_size - 1),
-            seed=layout.seed, hidden_size=D, n_branches=M, kernel_size=ple.conv1d.kernel_size[0],
+            seed=layout.seed, kernel_size=ple.conv1d.kernel_size[0],
             use_short_conv=True, use_gate=True, bias=False, gate_norm_eps=ple.norm_key.eps,
             conv_norm_eps=ple.norm_conv.eps, conv_zero_init=False)
         dtype = ple.value_proj.weight.dtype
-        engram = Engram(config, layout.primes[ple.layer_idx], layer_id=ple.layer_idx, dtype=dtype)
+        engram = Engram(config, layout.primes[ple.layer_idx], hidden_size=D, n_streams=M, layer_id=ple.layer_idx,
+                        dtype=dtype)
         engram.table.weight.copy_(emb.ngram_embedding.weight[:emb.total_vocab_size])
         engram.proj.weight.copy_(torch.cat([ple.value_proj.weight, ple.key_proj.weight]))
         engram.key_norm.weight.copy_((1 + ple.norm_key.weight.float()).view(M, D))

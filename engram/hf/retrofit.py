@@ -17,7 +17,6 @@ restart the conv from zeros: cached generation would then differ from the full f
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,15 +95,18 @@ def _decoder_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList, int, in
 class EngramAdapter(nn.Module):
     """The retrofit's own parameters and settings, held by the model as `model.engram_adapter`."""
 
-    def __init__(self, config: EngramConfig, compression: CompressedTokenizer | None, vocab_size: int) -> None:
+    def __init__(self, config: EngramConfig, compression: CompressedTokenizer | None, vocab_size: int,
+                 hidden_size: int) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.hidden_size = config, hidden_size
         table = compression.lookup_table if compression is not None else torch.arange(vocab_size).numpy()
         self.register_buffer("compression", torch.as_tensor(table, dtype=torch.int64))
         self.hasher = NgramHasher.from_config(
             config, vocab_fingerprint=compression.fingerprint if compression is not None else None)
-        self.engrams = nn.ModuleDict({str(layer): Engram(config, self.hasher.table_sizes[layer], layer_id=layer)
-                                      for layer in config.layer_ids})
+        self.engrams = nn.ModuleDict({  # one residual stream (M = 1): the base model's
+            str(layer): Engram(config, self.hasher.table_sizes[layer], hidden_size=hidden_size, n_streams=1,
+                               layer_id=layer)
+            for layer in config.layer_ids})
         self.hooks: list[Any] = []
         self.pending: dict[str, Any] = {}  # the current call's rows, valid mask and decoding state
 
@@ -113,9 +115,9 @@ class EngramAdapter(nn.Module):
         exactly 0 until it is trained, so the model starts bit-identical to the base."""
         with torch.no_grad():
             for engram in self.engrams.values():
-                engram.proj.weight[:engram.config.hidden_size].zero_()
+                engram.proj.weight[:engram.hidden_size].zero_()
                 if engram.proj.bias is not None:
-                    engram.proj.bias[:engram.config.hidden_size].zero_()
+                    engram.proj.bias[:engram.hidden_size].zero_()
 
 
 def _find_state(cache) -> EngramCacheLayer | None:
@@ -202,8 +204,9 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
     `tokenizer` (a transformers or tokenizers tokenizer) gives the compression (PAPER.md step 1);
     without it the raw ids are hashed. `config` overrides everything else; by default the
     tables hold `rows_per_head` rows (default 5x the vocabulary, then the next primes) per head.
-    The value projection starts at zero, so the model's outputs are unchanged until trained.
-    `mode`: "adapter" freezes the base model (only Engram trains), "full" trains everything.
+    The value projection starts at zero, so the model's outputs are unchanged until trained;
+    the table rows therefore start N(0, 1) (`table_init_std=1`): with zero rows too, neither
+    would ever get a gradient. `mode`: "adapter" freezes the base model (only Engram trains), "full" trains everything.
     """
     if hasattr(model, "engram_adapter"):
         raise ValueError("this model already has Engram; remove_engram(model) first")
@@ -222,13 +225,14 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
         pad = int(compression.lookup_table[pad]) if (compression is not None and pad is not None) else 0
         rows = rows_per_head or 5 * compressed
         config = EngramConfig(compressed_vocab_size=compressed, pad_id=pad, layer_ids=tuple(sorted(layers)),
-                              vocab_size_per_ngram=(rows,) * (max_ngram_size - 1), max_ngram_size=max_ngram_size,
+                              rows_per_head=(rows,) * (max_ngram_size - 1), max_ngram_size=max_ngram_size,
                               n_head_per_ngram=n_head_per_ngram, n_embed_per_ngram=n_embed_per_ngram, seed=seed,
-                              hidden_size=hidden, n_branches=1)
-    else:
-        config = dataclasses.replace(config, hidden_size=hidden, n_branches=1)
+                              table_init_std=1.0)
+    if config.table_init_std == 0:
+        raise ValueError("add_engram starts the value projection at zero, so zero-initialized table rows "
+                         "(table_init_std=0) would never get a gradient; use table_init_std > 0 (1: N(0, 1))")
     param = next(p for p in model.parameters() if p.is_floating_point())
-    adapter = EngramAdapter(config, compression, vocab).to(param.device, param.dtype)  # the model's own dtype
+    adapter = EngramAdapter(config, compression, vocab, hidden).to(param.device, param.dtype)  # the model's own dtype
     adapter.zero_values()
     if mode == "adapter":
         for p in model.parameters():
@@ -275,7 +279,8 @@ def save_engram_adapter(model: nn.Module, path: str | Path) -> Path:
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
     save_file(tensors, str(path / ADAPTER_WEIGHTS), metadata={"format": "engram-torch-adapter"})
     atomic_write_text(path / ADAPTER_CONFIG, json.dumps(
-        {"config": adapter.config.to_dict(), "hash_layout": adapter.hasher.layout.to_dict(),
+        {"config": adapter.config.to_dict(), "hidden_size": adapter.hidden_size,
+         "hash_layout": adapter.hasher.layout.to_dict(),
          "base_model": getattr(model.config, "_name_or_path", None) or type(model).__name__}, indent=1))
     return path
 
@@ -286,12 +291,13 @@ def load_engram_adapter(model: nn.Module, path: str | Path, *, mode: str = "adap
 
     path = Path(path)
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
+    width = meta.get("hidden_size", meta["config"].get("hidden_size"))  # older files: inside the config
     config = EngramConfig.from_dict(meta["config"])
     tensors = load_file(str(path / ADAPTER_WEIGHTS))
     compression = CompressedTokenizer(tensors["compression"].numpy())
     _, _, hidden, vocab = _decoder_layers(model)
-    if config.hidden_size != hidden or len(compression.lookup_table) != vocab:
-        raise ValueError(f"{path} was trained for width {config.hidden_size} and {len(compression.lookup_table)} ids; "
+    if width != hidden or len(compression.lookup_table) != vocab:
+        raise ValueError(f"{path} was trained for width {width} and {len(compression.lookup_table)} ids; "
                          f"this model has width {hidden} and {vocab} ids")
     adapter = add_engram(model, layers=config.layer_ids, config=config, mode=mode)
     HashLayout.from_dict(meta["hash_layout"]).check_matches(adapter.hasher.layout, str(path / ADAPTER_CONFIG))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -21,13 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 
 from ..durable import atomic_write_text
-from ..train.checkpoint import (_optimizer_payload, _restore_optimizers, latest_good_checkpoint, list_checkpoints,
-                                staged_checkpoint)
+from ..eval import held_out_loss
+from ..runs import Checkpoints, check_same_run, list_checkpoints, write_run
 from ..train.metrics import MetricsLogger, plot_losses
+from ..train.trainer import Trainer, cosine_schedule
 from .retrofit import (ADAPTER_WEIGHTS, add_engram, engram_param_groups, load_engram_adapter,
                        save_engram_adapter)
 
@@ -98,32 +96,12 @@ def _batch(tokens: np.ndarray, step: int, cfg: RetrofitConfig) -> torch.Tensor:
     return torch.from_numpy(np.stack([tokens[s:s + cfg.seq_len + 1] for s in starts]))
 
 
-@torch.no_grad()
 def _eval(model, tokens: np.ndarray, cfg: RetrofitConfig) -> float:
+    """Held-out loss over consecutive windows of the validation tokens (the one eval loop)."""
     n = min(cfg.eval_windows, (len(tokens) - 1) // cfg.seq_len)
-    total, count = 0.0, 0
-    for i in range(n):
-        w = torch.from_numpy(tokens[i * cfg.seq_len: (i + 1) * cfg.seq_len + 1])[None]
-        logits = model(w[:, :-1], use_cache=False).logits
-        total += F.cross_entropy(logits[0].float(), w[0, 1:], reduction="sum").item()
-        count += cfg.seq_len
-    return total / count
-
-
-def _lr_factor(step: int, cfg: RetrofitConfig) -> float:
-    if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def _save(out: Path, step: int, model, opt, state: dict, keep_last: int) -> None:
-    with staged_checkpoint(out, step, keep_last) as tmp:
-        save_engram_adapter(model, tmp)
-        tensors, meta = _optimizer_payload([opt])
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        (tmp / "trainer.json").write_text(json.dumps({"step": step, **state}, indent=1))
+    windows = [torch.from_numpy(tokens[i * cfg.seq_len: (i + 1) * cfg.seq_len + 1])[None] for i in range(n)]
+    model.eval()
+    return held_out_loss(lambda ids: model(ids, use_cache=False).logits, windows)[0]
 
 
 def retrofit(out_dir: str | Path, base: str | Path, data_dir: str | Path, cfg: RetrofitConfig, *,
@@ -131,13 +109,12 @@ def retrofit(out_dir: str | Path, base: str | Path, data_dir: str | Path, cfg: R
     """Train an Engram adapter on `base` (adapter mode: the base stays frozen). Returns the summary."""
     out, data_dir = Path(out_dir), Path(data_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run = {"retrofit": dataclasses.asdict(cfg), "base": str(Path(base).resolve()), "data_dir": str(data_dir.resolve())}
-    ckpt = latest_good_checkpoint(out, warn=log) if resume else None
+    settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    same = {"base": str(Path(base).resolve()), "data_dir": str(data_dir.resolve())}
+    checkpoints = Checkpoints(out, keep_last=cfg.keep_last, weights=save_engram_adapter)
+    ckpt = checkpoints.latest_good(warn=log) if resume else None
     if ckpt is not None:
-        saved = json.loads((out / "run.json").read_text())
-        if saved != json.loads(json.dumps(run)):
-            raise ValueError(f"{out} was started with other settings, base model or data ({saved}); resume with the "
-                             "same ones")
+        check_same_run(out, settings_key="retrofit", settings=settings, defaults={}, same=same)
     t0 = time.perf_counter()
     model, tok = load_base(base)
     log(f"loaded {base}: {sum(p.numel() for p in model.parameters()):,} parameters in {time.perf_counter() - t0:.0f} s")
@@ -146,57 +123,30 @@ def retrofit(out_dir: str | Path, base: str | Path, data_dir: str | Path, cfg: R
     torch.manual_seed(cfg.seed)
     if ckpt is not None:
         load_engram_adapter(model, ckpt)
-        start = json.loads((ckpt / "trainer.json").read_text())["step"]
     else:
         add_engram(model, layers=cfg.layers, tokenizer=tok, rows_per_head=cfg.rows_per_head,
                    n_head_per_ngram=cfg.n_head_per_ngram, n_embed_per_ngram=cfg.n_embed_per_ngram, seed=cfg.seed)
-        start = 0
-        atomic_write_text(out / "run.json", json.dumps(run, indent=1))
+        write_run(out, {"retrofit": settings, **same})
     opt = torch.optim.AdamW(engram_param_groups(model, cfg.lr), betas=(0.9, 0.95))
-    for group in opt.param_groups:
-        group.setdefault("initial_lr", group["lr"])
-    if ckpt is not None:
-        _restore_optimizers([opt], load_file(str(ckpt / "optimizer.safetensors")),
-                            json.loads((ckpt / "optimizer.json").read_text()))
+    start = checkpoints.restore(ckpt, model, [opt])["step"] if ckpt is not None else 0
     metrics = MetricsLogger(out, resume_step=start if ckpt is not None else None)
     if start == 0:
         base_loss = _eval(model, val_tokens, cfg)  # the zero value projection: exactly the base model
         metrics.log({"kind": "eval", "step": 0, "val_loss": base_loss})
         log(f"base model: held-out loss {base_loss:.4f}")
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    Trainer(model=model, optimizers=[opt], max_steps=cfg.steps, batches=lambda step: _batch(train_tokens, step, cfg),
+            schedule=lambda step: cosine_schedule(step, warmup_steps=cfg.warmup_steps, max_steps=cfg.steps,
+                                                  min_lr_ratio=0.1),
+            logits_fn=lambda ids: model(ids, use_cache=False).logits,
+            evaluate=lambda: {"val_loss": _eval(model, val_tokens, cfg)}, eval_every=cfg.eval_every,
+            checkpoints=checkpoints, checkpoint_every=cfg.checkpoint_every, checkpoint_state={"seed": cfg.seed},
+            metrics=metrics, progress="retrofit" if progress else None, log=log).fit(start)
+    model.eval()
+    return _summarize(out, base, model, tok, cfg, metrics.read())
 
-        bar = tqdm(total=cfg.steps, initial=start, desc="retrofit", unit="step", dynamic_ncols=True)
-    try:
-        for step in range(start, cfg.steps):
-            t = time.perf_counter()
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * _lr_factor(step, cfg)
-            model.train()
-            ids = _batch(train_tokens, step, cfg)
-            logits = model(ids[:, :-1], use_cache=False).logits
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            model.eval()
-            done = step + 1
-            metrics.log({"kind": "train", "step": done, "loss": loss.item(), "grad_norm": float(grad_norm),
-                         "s_per_step": time.perf_counter() - t})
-            if done % cfg.eval_every == 0 or done == cfg.steps:
-                metrics.log({"kind": "eval", "step": done, "val_loss": _eval(model, val_tokens, cfg)})
-            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _save(out, done, model, opt, {"seed": cfg.seed}, cfg.keep_last)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    finally:
-        if bar is not None:
-            bar.close()
-        metrics.close()
-    records = metrics.read()
+
+def _summarize(out: Path, base, model, tok, cfg: RetrofitConfig, records: list[dict]) -> dict[str, Any]:
+    """summary.json and loss_curve.png of a finished retrofit, with a cached and an uncached sample."""
     plot_losses(records, out / "loss_curve.png", title=f"Engram retrofit of {Path(base).name}")
     evals = [r for r in records if r["kind"] == "eval"]
     steps = [r["s_per_step"] for r in records if r["kind"] == "train"]

@@ -19,19 +19,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..durable import staged_dir
+from ..eval import evaluate, held_out_loss
 from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRow, EditLog, PatchedTable,
                               addressed_rows, forget_rows, record_rows, replay as replay_log, row_sha256,
                               split_rows)
 from ..memory.row_index import RowIndex, RowIndexError
-from ..model.io import write_model_files
 from ..model.transformer import EngramLM
-from ..train.checkpoint import latest_good_checkpoint, load_checkpoint, staged_checkpoint
-from ..train.dataset import PreparedData
-from ..train.loop import evaluate
+from ..runs import (Checkpoints, RunError, load_checkpoint, newest_checkpoint, read_run, run_data as _run_data,
+                    write_run)
+from ..data.dataset import PreparedData
+from ..train.trainer import Trainer, TrainingDiverged
 
 INDEX_DIR = "memory_index"
 EDIT_LOG, EDIT_VALUES = "edit_log.json", "edits.safetensors"
@@ -43,26 +43,26 @@ class EditError(ValueError):
 
 # ---------------------------------------------------------------------------- runs
 def open_run(run: str | Path) -> tuple[EngramLM, dict[str, Any], Path]:
-    """(model, run.json, checkpoint) of a run's newest good checkpoint."""
+    """(model, run.json, checkpoint) of a run's newest good checkpoint, checked to have a
+    memory that rows of a text can belong to."""
     run = Path(run)
-    if not (run / "run.json").is_file():
-        raise EditError(f"{run} is not a training run folder (no run.json); give the --out folder of engram train")
-    ckpt = latest_good_checkpoint(run, warn=lambda m: None)
-    if ckpt is None:
-        raise EditError(f"{run} has no usable checkpoint")
+    try:
+        run_json, ckpt = read_run(run), newest_checkpoint(run, warn=lambda m: None)
+    except RunError as e:
+        raise EditError(str(e)) from None
     model = load_checkpoint(ckpt)[0].eval()
     if model.hasher is None:
         raise EditError(f"{run} is a model without Engram layers: it has no memory to locate or edit")
     if model.config.engram.single_row:
         raise EditError(f"{run} is a capacity-1 model: one row per head holds every n-gram, so no row "
                         "belongs to a text")
-    return model, json.loads((run / "run.json").read_text()), ckpt
+    return model, run_json, ckpt
 
 
 def run_data(run: Path, run_json: dict[str, Any]) -> PreparedData:
     if not run_json.get("data_dir"):
         raise EditError(f"{run}/run.json names no dataset; the index needs the training split")
-    return PreparedData.open(run_json["data_dir"])
+    return _run_data(run_json)
 
 
 def _index_folder(run: Path, run_json: dict[str, Any]) -> Path:
@@ -184,17 +184,10 @@ def locate(run: str | Path, text: str, *, index: str | Path | None = None, max_c
 
 def text_loss(model: EngramLM, ids: list[list[int]]) -> float:
     """Mean next-token cross-entropy over the texts (each a sequence of its own)."""
-    total, n = 0.0, 0
-    with torch.no_grad():
-        for t in ids:
-            x = torch.tensor(t)[None]
-            if x.shape[1] < 2:
-                continue
-            total += float(F.cross_entropy(model(x[:, :-1]).logits[0].float(), x[0, 1:], reduction="sum"))
-            n += x.shape[1] - 1
-    if n == 0:
+    windows = [torch.tensor(t)[None] for t in ids if len(t) >= 2]
+    if not windows:
         raise EditError("the text needs at least two tokens to measure a loss on")
-    return total / n
+    return held_out_loss(lambda x: model(x).logits, windows)[0]
 
 
 def _measure(model: EngramLM, data: PreparedData, ids: list[list[int]], seq_len: int, windows: int) -> dict:
@@ -216,16 +209,17 @@ def _save_edited(out: Path, parent: Path, parent_json: dict[str, Any], ckpt: Pat
     if out.resolve() == parent.resolve():
         raise EditError("the edited run must go to a new folder, not over its source")
     step = int(ckpt.name.split("_")[-1])
+
+    def edit_files(folder: Path) -> None:
+        (folder / EDIT_LOG).write_text(json.dumps({**log.to_dict(), "summary": summary}, indent=1))
+        save_file(log.tensors(), str(folder / EDIT_VALUES))
+
     with staged_dir(out) as tmp:
-        with staged_checkpoint(tmp, step, keep_last=1) as folder:
-            write_model_files(model, folder)
-            (folder / "trainer.json").write_text(json.dumps({"step": step, "edited_from": str(ckpt)}, indent=1))
-            (folder / EDIT_LOG).write_text(json.dumps({**log.to_dict(), "summary": summary}, indent=1))
-            save_file(log.tensors(), str(folder / EDIT_VALUES))
+        Checkpoints(tmp, keep_last=1).save(step, model, None, {"edited_from": str(ckpt)}, extra=edit_files)
         record = {"op": log.op, "run": str(out), "changed_rows": len(log.changed), **summary}
         run_json = {**parent_json, "parent": {"run": str(parent), "checkpoint": str(ckpt)},
                     "edits": [*parent_json.get("edits", []), record], "resumable": False}
-        (tmp / "run.json").write_text(json.dumps(run_json, indent=1))
+        write_run(tmp, run_json)
     return out
 
 
@@ -269,21 +263,22 @@ def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], 
     try:
         for layer, patch in patches.items():
             model.set_table(layer, patch)
-        opt = torch.optim.Adam([p.values for p in patches.values()], lr=lr)
         torch.manual_seed(seed)
-        batch = [torch.tensor(t) for t in ids]
-        tokens = sum(len(x) - 1 for x in batch)
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
-            loss = sum(F.cross_entropy(model(x[None, :-1]).logits[0].float(), x[1:], reduction="sum") for x in batch)
-            (loss / tokens).backward()
-            opt.step()
-        done = True
+        batch = [torch.tensor(t)[None] for t in ids]  # each text a window of its own
+        Trainer(model=model, optimizers=[torch.optim.Adam([p.values for p in patches.values()], lr=lr)],
+                batches=lambda step: batch, max_steps=steps, grad_clip=float("inf"), balance_moe=False,
+                train_mode=False, max_bad_steps=1, log=lambda m: None).fit()
+        done = all(bool(torch.isfinite(p.values).all()) for p in patches.values())
+    except TrainingDiverged:
+        pass
     finally:  # the plain tables again: trained rows written in, or (after an error) untouched
         for layer, patch in patches.items():
             model.set_table(layer, patch.commit() if done else patch.base)
         for n, p in model.named_parameters():
             p.requires_grad_(flags[n])
+    if not done:
+        raise EditError(f"training the rows at lr {lr} made them non-finite (NaN or infinity); nothing was written: "
+                        "use a lower --lr")
     return record_rows("write", {layer: tables[layer] for layer in layers}, rows, list(skipped), hashes,
                        {"steps": steps, "lr": lr, **(detail or {})}, decode, f"write ({steps} steps)")
 

@@ -1,7 +1,7 @@
 """The Engram module: look up N-gram memory, gate it by context, add it to the residual.
 
-Shape legend: B batch, T time, M hyper-connection branches, D model width, H hash tables
-(heads) per layer, E head dim (row width), d_mem = H * E.
+Shape legend: B batch, T time, M hyper-connection streams, D model width, H hash tables
+(heads) per layer, E row width, d_mem = H * E.
 
     e_t   = concat_h table_h[row_h(t)]                         (PAPER.md step 4)
     k_m   = W_K^m e_t,  v = W_V e_t                            (step 5; one fused matmul)
@@ -28,13 +28,13 @@ from ..precision import upcast
 from .table import InMemoryTable, MemoryTable
 
 
-class BranchRMSNorm(nn.Module):
+class StreamRMSNorm(nn.Module):
     """M independent RMSNorms over D, applied to [..., M, D] in one call."""
 
-    def __init__(self, n_branches: int, dim: int, eps: float | None, device=None, dtype=None) -> None:
+    def __init__(self, n_streams: int, dim: int, eps: float | None, device=None, dtype=None) -> None:
         super().__init__()
         self.dim, self.eps = dim, eps
-        self.weight = nn.Parameter(torch.ones(n_branches, dim, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.ones(n_streams, dim, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -55,7 +55,7 @@ class ShortConvState:
 
 
 class ShortConv(nn.Module):
-    """Depthwise causal Conv1D over time with dilation, on RMSNorm'd branches, then SiLU.
+    """Depthwise causal Conv1D over time with dilation, on RMSNorm'd streams, then SiLU.
 
     Computed as `kernel_size` shifted multiply-adds in [B, T, channels] layout: the same sums
     as `F.conv1d` on [B, channels, T] without the two transposes, and about half the time
@@ -63,15 +63,15 @@ class ShortConv(nn.Module):
     """
 
     def __init__(
-        self, n_branches: int, dim: int, kernel_size: int, dilation: int, eps: float | None,
+        self, n_streams: int, dim: int, kernel_size: int, dilation: int, eps: float | None,
         zero_init: bool = True, device=None, dtype=None,
     ) -> None:
         super().__init__()
-        self.n_branches, self.dim = n_branches, dim
+        self.n_streams, self.dim = n_streams, dim
         self.kernel_size, self.dilation, self.zero_init = kernel_size, dilation, zero_init
-        self.norm = BranchRMSNorm(n_branches, dim, eps, device=device, dtype=dtype)
-        # [channels, 1, kernel]: channel c = m * D + d (branch-major), one filter per channel.
-        self.weight = nn.Parameter(torch.empty(n_branches * dim, 1, kernel_size, device=device, dtype=dtype))
+        self.norm = StreamRMSNorm(n_streams, dim, eps, device=device, dtype=dtype)
+        # [channels, 1, kernel]: channel c = m * D + d (stream-major), one filter per channel.
+        self.weight = nn.Parameter(torch.empty(n_streams * dim, 1, kernel_size, device=device, dtype=dtype))
         self.reset_parameters()
 
     @property
@@ -138,47 +138,46 @@ class ShortConv(nn.Module):
 class Engram(nn.Module):
     """One Engram layer. `forward(hidden [B,T,M,D] or [B,T,D], rows [B,T,H]) -> same shape as hidden`.
 
-    `table_sizes` are the layer's primes (`NgramHasher.table_sizes[layer_id]`). `table` may
-    be any `MemoryTable` (host, disk, sharded ...); by default an `InMemoryTable`.
-    `config.hidden_size` / `n_branches` must be set (a model's `engram_module_config` has them).
-    `init_std`: the value projection starts at the residual stream's scale (`reset_parameters`).
+    `table_sizes` are the layer's primes (`NgramHasher.table_sizes[layer_id]`). `hidden_size`
+    (D) and `n_streams` (M) are the model's width and hyper-connection streams (a model passes
+    its own). `table` may be any `MemoryTable` (host, disk, sharded ...); by default an
+    `InMemoryTable`. `init_std`: the value projection starts at the residual stream's scale
+    (`reset_parameters`).
     """
 
     def __init__(
-        self, config: EngramConfig, table_sizes: Sequence[int], *, layer_id: int | None = None,
-        table: MemoryTable | None = None, device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None, init_std: float = 0.02,
+        self, config: EngramConfig, table_sizes: Sequence[int], *, hidden_size: int, n_streams: int,
+        layer_id: int | None = None, table: MemoryTable | None = None,
+        device: torch.device | str | None = None, dtype: torch.dtype | None = None, init_std: float = 0.02,
     ) -> None:
         super().__init__()
         c = config
-        if c.hidden_size is None or c.n_branches is None:
-            raise ValueError(
-                f"Engram needs the model's width and streams, got hidden_size={c.hidden_size}, "
-                f"n_branches={c.n_branches}; set them (dataclasses.replace(config, hidden_size=D, "
-                "n_branches=M)) or build the module from a ModelConfig (model_config.engram_module_config)"
-            )
+        if hidden_size < 1 or n_streams < 1:
+            raise ValueError(f"Engram needs the model's width and streams >= 1 (n_streams 1: plain residual), "
+                             f"got hidden_size={hidden_size}, n_streams={n_streams}")
         if len(table_sizes) != c.n_hash_heads:
             raise ValueError(
                 f"got {len(table_sizes)} table sizes, config needs (max_ngram_size-1)*n_head_per_ngram "
                 f"= {c.n_hash_heads}; pass NgramHasher.table_sizes[layer_id]"
             )
         self.config, self.layer_id, self.init_std = c, layer_id, init_std
-        D, M = c.hidden_size, c.n_branches
+        self.hidden_size, self.n_streams = hidden_size, n_streams
+        D, M = hidden_size, n_streams
         self.table = table if table is not None else InMemoryTable(
-            table_sizes, c.head_dim, sparse=c.sparse_grad, device=device, dtype=dtype)
+            table_sizes, c.row_dim, device=device, dtype=dtype)
         if table is None:  # a table passed in keeps its rows
             self._scale_table()
-        if tuple(self.table.table_sizes) != tuple(table_sizes) or self.table.embedding_dim != c.head_dim:
+        if tuple(self.table.table_sizes) != tuple(table_sizes) or self.table.embedding_dim != c.row_dim:
             raise ValueError(
                 f"table has sizes {self.table.table_sizes} x {self.table.embedding_dim}, expected "
-                f"{tuple(table_sizes)} x {c.head_dim}"
+                f"{tuple(table_sizes)} x {c.row_dim}"
             )
         # One matmul for W_V (rows 0:D) and the M keys W_K^m (rows D(1+m):D(2+m)).
         n_out = D * (1 + M) if c.use_gate else D
         self.proj = nn.Linear(c.memory_dim, n_out, bias=c.bias, device=device, dtype=dtype)
         if c.use_gate:
-            self.key_norm = BranchRMSNorm(M, D, c.gate_norm_eps, device=device, dtype=dtype)
-            self.query_norm = BranchRMSNorm(M, D, c.gate_norm_eps, device=device, dtype=dtype)
+            self.key_norm = StreamRMSNorm(M, D, c.gate_norm_eps, device=device, dtype=dtype)
+            self.query_norm = StreamRMSNorm(M, D, c.gate_norm_eps, device=device, dtype=dtype)
         self.short_conv = ShortConv(
             M, D, c.kernel_size, dilation=c.max_ngram_size, eps=c.conv_norm_eps,
             zero_init=c.conv_zero_init, device=device, dtype=dtype,
@@ -187,7 +186,8 @@ class Engram(nn.Module):
 
     def _reset_proj(self) -> None:
         """proj N(0, init_std / sqrt(d_mem)), bias 0: with N(0, 1) table rows, the value (and
-        each key) starts with rms init_std, the residual stream's scale. nn.Linear's default
+        each key) starts with rms init_std, the residual stream's scale (with zero rows it starts
+        at zero and grows at that scale as the rows learn). nn.Linear's default
         (value rms 1/sqrt(3)) drowned the residual stream and cost 0.65 nats (docs/LOG.md)."""
         nn.init.normal_(self.proj.weight, std=self.init_std / math.sqrt(self.config.memory_dim))
         if self.proj.bias is not None:
@@ -202,7 +202,7 @@ class Engram(nn.Module):
             weight.mul_(self.config.table_init_std)
 
     def reset_parameters(self) -> None:
-        """Table N(0, table_init_std^2) (1 by default); projection N(0, init_std / sqrt(d_mem)),
+        """Table N(0, table_init_std^2) (0 by default: zero rows); projection N(0, init_std / sqrt(d_mem)),
         bias 0; norms 1; conv 0."""
         self.table.reset_parameters()
         self._scale_table()
@@ -221,7 +221,7 @@ class Engram(nn.Module):
         """`valid_BT` (bool) marks real tokens in a left-padded batch: padded positions output
         zero and reach the short conv as the zeros it sees before a sequence starts."""
         c = self.config
-        D, M = c.hidden_size, c.n_branches
+        D, M = self.hidden_size, self.n_streams
         if isinstance(rows_BTH, dict):
             raise ValueError(f"got the rows of every Engram layer ({sorted(rows_BTH)}); pass this layer's: "
                              f"rows[{self.layer_id if self.layer_id is not None else 'layer_id'}]")
@@ -267,7 +267,7 @@ class Engram(nn.Module):
         (docs/LOG.md). The gate logit as in `_gate_logit`, with both norms folded into one
         rsqrt: r(h) r(k) / sqrt(D) = sqrt(D) / sqrt((|h|^2 + D eps)(|k|^2 + D eps))."""
         c = self.config
-        D, M = c.hidden_size, c.n_branches
+        D, M = self.hidden_size, self.n_streams
         B = h_B1MD.shape[0]
         eps = c.gate_norm_eps if c.gate_norm_eps is not None else torch.finfo(h_B1MD.dtype).eps
         e_Bd = self.table(rows_B1H).view(B, -1).to(h_B1MD.dtype)
@@ -282,13 +282,13 @@ class Engram(nn.Module):
         return v_B1MD + self.short_conv._step(v_B1MD, conv_state)
 
     def _gate_logit(self, h_BTMD: torch.Tensor, k_BTMD: torch.Tensor) -> torch.Tensor:
-        """s = RMSNorm(h) . RMSNorm(k) / sqrt(D), per branch, in float32, without materializing
+        """s = RMSNorm(h) . RMSNorm(k) / sqrt(D), per stream, in float32, without materializing
         either norm: RMSNorm(x) = x * r(x) * w with a per-row scalar r(x) = rsqrt(mean(x^2) + eps),
         so s = r(h) r(k) sum(h * k * w_q * w_k) / sqrt(D). Same numbers, fewer passes over
         [B,T,M,D]. float32 because in fp16 |h|^2 overflows once |h| passes 256 (every gate
         then sits at 0.5), and in bf16 rounding the products to 8 bits moves s, which the signed
         square root magnifies near s = 0. Returns float32; the caller casts the gate back."""
-        D = self.config.hidden_size
+        D = self.hidden_size
         eps = self.config.gate_norm_eps
         if eps is None:  # what nn.RMSNorm(eps=None) uses: the input dtype's
             eps = torch.finfo(h_BTMD.dtype).eps
@@ -302,5 +302,5 @@ class Engram(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"layer_id={self.layer_id}, D={c.hidden_size}, M={c.n_branches}, H={c.n_hash_heads}, "
-                f"E={c.head_dim}, conv={c.use_short_conv}, gate={c.use_gate}")
+        return (f"layer_id={self.layer_id}, D={self.hidden_size}, M={self.n_streams}, H={c.n_hash_heads}, "
+                f"E={c.row_dim}, conv={c.use_short_conv}, gate={c.use_gate}")

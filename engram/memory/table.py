@@ -154,10 +154,20 @@ class InMemoryTable(MemoryTable):
     ) -> None:
         super().__init__(table_sizes, embedding_dim, device=device)
         self.sparse = sparse
-        if sparse:
-            _sparse_lookup()  # wrapped now, eagerly, not first inside a compiled trace
         self.weight = nn.Parameter(torch.empty(self.num_rows, self.embedding_dim, device=device, dtype=dtype))
         self.reset_parameters()
+
+    @property
+    def sparse(self) -> bool:
+        """Row-sparse weight gradients (only the rows read): the table optimizer's choice
+        (`EngramLM.use_sparse_table_grads`); dense by default."""
+        return self._sparse
+
+    @sparse.setter
+    def sparse(self, on: bool) -> None:
+        self._sparse = bool(on)
+        if on:
+            _sparse_lookup()  # wrapped now, eagerly, not first inside a compiled trace
 
     def reset_parameters(self) -> None:
         super().reset_parameters()

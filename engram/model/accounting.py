@@ -39,7 +39,7 @@ def _summarize(config: ModelConfig, counts: dict[str, int]) -> dict[str, int | f
     c, moe, e = config, config.moe, config.engram
     n_moe = sum(c.is_moe_layer(i) for i in range(c.n_layers))
     active_routed = 0 if moe is None else counts["routed_experts"] * moe.top_k // moe.n_routed_experts
-    rows_read = 0 if e is None else len(e.layer_ids) * e.n_hash_heads * e.head_dim  # per token
+    rows_read = 0 if e is None else len(e.layer_ids) * e.n_hash_heads * e.row_dim  # per token
     total = sum(v for k, v in counts.items() if k not in ("embedding", "lm_head"))
     dense_active = total - counts["routed_experts"] - counts["engram_tables"]
     active = dense_active + active_routed + rows_read
@@ -79,7 +79,7 @@ def count_params(config: ModelConfig) -> dict[str, int | float]:
     counts["lm_head"] = 0 if c.tie_embeddings else V * D
     counts["norms"] = D + c.n_layers * 2 * D
     counts["attention"] = c.n_layers * (2 * D * H * E + 2 * D * G * E)
-    M = c.n_branches
+    M = c.n_streams
     per_hc = 0 if M == 1 else (2 * M + M * M) * M * D + 3 + 2 * M + M * M
     counts["hyper_connections"] = c.n_layers * 2 * per_hc
     for layer in range(c.n_layers):
@@ -94,9 +94,9 @@ def count_params(config: ModelConfig) -> dict[str, int | float]:
         from ..hashing.layout import reference_primes
 
         e = c.engram
-        primes = reference_primes(e.layer_ids, e.max_ngram_size, e.n_head_per_ngram, e.vocab_size_per_ngram)
+        primes = reference_primes(e.layer_ids, e.max_ngram_size, e.n_head_per_ngram, e.rows_per_head)
         rows = len(e.layer_ids) * e.n_hash_heads if e.single_row else sum(sum(p) for p in primes.values())
-        counts["engram_tables"] = rows * e.head_dim
+        counts["engram_tables"] = rows * e.row_dim
         n_out = D * (1 + M) if e.use_gate else D
         per_layer = e.memory_dim * n_out + (n_out if e.bias else 0)
         if e.use_gate:

@@ -1,6 +1,6 @@
 """One block: [Engram ->] attention -> MLP (dense or MoE), each on the hyper-connection streams.
 
-    x <- x + Engram(x, rows)                      (all M streams; each branch gates itself)
+    x <- x + Engram(x, rows)                      (all M streams; each stream gates itself)
     x <- HC_attn(x, h -> Attention(RMSNorm(h)))   (x_{l+1} = H_res x + H_post^T F(H_pre x))
     x <- HC_mlp(x, h -> MLP(RMSNorm(h)))
 """
@@ -25,11 +25,12 @@ class Block(nn.Module):
         device=None, dtype=None,
     ) -> None:
         super().__init__()
-        D, M = config.hidden_size, config.n_branches
+        D, M = config.hidden_size, config.n_streams
         self.layer = layer
         self.engram = None
         if config.engram is not None and layer in config.engram.layer_ids:
-            self.engram = Engram(config.engram_module_config, table_sizes, layer_id=layer, device=device, dtype=dtype)
+            self.engram = Engram(config.engram, table_sizes, hidden_size=D, n_streams=M, layer_id=layer,
+                                 device=device, dtype=dtype)
         self.attn_norm = nn.RMSNorm(D, eps=config.norm_eps, device=device, dtype=dtype)
         self.attn = Attention(config, device=device, dtype=dtype)
         self.mlp_norm = nn.RMSNorm(D, eps=config.norm_eps, device=device, dtype=dtype)

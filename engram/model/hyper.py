@@ -1,6 +1,6 @@
 """Manifold-constrained hyper-connections (mHC, arXiv 2512.24880) around one sublayer F.
 
-Shape legend: B batch, T time, M streams (n_branches), D width, K = M*D (streams flattened).
+Shape legend: B batch, T time, M streams (n_streams), D width, K = M*D (streams flattened).
 
     x'     = RMSNorm(vec(x_l))                            x_l: [M, D], vec: [M*D]  (eq. 7)
     H_pre  = sigmoid(a_pre  * x' phi_pre  + b_pre)        [M]     reads F's input  (eq. 8)
@@ -67,13 +67,13 @@ def sinkhorn_log_domain(logits_XMM: torch.Tensor, iters: int) -> torch.Tensor:
     return log_p.exp().to(logits_XMM.dtype)
 
 
-def expand_streams(h_BTD: torch.Tensor, n_branches: int) -> torch.Tensor:
+def expand_streams(h_BTD: torch.Tensor, n_streams: int) -> torch.Tensor:
     """[B, T, D] -> [B, T, M, D]: every stream starts as a copy of the embedding (HC, mHC)."""
-    if n_branches < 1:
-        raise ValueError(f"n_branches must be >= 1 (1 = plain residual), got {n_branches}")
-    if n_branches == 1:
+    if n_streams < 1:
+        raise ValueError(f"n_streams must be >= 1 (1 = plain residual), got {n_streams}")
+    if n_streams == 1:
         return h_BTD.unsqueeze(2)  # a view: nothing to copy
-    return h_BTD.unsqueeze(2).repeat(1, 1, n_branches, 1)
+    return h_BTD.unsqueeze(2).repeat(1, 1, n_streams, 1)
 
 
 def merge_streams(x_BTMD: torch.Tensor) -> torch.Tensor:
@@ -96,19 +96,19 @@ class HyperConnection(nn.Module):
     """
 
     def __init__(
-        self, dim: int, n_branches: int, *, sinkhorn_iters: int = 20, norm_eps: float = 1e-6,
+        self, dim: int, n_streams: int, *, sinkhorn_iters: int = 20, norm_eps: float = 1e-6,
         layer_index: int = 0, device=None, dtype=None,
     ) -> None:
         super().__init__()
-        if dim < 1 or n_branches < 1:
-            raise ValueError(f"need dim >= 1 and n_branches >= 1, got dim={dim}, n_branches={n_branches}")
+        if dim < 1 or n_streams < 1:
+            raise ValueError(f"need dim >= 1 and n_streams >= 1, got dim={dim}, n_streams={n_streams}")
         if sinkhorn_iters < 1:
             raise ValueError(f"sinkhorn_iters must be >= 1 (mHC uses 20), got {sinkhorn_iters}")
-        self.dim, self.n_branches, self.layer_index = dim, n_branches, layer_index
+        self.dim, self.n_streams, self.layer_index = dim, n_streams, layer_index
         self.sinkhorn_iters, self.norm_eps = sinkhorn_iters, norm_eps
-        if n_branches == 1:
+        if n_streams == 1:
             return  # the plain residual: no parameters
-        M, kw = n_branches, dict(device=device, dtype=dtype)
+        M, kw = n_streams, dict(device=device, dtype=dtype)
         # phi = [phi_pre | phi_post | phi_res] as one fused [M + M + M*M, M*D] matmul (mHC eq. 10).
         # A raw Parameter, not nn.Linear: a model-wide sweep calling every submodule's
         # reset_parameters() would otherwise overwrite its zero init with Kaiming.
@@ -136,9 +136,9 @@ class HyperConnection(nn.Module):
           sigmoid's slope at 0.1, not 3e-4. The sum (1 + 0.12 (M-1)) only scales F's input,
           which F's own pre-norm removes.
         """
-        if self.n_branches == 1:
+        if self.n_streams == 1:
             return
-        M = self.n_branches
+        M = self.n_streams
         nn.init.zeros_(self.phi)
         for alpha in (self.alpha_pre, self.alpha_post, self.alpha_res):
             nn.init.constant_(alpha, ALPHA_INIT)
@@ -149,10 +149,10 @@ class HyperConnection(nn.Module):
         self.bias_res.copy_(torch.where(eye, 0.0, RES_OFF_DIAG_LOGIT))
 
     def _check(self, x_BTMD: torch.Tensor) -> None:
-        if x_BTMD.dim() != 4 or x_BTMD.shape[2:] != (self.n_branches, self.dim):
+        if x_BTMD.dim() != 4 or x_BTMD.shape[2:] != (self.n_streams, self.dim):
             raise ValueError(
-                f"hyper-connection streams must be [B, T, M={self.n_branches}, D={self.dim}], got "
-                f"{tuple(x_BTMD.shape)}; use expand_streams(h, {self.n_branches}) on [B, T, D] inputs"
+                f"hyper-connection streams must be [B, T, M={self.n_streams}, D={self.dim}], got "
+                f"{tuple(x_BTMD.shape)}; use expand_streams(h, {self.n_streams}) on [B, T, D] inputs"
             )
 
     def maps(self, x_BTMD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -176,7 +176,7 @@ class HyperConnection(nn.Module):
         return h_pre, h_post, sinkhorn(res_BTMM, self.sinkhorn_iters)
 
     def forward(self, x_BTMD: torch.Tensor, fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        if self.n_branches == 1:
+        if self.n_streams == 1:
             self._check(x_BTMD)
             return x_BTMD + fn(x_BTMD[:, :, 0]).unsqueeze(2)  # exactly the ordinary residual
         h_pre, h_post, h_res = (h.to(x_BTMD.dtype) for h in self.maps(x_BTMD))
@@ -187,5 +187,5 @@ class HyperConnection(nn.Module):
         return mixed_BTMD + h_post.unsqueeze(-1) * y_BTD.unsqueeze(2)  # + H_post^T F(...)
 
     def extra_repr(self) -> str:
-        return (f"D={self.dim}, M={self.n_branches}, layer_index={self.layer_index}, "
+        return (f"D={self.dim}, M={self.n_streams}, layer_index={self.layer_index}, "
                 f"sinkhorn_iters={self.sinkhorn_iters}")

@@ -49,7 +49,7 @@ def plan_sparsity(
     the inactive budget left in routed experts (rho = 1 returns the baseline).
 
     Defaults follow the paper: Engram at `default_engram_layers`, N-grams {2, 3}, 8 heads per
-    order, d_mem = (N-1) * hidden/4 (27B: 1280), sparse table gradients.
+    order, d_mem = (N-1) * hidden/4 (27B: 1280).
     """
     if baseline.moe is None or baseline.engram is not None:
         raise ValueError("plan_sparsity needs a pure-MoE baseline (moe set, engram=None), e.g. presets.moe_27b()")
@@ -74,8 +74,8 @@ def plan_sparsity(
     engram = EngramConfig(
         compressed_vocab_size=compressed_vocab_size or baseline.vocab_size, pad_id=pad_id,
         layer_ids=layer_ids or default_engram_layers(baseline.n_layers), max_ngram_size=max_ngram_size,
-        n_head_per_ngram=n_head_per_ngram, vocab_size_per_ngram=(2,) * (max_ngram_size - 1),
-        n_embed_per_ngram=n_embed, **{"sparse_grad": True, **engram_options})
+        n_head_per_ngram=n_head_per_ngram, rows_per_head=(2,) * (max_ngram_size - 1),
+        n_embed_per_ngram=n_embed, **engram_options)
     planned = dataclasses.replace(
         baseline, moe=dataclasses.replace(moe, n_routed_experts=n_experts), engram=engram)
 
@@ -97,10 +97,10 @@ def plan_sparsity(
     n_tables = len(engram.layer_ids) * engram.n_hash_heads
     tiny_tables = draft["engram_tables_params"]  # the placeholder's tables (a few rows)
     budget = base["total"] - (draft["total"] - tiny_tables)
-    rows = budget // (n_tables * engram.head_dim)
+    rows = budget // (n_tables * engram.row_dim)
     if rows < 2:
         raise ValueError(f"rho={rho} leaves no parameters for the Engram tables (budget {budget:,})")
     # Primes land just above `rows`; start the search a little lower so the sum stays on budget.
     per_order = max(2, rows - n_head_per_ngram * int(math.log(rows)) // 2)
     return dataclasses.replace(planned, engram=dataclasses.replace(
-        engram, vocab_size_per_ngram=(per_order,) * (max_ngram_size - 1)))
+        engram, rows_per_head=(per_order,) * (max_ngram_size - 1)))

@@ -102,9 +102,9 @@ class EngramLM(nn.Module):
         - RMSNorm gains 1; MoE routing bias 0;
         - hyper-connections: see `HyperConnection.reset_parameters` (H_res starts near identity);
         - Engram: `Engram.reset_parameters`, once per module (its table is drawn once): table
-          N(0, table_init_std^2) (1 by default); W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0,
-          so the value starts at the residual stream's scale (docs/LOG.md: nn.Linear's default
-          cost 0.65 nats); gate norms 1; short conv 0 (a new module starts as a plain gated
+          N(0, table_init_std^2) (0 by default: zero rows, so an unread row adds nothing);
+          W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0, so with N(0, 1) rows the value starts at
+          the residual stream's scale (docs/LOG.md: nn.Linear's default cost 0.65 nats); gate norms 1; short conv 0 (a new module starts as a plain gated
           add, PAPER.md step 6);
         - buffers: the compression table and the tables' offsets are filled in again.
         """
@@ -154,7 +154,7 @@ class EngramLM(nn.Module):
         for layer in self.engram_layers:
             sc = self.blocks[layer].engram.short_conv
             conv[layer] = ShortConvState() if sc is None else ShortConvState(
-                history=torch.zeros(batch_size, sc.context, sc.n_branches * sc.dim, dtype=dtype, device=device))
+                history=torch.zeros(batch_size, sc.context, sc.n_streams * sc.dim, dtype=dtype, device=device))
         state = DecodeState(
             kv=kv, key_valid=torch.zeros(batch_size, C, dtype=torch.bool, device=device), length=length,
             next_position=torch.zeros(batch_size, dtype=torch.long, device=device),
@@ -341,7 +341,7 @@ class EngramLM(nn.Module):
                 self.blocks[layer].engram.table.prefetch(rows[layer])
 
         rope = rope_angles(positions_BS, c.attn_head_dim, c.rope_theta)  # once for every block
-        x = expand_streams(self.embed(input_ids), c.n_branches)  # [B, S, M, D]
+        x = expand_streams(self.embed(input_ids), c.n_streams)  # [B, S, M, D]
         inter = {"hidden_states": [], "gates": {}, "rows": rows} if return_intermediates else None
         for i, block in enumerate(self.blocks):
             record = {} if (inter is not None and block.engram is not None) else None
@@ -376,6 +376,22 @@ class EngramLM(nn.Module):
         self.blocks[layer].engram.table = table
 
     # ---------------------------------------------------------------- training helpers
+    def use_sparse_table_grads(self, on: bool = True) -> "EngramLM":
+        """Give the Engram tables row-sparse gradients (only the rows a step read) or dense
+        ones. The table optimizer decides: a row-sparse Adam takes sparse gradients, and
+        torch.optim.Adam needs dense ones. Tables without gradients (host, disk, quantized)
+        are left as they are."""
+        for layer in self.engram_layers:
+            table = self.blocks[layer].engram.table
+            if hasattr(table, "sparse"):
+                table.sparse = on
+        return self
+
+    @property
+    def sparse_table_grads(self) -> bool:
+        """Whether any Engram table makes row-sparse gradients (`use_sparse_table_grads`)."""
+        return any(getattr(self.blocks[layer].engram.table, "sparse", False) for layer in self.engram_layers)
+
     def param_groups(self, lr: float, weight_decay: float = 0.1, table_lr_multiplier: float = 5.0,
                      table_weight_decay: float = 0.0) -> list[dict]:
         """Optimizer groups: Engram tables (paper: Adam, lr x5, no weight decay), backbone

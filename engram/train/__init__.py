@@ -1,1 +1,2 @@
-"""Training: data, tokenizer, optimizers, the loop, checkpoints, metrics."""
+"""Training: the one `Trainer` (trainer.py) behind `engram train` (loop.py), `engram retrofit` and
+`engram memory write`; optimizers, metrics, and how a run computes (engine.py)."""

@@ -1,4 +1,4 @@
-"""Where and how training runs: device, precision, activation checkpointing, torch.compile.
+"""How training runs: table precision, activation checkpointing, torch.compile, memory fit.
 
 Every helper here is applied to a plain `EngramLM` from outside; the model code knows nothing
 of them. Precision follows mixed-precision practice: `bf16` runs the forward and backward under
@@ -12,53 +12,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import re
 import shutil
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-
-
-def check_dtype(name: str, what: str = "dtype") -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"{what} must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
-
-
-def check_device_spec(spec: str) -> None:
-    """The syntax only (whether the device exists is `resolve_device`'s question)."""
-    if not isinstance(spec, str) or not _DEVICE.match(spec):
-        raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {spec!r}")
-
-
-def resolve_device(spec: str) -> torch.device:
-    """`auto` is the first GPU when there is one, else the CPU; `cuda[:N]` must exist."""
-    check_device_spec(spec)
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {spec} was asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
-                             "use --device cpu (or auto), or install a CUDA build of torch")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {spec} does not exist: this machine has {count} CUDA GPU(s), "
-                             f"cuda:0..cuda:{count - 1}")
-    return device
-
-
-def autocast(device: torch.device, dtype: str) -> contextlib.AbstractContextManager:
-    """The compute precision of a forward: `fp32` changes nothing; `bf16` is torch.autocast
-    (matmuls in bfloat16, reductions and the weights themselves in float32)."""
-    if check_dtype(dtype) == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=DTYPES[dtype])
-
+from ..device import DTYPES, check_dtype
 
 def cast_tables(model: nn.Module, dtype: str) -> None:
     """Store the Engram tables (only them) in `dtype`. The Engram module casts the rows it

@@ -15,45 +15,9 @@ from typing import Iterable
 
 import torch
 
+from ..memory.sparse_rows import coalesce, touched_rows
+
 TABLE_OPTIMIZERS = ("adam", "sparse_adam", "row_adam")
-
-
-def coalesce(grad: torch.Tensor) -> torch.Tensor:
-    """`grad.coalesce()` (duplicate rows summed, rows ascending), faster for row-sparse CPU
-    gradients: there torch's coalesce sums in a serial loop (~10 ms for 65k draws of a 4M-row
-    table, half a SparseRowAdam step), while unique + index_add_ takes ~1.5 ms. The sums may
-    differ from torch's in the order of additions only. Elsewhere torch's own is used (on CUDA
-    it is fast, and index_add_ there would add atomically, in no fixed order)."""
-    if grad.is_coalesced() or grad.device.type != "cpu" or grad.sparse_dim() != 1:
-        return grad.coalesce()
-    rows_N, inverse = torch.unique(grad._indices()[0], return_inverse=True)
-    values = grad._values()
-    # sums in float32 (bfloat16 tables: one rounding per row instead of one per duplicate)
-    acc = torch.float32 if values.dtype in (torch.bfloat16, torch.float16) else values.dtype
-    values_NE = values.new_zeros((len(rows_N), *grad.shape[1:]), dtype=acc).index_add_(
-        0, inverse, values.to(acc)).to(values.dtype)
-    return torch.sparse_coo_tensor(rows_N.unsqueeze(0), values_NE, grad.shape, is_coalesced=True,
-                                   check_invariants=False)
-
-
-def touched_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows_N, grad_NE): the touched rows (unique, ascending) and their summed gradients.
-
-    Sparse COO (as from `F.embedding(..., sparse=True)`): a row read k times appears k times,
-    coalescing sums them into the row's gradient. Dense: the rows with any nonzero element
-    (a row that was read but got an exactly zero gradient then counts as untouched).
-    """
-    if grad.is_sparse:
-        if grad.sparse_dim() != 1:
-            raise ValueError(
-                f"expected a row-sparse gradient (sparse_dim 1, values [N, E]) as F.embedding(sparse=True) "
-                f"makes, got sparse_dim {grad.sparse_dim()}; pass it dense or build it with sparse_dim=1")
-        grad = coalesce(grad)
-        return grad.indices()[0], grad.values()
-    if grad.layout != torch.strided:
-        raise ValueError(f"gradients must be dense or sparse COO, got layout {grad.layout}")
-    rows_N = grad.ne(0).any(dim=1).nonzero().squeeze(1)
-    return rows_N, grad.index_select(0, rows_N)
 
 
 def _load_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
@@ -228,18 +192,16 @@ def build_optimizers(model, *, lr: float, weight_decay: float = 0.1, betas: tupl
 
     Groups come from `model.param_groups` (backbone matrices decayed; norms, biases, embeddings
     not). The tables follow the paper: lr x `table_lr_multiplier`, weight decay 0, with
-    "adam": torch.optim.Adam (dense state; needs dense gradients, engram.sparse_grad=False;
-    `Float32StateAdam` when the tables are stored in bfloat16, so the moments stay float32),
-    "sparse_adam": SparseRowAdam(moments="full"), "row_adam": SparseRowAdam(moments="row").
+    "adam": torch.optim.Adam (dense state and gradients; `Float32StateAdam` when the tables are
+    stored in bfloat16, so the moments stay float32), "sparse_adam": SparseRowAdam(moments="full"),
+    "row_adam": SparseRowAdam(moments="row"). The optimizer decides the tables' gradients: the
+    row-sparse ones switch them to sparse gradients (only the rows read), Adam to dense ones.
     Step and zero every optimizer in the list each iteration.
     """
     if table_optimizer not in TABLE_OPTIMIZERS:
         raise ValueError(f"table_optimizer must be one of {', '.join(TABLE_OPTIMIZERS)}, got {table_optimizer!r}")
-    engram = getattr(model.config, "engram", None)
-    if table_optimizer == "adam" and engram is not None and engram.sparse_grad:
-        raise ValueError(
-            "the model's Engram tables make sparse gradients (engram.sparse_grad=True), which torch.optim.Adam "
-            "cannot take; use table_optimizer='sparse_adam' or 'row_adam', or build the model with sparse_grad=False")
+    if hasattr(model, "use_sparse_table_grads"):
+        model.use_sparse_table_grads(table_optimizer != "adam")
     groups = model.param_groups(lr, weight_decay, table_lr_multiplier, table_weight_decay=0.0)
     backbone = [g for g in groups if g["name"] != "engram_tables"]
     tables = [g for g in groups if g["name"] == "engram_tables"]

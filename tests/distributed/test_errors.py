@@ -11,9 +11,10 @@ from .test_train_run import cfg
 
 def _train_with(rank, world_size, out, data, kw_by_rank, die_at_step):
     import engram.train.loop as loop
+    import engram.train.trainer as trainer
 
     if die_at_step is not None and rank == 1:
-        step = loop.train_step
+        step = trainer.train_step
 
         def dying(*a, _n=[0], **k):
             _n[0] += 1
@@ -21,7 +22,7 @@ def _train_with(rank, world_size, out, data, kw_by_rank, die_at_step):
                 os._exit(3)  # a rank killed mid-run
             return step(*a, **k)
 
-        loop.train_step = dying
+        trainer.train_step = dying
     return loop.train(out, cfg(**kw_by_rank[rank]), data_dir=data, progress=False, log=lambda *a: None)
 
 
@@ -37,7 +38,7 @@ def test_a_rank_that_dies_is_an_error_on_the_others_and_the_job_resumes(tmp_path
     120 s deadline is not needed), the step-2 checkpoint stays good, and the restarted job
     finishes from it (that such a resume equals an uninterrupted run exactly is
     test_train_run's)."""
-    from engram.train.checkpoint import list_checkpoints, verify_checkpoint
+    from engram.runs import list_checkpoints, verify_checkpoint
 
     run = tmp_path / "r"
     got = run_ranks(_train_with, 2, run, small_dataset, [{}, {}], 3, outcomes=True, timeout=120)

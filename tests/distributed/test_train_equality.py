@@ -1,8 +1,6 @@
 """W ranks on a batch split W ways take the same steps as one process on the whole batch:
 DDP and FSDP2 backbones, sharded tables under each table optimizer, MoE loads summed."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -12,15 +10,15 @@ GLOBAL_BATCH, SEQ = 4, 12
 LR = 3e-3
 
 
-def config(sparse: bool, moe: bool = True):
+def config(moe: bool = True):
     from engram.config import EngramConfig, ModelConfig, MoEConfig
 
     return ModelConfig(
-        vocab_size=97, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, n_branches=2,
+        vocab_size=97, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, n_streams=2,
         max_seq_len=64, moe=None if not moe else MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden_size=16,
                                       first_k_dense=1, bias_update_rate=1e-2),
-        engram=EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1, 2), vocab_size_per_ngram=(101, 103),
-                            n_head_per_ngram=2, n_embed_per_ngram=16, conv_zero_init=False, sparse_grad=sparse))
+        engram=EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1, 2), rows_per_head=(101, 103),
+                            n_head_per_ngram=2, n_embed_per_ngram=16, conv_zero_init=False))
 
 
 def batch(step: int) -> torch.Tensor:
@@ -31,7 +29,7 @@ def build(table_optimizer: str, dtype, moe: bool = True):
     from engram import EngramLM
 
     torch.manual_seed(0)
-    return EngramLM(config(sparse=table_optimizer != "adam", moe=moe)).to(dtype)
+    return EngramLM(config(moe=moe)).use_sparse_table_grads(table_optimizer != "adam").to(dtype)
 
 
 def state_of(model, optimizers, tables) -> dict:
@@ -52,7 +50,7 @@ def state_of(model, optimizers, tables) -> dict:
 
 def _train(rank, world_size, fsdp, table_optimizer, dtype_name, steps, grad_accum, moe=True):
     from engram.distributed import parallelize
-    from engram.train.loop import train_step
+    from engram.train.trainer import train_step
     from engram.train.optim import build_optimizers
 
     dtype = getattr(torch, dtype_name)
@@ -69,7 +67,7 @@ def _train(rank, world_size, fsdp, table_optimizer, dtype_name, steps, grad_accu
 
 
 def reference(table_optimizer, dtype, steps, moe=True, grad_accum=1):
-    from engram.train.loop import train_step
+    from engram.train.trainer import train_step
     from engram.train.optim import build_optimizers
 
     model = build(table_optimizer, dtype, moe)

@@ -1,6 +1,6 @@
 import pytest
 
-from engram.train.dataset import prepare_dataset
+from engram.data.dataset import prepare_dataset
 
 WORDS = ("the river city north empire king queen music science history war trade island mountain "
          "language church school river valley bridge army fleet harbor castle").split()
@@ -9,9 +9,13 @@ WORDS = ("the river city north empire king queen music science history war trade
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory):
     """A tiny prepared dataset (60 generated documents, 300-id BPE), built once per session."""
+    return build_small_dataset(tmp_path_factory.mktemp("corpus"))
+
+
+def build_small_dataset(root):
+    """60 documents from a seeded generator and a 300-id BPE: the same bytes on every machine."""
     import random
 
-    root = tmp_path_factory.mktemp("corpus")
     docs = root / "docs"
     docs.mkdir()
     rng = random.Random(0)

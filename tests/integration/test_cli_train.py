@@ -136,6 +136,7 @@ def test_cka_needs_two_runs(trained_run, tmp_path, capsys):
     assert code == 0 and "soft-alignment index" in out, err
 
 
+@pytest.mark.hf
 def test_export_hf_folder_reads_like_the_run(trained_run, tmp_path, capsys):
     """`engram export-hf`: transformers loads it (model and tokenizer) with the run's numbers, and
     the engram commands read it like the run."""
@@ -143,7 +144,7 @@ def test_export_hf_folder_reads_like_the_run(trained_run, tmp_path, capsys):
 
     import engram.hf  # noqa: F401
     from engram.model.io import load_model
-    from engram.train.checkpoint import latest_good_checkpoint
+    from engram.runs import latest_good_checkpoint
 
     hf_dir = tmp_path / "hf"
     code, out, _ = run(capsys, "export-hf", str(trained_run), "--out", str(hf_dir))

@@ -11,7 +11,7 @@ from engram import count_params
 from engram.cli.main import main
 from engram.experiments import summary as _experiment_summary
 from engram.experiments.comparisons import engram_vs_moe_configs, run_engram_vs_moe
-from engram.train.dataset import PreparedData
+from engram.data.dataset import PreparedData
 from engram.train.loop import TrainConfig
 
 
@@ -96,9 +96,9 @@ def test_ablation_arms_change_one_thing_each(small_dataset):
                        "over_encoding": {"layer_ids", "use_gate", "use_short_conv"}}
     assert arms["over_encoding"].engram.layer_ids == (0,)  # on the token embedding, before block 0
     assert arms["no_compression"].engram.compressed_vocab_size == full.vocab_size > full.engram.compressed_vocab_size
-    assert arms["m4"].n_branches == arms["m4"].engram_module_config.n_branches == 4
-    assert arms["m4"].engram == full.engram and arms["m4_no_engram"].n_branches == 4
-    assert all(dataclasses.replace(c, engram=None, n_branches=1) == arms["no_engram"] for c in arms.values())
+    assert arms["m4"].n_streams == 4  # the Engram modules take the model's streams
+    assert arms["m4"].engram == full.engram and arms["m4_no_engram"].n_streams == 4
+    assert all(dataclasses.replace(c, engram=None, n_streams=1) == arms["no_engram"] for c in arms.values())
 
 
 def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
@@ -123,7 +123,7 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert len(sweep["slots_to_final_val_loss"]) == 2 and (tmp_path / "table_size.png").is_file()
     # how often training read the average used row: every position reads one row per head
     reads = sweep["arms"]["rows64"]["row_reads"]["1"]
-    heads = len(run["model"]["engram"]["vocab_size_per_ngram"]) * run["model"]["engram"]["n_head_per_ngram"]
+    heads = len(run["model"]["engram"]["rows_per_head"]) * run["model"]["engram"]["n_head_per_ngram"]
     assert reads["reads"] == 2 * 16 * 128 * heads  # 2 steps of 16 x 128 positions
     assert reads["table_rows"] == sweep["arms"]["rows64"]["params"]["table_rows"] >= reads["used_rows"]
     assert 1 < reads["reads_per_used_row"] == reads["reads"] / reads["used_rows"]
@@ -231,20 +231,45 @@ def test_cli_names_the_known_experiments(capsys):
 
 
 def test_cli_rejects_bad_table_sizes(capsys):
-    assert main(["experiment", "table_size", "--data", "x", "--rows-per-head", "1024,many"]) == 2
-    assert "--rows-per-head takes comma-separated integers" in capsys.readouterr().err
+    assert main(["experiment", "table_size", "--data", "x", "--rows-per-head", "1024,16384"]) == 2
+    assert ("argument --rows-per-head: takes its values as separate words (e.g. 1024 16384), not comma-separated"
+            in capsys.readouterr().err)
+    assert main(["experiment", "table_size", "--data", "x", "--rows-per-head", "1024", "many"]) == 2
+    assert "argument --rows-per-head: needs an integer >= 1, got 'many'" in capsys.readouterr().err
     assert main(["experiment", "table_size", "--data", "x", "--over-encoding-rows", "0"]) == 2
-    assert "--over-encoding-rows needs integers >= 1" in capsys.readouterr().err
+    assert "argument --over-encoding-rows: needs an integer >= 1, got '0'" in capsys.readouterr().err
     assert main(["experiment", "table_size", "--data", "x", "--table-init-std", "-1"]) == 2
     assert "needs a number >= 0" in capsys.readouterr().err
     assert main(["experiment", "boundary_reset", "--data", "x", "--table-init-std", "0"]) == 2
     assert ("--table-init-std is an option of ablations, engram_vs_moe, rho_sweep, table_size, not of "
             "boundary_reset" in capsys.readouterr().err)
+    assert main(["experiment", "ablations", "--data", "x", "--rhos", "0.5"]) == 2
+    assert "--rhos is an option of rho_sweep, not of ablations" in capsys.readouterr().err
+
+
+def test_cli_passes_list_options_to_the_experiment(monkeypatch, tmp_path, capsys):
+    """Arms, rhos, sizes and table sizes come from the command line as repeated words."""
+    from engram import experiments
+
+    (tmp_path / "tokens.json").write_text("{}")  # a dataset folder, as far as the CLI looks
+    seen = {}
+    monkeypatch.setattr(experiments, "run", lambda name, out, data, **kw: seen.update(name=name, **kw) or
+                        {"experiment": name})
+    monkeypatch.setattr(experiments, "summary", lambda result: "ok")
+    for argv in (["rho_sweep", "--rhos", "0.25", "0.5", "--rhos", "1"], ["ablations", "--arms", "full", "no_gate"],
+                 ["table_size", "--rows-per-head", "64", "128", "--no-over-encoding"],
+                 ["knowledge_capacity", "--sizes", "d64", "--rho", "0.5"]):
+        seen.clear()
+        assert main(["experiment", *argv, "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--seeds", "2"]) == 0
+        assert seen.pop("seeds") == (0, 1) and seen.pop("name") == argv[0]
+        assert seen == {"rho_sweep": {"rhos": (0.25, 0.5, 1.0)}, "ablations": {"arms": ("full", "no_gate")},
+                        "table_size": {"rows_per_head": (64, 128), "over_encoding_rows": ()},
+                        "knowledge_capacity": {"sizes": ("d64",), "rho": 0.5}}[argv[0]]
 
 
 def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
     from engram.experiments.knowledge import knowledge_configs, run_knowledge_capacity
-    from engram.train.dataset import prepare_dataset
+    from engram.data.dataset import prepare_dataset
 
     data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=2048,
                            log=lambda *a: None)  # a BPE of this size keeps the in-context prompts < 256 tokens
@@ -271,7 +296,7 @@ def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
 
 def test_memory_edits_forgets_and_writes_on_the_knowledge_runs(tmp_path):
     from engram.experiments.memory_edits import run_memory_edits
-    from engram.train.dataset import prepare_dataset
+    from engram.data.dataset import prepare_dataset
 
     data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=12, vocab_size=2048,
                            log=lambda *a: None)
@@ -290,7 +315,7 @@ def test_memory_edits_forgets_and_writes_on_the_knowledge_runs(tmp_path):
 
 def test_long_context_runs_and_reports_by_task_and_length(tmp_path):
     from engram.experiments.long_context import run_long_context
-    from engram.train.dataset import prepare_dataset
+    from engram.data.dataset import prepare_dataset
 
     data = prepare_dataset(tmp_path / "lc", corpus="long-context", examples=12, vocab_size=400, log=lambda *a: None)
     res = run_long_context(tmp_path, data, seeds=(0,), steps=2, seq_len=256, batch_size=2, log=lambda *a: None)

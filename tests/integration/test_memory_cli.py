@@ -9,7 +9,7 @@ import torch
 
 from engram.cli.main import main
 from engram.model.io import load_model
-from engram.train.checkpoint import latest_good_checkpoint
+from engram.runs import latest_good_checkpoint
 
 TEXT = "the river city north empire king"
 
@@ -51,7 +51,7 @@ def changed_rows(a, b):
 
 
 def test_locate_shows_grams_rows_reads_and_partners(indexed_run, capsys):
-    from engram.train.dataset import PreparedData
+    from engram.data.dataset import PreparedData
 
     data = PreparedData.open(json.loads((indexed_run / "run.json").read_text())["data_dir"])
     piece = [int(i) for i in data.train.tokens[200:216]]

@@ -11,6 +11,8 @@ pytest.importorskip("transformers")
 
 from engram.cli.main import main  # noqa: E402
 
+pytestmark = pytest.mark.hf  # transformers integration: deselect with -m 'not hf'
+
 
 @pytest.fixture
 def tiny_llama(small_dataset, tmp_path):
@@ -32,7 +34,7 @@ def tiny_llama(small_dataset, tmp_path):
 
 def test_retrofit_run_reports_and_resumes_exactly(tiny_llama, small_dataset, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["retrofit", str(tiny_llama), "--out", str(out), "--data", str(small_dataset), "--layers", "0,2",
+    argv = ["retrofit", str(tiny_llama), "--out", str(out), "--data", str(small_dataset), "--layers", "0", "2",
             "--steps", "4", "--batch-size", "2", "--seq-len", "16", "--eval-every", "2", "--checkpoint-every", "2",
             "--rows-per-head", "211", "--prompt", "the river"]
     assert main(argv) == 0

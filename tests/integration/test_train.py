@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engram.train.checkpoint import list_checkpoints
+from engram.runs import list_checkpoints
 from engram.train.loop import TrainConfig, train
 
 ARGS = ["--preset", "tiny", "--max-steps", "12", "--batch-size", "4", "--seq-len", "32", "--eval-every", "6",

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from engram import EngramLM, allocation, count_params, param_counts, plan_sparsity, presets
-from engram.config import EngramConfig, ModelConfig, MoEConfig
 
 
 def configs():
@@ -16,7 +15,7 @@ def configs():
     yield presets.small()
     yield dataclasses.replace(base, tie_embeddings=True, moe=None)
     e = dataclasses.replace(base.engram, use_short_conv=False, use_gate=False, bias=True)
-    yield dataclasses.replace(base, n_branches=2, engram=e, moe=dataclasses.replace(base.moe, shared_hidden_size=77))
+    yield dataclasses.replace(base, n_streams=2, engram=e, moe=dataclasses.replace(base.moe, shared_hidden_size=77))
     yield dataclasses.replace(base, moe=dataclasses.replace(base.moe, n_shared_experts=0, first_k_dense=0))
 
 
@@ -35,7 +34,7 @@ def test_active_counts_follow_the_paper_convention():
     routed = n["routed_experts_params"]
     assert n["active_routed_params"] == routed * 2 // 8  # top-2 of 8
     e = c.engram
-    assert n["engram_rows_read_params"] == 1 * e.n_hash_heads * e.head_dim
+    assert n["engram_rows_read_params"] == 1 * e.n_hash_heads * e.row_dim
     assert n["active"] == n["total"] - routed + n["active_routed_params"] - n["engram_tables_params"] \
         + n["engram_rows_read_params"]
     assert n["table_bytes_per_token_fp32"] == 4 * n["engram_rows_read_params"]
@@ -60,8 +59,8 @@ def test_planner_reproduces_the_paper_27b_allocation():
     assert (a["experts_before"], a["experts_after"]) == (72, 55)
     assert abs(a["rho"] - 0.743) < 0.002
     assert 5.7e9 <= a["table_params"] <= 5.85e9  # paper: 5.7B (2,262,400 rows x 16 tables x 80 x 2)
-    assert plan.engram.layer_ids == (1, 14) and plan.engram.memory_dim == 1280 and plan.engram.head_dim == 80
-    assert abs(plan.engram.vocab_size_per_ngram[0] - 2_262_400) / 2_262_400 < 0.01
+    assert plan.engram.layer_ids == (1, 14) and plan.engram.memory_dim == 1280 and plan.engram.row_dim == 80
+    assert abs(plan.engram.rows_per_head[0] - 2_262_400) / 2_262_400 < 0.01
 
 
 @pytest.mark.parametrize("preset", ["moe_27b", "small", "tiny"])

@@ -12,9 +12,9 @@ from engram import EngramLM
 from engram.analysis.ablation import ablation_eval, ablation_report, engram_disabled, next_token_accuracy
 from engram.analysis.gates import gate_heatmap_html, gate_heatmap_png, gate_values, plot_gates
 from engram.config import EngramConfig, ModelConfig, MoEConfig
-from engram.train.dataset import PreparedData
-from engram.train.loop import evaluate
-from engram.train.tokenizer import TokenStream, train_tokenizer
+from engram.data.dataset import PreparedData
+from engram.eval import evaluate
+from engram.data.tokenizer import TokenStream, train_tokenizer
 
 V, D, M = 300, 32, 2
 TEXT = 'Alexander the Great <b>& "Princess" of Wales.\nBy the way, café 四大发明 张仲景'
@@ -32,9 +32,9 @@ def model():
     config = ModelConfig(
         vocab_size=V, hidden_size=D, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
         moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden_size=16, first_k_dense=1),
-        n_branches=M, max_seq_len=128,
-        engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(1, 2), vocab_size_per_ngram=(101, 103),
-                            n_head_per_ngram=2, hidden_size=D, n_branches=M, n_embed_per_ngram=16,
+        n_streams=M, max_seq_len=128,
+        engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(1, 2), rows_per_head=(101, 103),
+                            n_head_per_ngram=2, n_embed_per_ngram=16,
                             conv_zero_init=False, bias=True))
     torch.manual_seed(0)
     return EngramLM(config).eval()
@@ -62,13 +62,13 @@ def test_html_has_every_token_escaped_and_one_span_per_token_per_row(model, tok,
     res = gate_values(model, tok, TEXT)
     page = gate_heatmap_html(res, tmp_path / "g.html", title="<gates>").read_text(encoding="utf-8")
     T = len(res["tokens"])
-    assert page.count('<span class="tok"') == T * 2 * M  # 2 layers x M branches
+    assert page.count('<span class="tok"') == T * 2 * M  # 2 layers x M streams
     for tok_text in res["tokens"]:
         assert f">{html.escape(tok_text)}</span>" in page
     assert "<b>" not in page and "&lt;" in page and "&amp;" in page and "&lt;gates&gt;" in page
     for layer in (1, 2):
         for m in range(M):
-            assert f"layer {layer}, branch {m}" in page
+            assert f"layer {layer}, stream {m}" in page
     assert "rgb(255,255,255)" in page  # the legend's 0
 
 

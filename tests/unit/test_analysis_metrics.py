@@ -95,9 +95,9 @@ def test_soft_alignment_index_on_constructed_similarities():
 
 # ---------------------------------------------------------------- LogitLens
 def lens_config(M):
-    return dataclasses.replace(presets.tiny(vocab_size=64, n_layers=3, engram=False), n_branches=M, engram=EngramConfig(
-        compressed_vocab_size=64, pad_id=0, layer_ids=(1,), vocab_size_per_ngram=(101, 103), n_head_per_ngram=2,
-        hidden_size=128, n_branches=M, n_embed_per_ngram=16))
+    return dataclasses.replace(presets.tiny(vocab_size=64, n_layers=3, engram=False), n_streams=M, engram=EngramConfig(
+        compressed_vocab_size=64, pad_id=0, layer_ids=(1,), rows_per_head=(101, 103), n_head_per_ngram=2,
+        n_embed_per_ngram=16))
 
 
 @pytest.mark.parametrize("M", [1, 4])
@@ -119,8 +119,8 @@ def stats_model():
     table (collisions everywhere) and a 100003-row trigram table (none on a small corpus)."""
     config = ModelConfig(
         vocab_size=16, hidden_size=16, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden_size=32, max_seq_len=64,
-        engram=EngramConfig(compressed_vocab_size=8, pad_id=0, layer_ids=(1,), vocab_size_per_ngram=(2, 100_000),
-                            max_ngram_size=3, n_head_per_ngram=1, hidden_size=16, n_embed_per_ngram=4))
+        engram=EngramConfig(compressed_vocab_size=8, pad_id=0, layer_ids=(1,), rows_per_head=(2, 100_000),
+                            max_ngram_size=3, n_head_per_ngram=1, n_embed_per_ngram=4))
     torch.manual_seed(0)
     return EngramLM(config, compression=np.arange(16) % 8)
 

@@ -11,7 +11,7 @@ from engram.analysis.entities import entity_gate_stats, find_entities, title_pat
 from engram.analysis.gates import gate_values
 from engram.analysis.knowledge import answer_scores, country_capitals, probe_facts, split_stated
 from engram.config import EngramConfig, ModelConfig
-from engram.train.tokenizer import train_tokenizer
+from engram.data.tokenizer import train_tokenizer
 
 V, D = 300, 32
 CORPUS = ["Alexander the Great ruled Macedon. Kabul is the capital of Afghanistan.",
@@ -26,9 +26,9 @@ def tok():
 @pytest.fixture(scope="module")
 def model():
     config = ModelConfig(
-        vocab_size=V, hidden_size=D, n_layers=2, n_heads=4, mlp_hidden_size=48, n_branches=2, max_seq_len=64,
-        engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(0, 1), vocab_size_per_ngram=(101, 103),
-                            n_head_per_ngram=2, hidden_size=D, n_branches=2, n_embed_per_ngram=16,
+        vocab_size=V, hidden_size=D, n_layers=2, n_heads=4, mlp_hidden_size=48, n_streams=2, max_seq_len=64,
+        engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(0, 1), rows_per_head=(101, 103),
+                            n_head_per_ngram=2, n_embed_per_ngram=16,
                             conv_zero_init=False))
     torch.manual_seed(0)
     return EngramLM(config).eval()

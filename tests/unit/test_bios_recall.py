@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engram.analysis import bios_recall as br
-from engram.train.synthetic_bios import ATTRIBUTES, attribute_choices, synthetic_documents
+from engram.data.synthetic_bios import ATTRIBUTES, attribute_choices, synthetic_documents
 
 
 def test_bits_and_exact_match_follow_the_answer_scores(monkeypatch):

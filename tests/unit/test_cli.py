@@ -59,6 +59,12 @@ def test_missing_tokenizer_is_one_line_exit_2(capsys, tmp_path):
     (["generate", "{tmp}", "--prompt", "x", "--top-k", "0"], "argument --top-k: needs an integer >= 1"),
     (["experiment", "ablations", "--seeds", "0"], "argument --seeds: needs an integer >= 1"),
     (["experiment", "engram_vs_moe", "--rho", "0"], "argument --rho: needs a number in (0, 1]"),
+    (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/typed.json"],
+     "{tmp}/typed.json: field 'lr' must be float, got 'fast' (str)"),
+    (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/unknown.json"], "unknown field(s) ['learning_rate']"),
+    (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/file.txt"], "file.txt is not valid JSON"),
+    (["train", "--out", "{tmp}/r", "--min-lr-ratio", "2"], "argument --min-lr-ratio: needs a number in [0, 1]"),
+    (["retrofit", "x", "--out", "{tmp}/r", "--layers", "1,14"], "argument --layers: takes its values as separate"),
     (["analyze", "gates", "{tmp}", "--windows", "-3"], "argument --windows: needs an integer >= 1"),
     (["offload", "{tmp}/file.txt", "--out", "{tmp}/t"], "argument path: {tmp}/file.txt is a file; give a folder"),
 ])
@@ -67,12 +73,36 @@ def test_bad_options_are_one_line_exit_2(argv, message, tmp_path, capsys):
     (tmp_path / "file.txt").write_text("not json")
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "partial.json").write_text(json.dumps({"hidden_size": 64}))
+    (tmp_path / "typed.json").write_text(json.dumps({"lr": "fast"}))
+    (tmp_path / "unknown.json").write_text(json.dumps({"learning_rate": 0.1}))
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("engram: error: ") and err.count("\n") == 1, err
     assert message.format(tmp=tmp_path) in err, err
     assert not (tmp_path / "r").exists() and not (tmp_path / "d").exists()
+
+
+def test_every_training_setting_has_a_flag_and_a_config_file_field(tmp_path):
+    """Each TrainConfig field is a flag of `engram train`; a --train-config file sets any of them
+    and flags given beside it win."""
+    import dataclasses
+
+    from engram.cli.main import build_parser
+    from engram.cli.train import train_config
+    from engram.train.loop import TrainConfig
+
+    parser = build_parser()
+    train_parser = parser._subparsers._group_actions[0].choices["train"]
+    flags = {o for a in train_parser._actions for o in a.option_strings}
+    missing = [f.name for f in dataclasses.fields(TrainConfig) if "--" + f.name.replace("_", "-") not in flags]
+    assert not missing, f"TrainConfig fields without a flag: {missing}"
+    (tmp_path / "t.json").write_text(json.dumps({"lr": 0.01, "keep_last": 7, "grad_clip": 0.5, "compile": True}))
+    args = parser.parse_args(["train", "--out", str(tmp_path / "r"), "--train-config", str(tmp_path / "t.json"),
+                              "--lr", "0.02", "--weight-decay", "0", "--sample-prompt", ""])
+    cfg = train_config(args)
+    assert (cfg.lr, cfg.keep_last, cfg.grad_clip, cfg.compile, cfg.weight_decay, cfg.sample_prompt) == \
+        (0.02, 7, 0.5, True, 0.0, "")
 
 
 @pytest.mark.parametrize("preset", ["tiny", "small", "engram_27b"])

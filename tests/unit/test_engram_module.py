@@ -1,4 +1,4 @@
-"""The Engram module: gate formula, zero-init conv, causality, branches, errors, gradients."""
+"""The Engram module: gate formula, zero-init conv, causality, streams, errors, gradients."""
 
 import math
 
@@ -10,17 +10,22 @@ from engram import Engram, EngramConfig, InMemoryTable, NgramHasher, ShortConvSt
 
 
 def make(M=1, D=16, conv_zero_init=True, **kw):
-    cfg = EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1,), vocab_size_per_ngram=(53, 61),
-                       max_ngram_size=3, n_head_per_ngram=2, hidden_size=D, n_branches=M, n_embed_per_ngram=8,
+    cfg = EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1,), rows_per_head=(53, 61),
+                       max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=8,
                        conv_zero_init=conv_zero_init, **kw)
     hasher = NgramHasher.from_config(cfg)
-    module = Engram(cfg, hasher.table_sizes[1], layer_id=1)
+    module = Engram(cfg, hasher.table_sizes[1], hidden_size=D, n_streams=M, layer_id=1)
     return cfg, hasher, module
 
 
-def inputs(hasher, cfg, B=2, T=13):
-    ids = torch.randint(0, cfg.compressed_vocab_size, (B, T))
-    hidden = torch.randn(B, T, cfg.n_branches, cfg.hidden_size)
+def shape(module):
+    """The width and streams another module needs to match `module`."""
+    return dict(hidden_size=module.hidden_size, n_streams=module.n_streams)
+
+
+def inputs(hasher, module, B=2, T=13):
+    ids = torch.randint(0, module.config.compressed_vocab_size, (B, T))
+    hidden = torch.randn(B, T, module.n_streams, module.hidden_size)
     return ids, hidden, hasher.hash(ids)[1]
 
 
@@ -37,9 +42,9 @@ def randomize(module):
 def test_gate_and_output_against_a_direct_computation(M):
     cfg, hasher, module = make(M=M, conv_zero_init=True, bias=True)
     randomize(module)
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     out, gates = module(hidden, rows, return_gates=True)
-    D = cfg.hidden_size
+    D = module.hidden_size
     # direct: table rows -> e; W_V, W_K^m; RMSNorm written out; signed-sqrt sigmoid
     W, b = module.proj.weight.detach(), module.proj.bias.detach()
     flat = rows + module.table.offsets
@@ -62,13 +67,14 @@ def test_gate_and_output_against_a_direct_computation(M):
 
 def test_zero_init_conv_gives_exactly_the_gated_value():
     cfg, hasher, module = make(M=4)
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     assert torch.count_nonzero(module.short_conv.weight) == 0
     out, gates = module(hidden, rows, return_gates=True)
-    no_conv = Engram(EngramConfig(**{**cfg.to_dict(), "use_short_conv": False}), hasher.table_sizes[1])
+    no_conv = Engram(EngramConfig(**{**cfg.to_dict(), "use_short_conv": False}), hasher.table_sizes[1],
+                     **shape(module))
     no_conv.load_state_dict({k: v for k, v in module.state_dict().items() if not k.startswith("short_conv")})
     assert torch.equal(out, no_conv(hidden, rows))
-    v = module.proj(module.table(rows).flatten(2))[..., :cfg.hidden_size]
+    v = module.proj(module.table(rows).flatten(2))[..., :module.hidden_size]
     assert torch.equal(out, gates.unsqueeze(-1) * v.unsqueeze(2))
 
 
@@ -76,7 +82,7 @@ def test_zero_init_conv_gives_exactly_the_gated_value():
 def test_causality(M):
     cfg, hasher, module = make(M=M, conv_zero_init=False)
     randomize(module)
-    ids, hidden, rows = inputs(hasher, cfg, T=20)
+    ids, hidden, rows = inputs(hasher, module, T=20)
     out = module(hidden, rows)
     t0 = 9
     ids2 = ids.clone()
@@ -95,22 +101,22 @@ def test_causality(M):
     assert not torch.allclose(out[:, t0 + 3], out3[:, t0 + 3])
 
 
-def test_flat_hidden_for_one_branch_equals_four_dim():
+def test_flat_hidden_for_one_stream_equals_four_dim():
     cfg, hasher, module = make(M=1, conv_zero_init=False)
     randomize(module)
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     out3d = module(hidden[:, :, 0], rows)
     assert out3d.shape == hidden[:, :, 0].shape
     assert torch.equal(out3d, module(hidden, rows)[:, :, 0])
 
 
-def test_branches_share_value_but_gate_separately():
+def test_streams_share_value_but_gate_separately():
     cfg, hasher, module = make(M=4)
     randomize(module)
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     out, gates = module(hidden, rows, return_gates=True)
     assert gates.shape == (2, 13, 4) and out.shape == hidden.shape
-    ratio = out / gates.unsqueeze(-1)  # = v for every branch (zero-init conv)
+    ratio = out / gates.unsqueeze(-1)  # = v for every stream (zero-init conv)
     assert torch.allclose(ratio[:, :, 0], ratio[:, :, 3], atol=1e-5)
     assert not torch.allclose(gates[:, :, 0], gates[:, :, 3])
 
@@ -118,7 +124,7 @@ def test_branches_share_value_but_gate_separately():
 def test_chunked_conv_state_equals_full_forward():
     cfg, hasher, module = make(M=4, conv_zero_init=False)
     randomize(module)
-    ids, hidden, rows = inputs(hasher, cfg, T=17)
+    ids, hidden, rows = inputs(hasher, module, T=17)
     full = module(hidden, rows)
     state, outs, t = ShortConvState(), [], 0
     for s in [1, 4, 2, 1, 6, 3]:
@@ -134,7 +140,7 @@ def test_decode_step_equals_full_forward(M, bias, eps, monkeypatch):
     outputs as the full forward, and the same conv history as the general path leaves."""
     cfg, hasher, module = make(M=M, conv_zero_init=False, bias=bias, gate_norm_eps=eps)
     randomize(module)
-    ids, hidden, rows = inputs(hasher, cfg, T=11)
+    ids, hidden, rows = inputs(hasher, module, T=11)
     steps = []
     monkeypatch.setattr(module, "_step", lambda *a, f=module._step: steps.append(1) or f(*a))
     with torch.no_grad():
@@ -151,9 +157,9 @@ def test_decode_step_equals_full_forward(M, bias, eps, monkeypatch):
     assert torch.allclose(lean.history, general.history, atol=1e-6)
 
 
-def test_no_gate_ablation_passes_value_to_all_branches():
+def test_no_gate_ablation_passes_value_to_all_streams():
     cfg, hasher, module = make(M=2, use_gate=False)
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     out, gates = module(hidden, rows, return_gates=True)
     assert torch.equal(gates, torch.ones_like(gates))
     assert torch.equal(out[:, :, 0], out[:, :, 1])
@@ -161,7 +167,7 @@ def test_no_gate_ablation_passes_value_to_all_branches():
 
 def test_shape_and_range_errors():
     cfg, hasher, module = make(M=4)
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     with pytest.raises(ValueError, match=r"\[B, T, M=4, D=16\]"):
         module(hidden[:, :, 0], rows)
     with pytest.raises(ValueError, match="must match hidden"):
@@ -173,14 +179,15 @@ def test_shape_and_range_errors():
     with pytest.raises(ValueError, match="out of range for hash table 2"):
         module(hidden, bad)
     with pytest.raises(ValueError, match="table sizes"):
-        Engram(cfg, hasher.table_sizes[1][:3])
+        Engram(cfg, hasher.table_sizes[1][:3], **shape(module))
 
 
 def test_gradients_reach_exactly_the_rows_read_dense_and_sparse():
     grads = []
     for sparse in (False, True):
         torch.manual_seed(0)
-        cfg, hasher, module = make(M=2, sparse_grad=sparse)
+        cfg, hasher, module = make(M=2)
+        module.table.sparse = sparse  # the table optimizer's choice (EngramLM.use_sparse_table_grads)
         ids = torch.randint(0, 97, (2, 9))
         rows = hasher.hash(ids)[1]
         module(torch.randn(2, 9, 2, 16), rows).pow(2).sum().backward()
@@ -194,14 +201,14 @@ def test_gradients_reach_exactly_the_rows_read_dense_and_sparse():
 
 
 def test_builds_on_meta_device_then_materializes():
-    cfg, hasher, _ = make(M=4)
-    module = Engram(cfg, hasher.table_sizes[1], device="meta")
+    cfg, hasher, built = make(M=4)
+    module = Engram(cfg, hasher.table_sizes[1], **shape(built), device="meta")
     assert module.table.weight.is_meta
     module.to_empty(device="cpu")
     module.reset_parameters()
     assert module.table.offsets.tolist() == np.cumsum([0] + hasher.table_sizes[1][:-1]).tolist()
     assert torch.count_nonzero(module.short_conv.weight) == 0
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     assert torch.isfinite(module(hidden, rows)).all()
 
 
@@ -217,7 +224,7 @@ def gate_by_hand(h, k, w_q, w_k, eps=1e-6):
 
 def gate_in_dtype(module, h, k):
     """The gate as computed before issue 10: in the inputs' own dtype, no upcast."""
-    D, eps = module.config.hidden_size, module.config.gate_norm_eps
+    D, eps = module.hidden_size, module.config.gate_norm_eps
 
     def r(x):
         return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1).square() / D + eps)
@@ -228,7 +235,7 @@ def gate_in_dtype(module, h, k):
 
 @pytest.mark.parametrize("dtype, half_ulp", [(torch.bfloat16, 2 ** -9), (torch.float16, 2 ** -12)])
 def test_gate_of_a_large_hidden_state_in_low_precision_matches_fp32(dtype, half_ulp, rng):
-    """|h| = 1e4 per branch. (1) On the same rounded h and k, the module's gate equals the float64
+    """|h| = 1e4 per stream. (1) On the same rounded h and k, the module's gate equals the float64
     formula up to rounding the gate itself to `dtype` (half an ulp below 1.0), while computing in
     `dtype` saturates in fp16 (mean(h^2) overflows: every gate 0.5) and in bf16 errs well beyond
     that rounding. (2) Against the fp32 module on unrounded inputs the gap is what rounding h and
@@ -240,7 +247,7 @@ def test_gate_of_a_large_hidden_state_in_low_precision_matches_fp32(dtype, half_
     rows = hasher.hash(ids)[1]
     hidden = torch.randn(16, 128, M, D)
     hidden = hidden / hidden.norm(dim=-1, keepdim=True) * 1e4
-    low = Engram(cfg, hasher.table_sizes[1], layer_id=1).to(dtype)
+    low = Engram(cfg, hasher.table_sizes[1], **shape(module), layer_id=1).to(dtype)
     low.load_state_dict(module.state_dict())
     h = hidden.to(dtype)
     with torch.no_grad():
@@ -266,7 +273,7 @@ def test_standalone_module_starts_at_the_residual_scale(rng):
     ~ N(0, 1) for unrelated h and k; so rms(out) = 0.02 sqrt(E[a^2]), E over s ~ N(0, 1).
     nn.Linear's default init (uniform +-1/sqrt(d_mem)) would give rms(v) = 1/sqrt(3)."""
     cfg, hasher, module = make(M=4, D=64)
-    ids, hidden, rows = inputs(hasher, cfg, B=8, T=128)
+    ids, hidden, rows = inputs(hasher, module, B=8, T=128)
     with torch.no_grad():
         out = module(hidden, rows)
         v = module.proj(module.table(rows).flatten(2))[..., :64]
@@ -279,7 +286,7 @@ def test_standalone_module_starts_at_the_residual_scale(rng):
     assert abs(rms_out / expected - 1) < 0.15, f"output rms {rms_out:.4f}, expected {expected:.4f}"
     module.reset_parameters()
     assert module.proj.weight.std().item() == pytest.approx(0.02 / math.sqrt(cfg.memory_dim), rel=0.15)
-    assert Engram(cfg, hasher.table_sizes[1], init_std=0.1).proj.weight.std().item() == pytest.approx(
+    assert Engram(cfg, hasher.table_sizes[1], **shape(module), init_std=0.1).proj.weight.std().item() == pytest.approx(
         0.1 / math.sqrt(cfg.memory_dim), rel=0.15)
 
 
@@ -292,16 +299,16 @@ def test_table_init_std_scales_the_rows_and_zero_rows_add_nothing(rng, use_gate)
     # zero rows: value and keys are zero whatever the projection, so the module adds exactly nothing
     cfg, hasher, module = make(M=2, conv_zero_init=False, table_init_std=0.0, use_gate=use_gate)
     assert not module.table.weight.any()
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     assert not module(hidden, rows).any()
-    table = InMemoryTable(hasher.table_sizes[1], cfg.head_dim)
+    table = InMemoryTable(hasher.table_sizes[1], cfg.row_dim)
     given = table.weight.detach().clone()
-    Engram(cfg, hasher.table_sizes[1], table=table)
+    Engram(cfg, hasher.table_sizes[1], **shape(module), table=table)
     assert torch.equal(table.weight, given)  # a table passed in keeps its rows
 
 
 def test_passing_every_layers_rows_says_which_to_pass():
     cfg, hasher, module = make()
-    ids, hidden, rows = inputs(hasher, cfg)
+    ids, hidden, rows = inputs(hasher, module)
     with pytest.raises(ValueError, match=r"pass this layer's: rows\[1\]"):
         module(hidden, hasher.hash(ids))

@@ -18,8 +18,8 @@ def random_config(rng):
         layer_ids=[int(x) for x in rng.choice(40, size=n_layers, replace=False)],
         max_ngram_size=n,
         n_head_per_ngram=int(rng.integers(1, 9)),
-        vocab_size_per_ngram=[int(rng.choice([rng.integers(2, 5000), rng.integers(5000, 10**7)]))
-                              for _ in range(n - 1)],
+        rows_per_head=[int(rng.choice([rng.integers(2, 5000), rng.integers(5000, 10**7)]))
+                       for _ in range(n - 1)],
         compressed_vocab_size=int(rng.choice([2, 50, 1000, 98627, 10**7])),
         seed=int(rng.integers(0, 2**31)),
     )
@@ -29,7 +29,7 @@ def check_against_reference(cfg, ids, kernel="eager"):
     pad = int(cfg["pad_id"])
     hasher = NgramHasher(**cfg, kernel=kernel)
     mults, primes = numpy_layout(cfg["layer_ids"], cfg["max_ngram_size"], cfg["n_head_per_ngram"],
-                                 cfg["vocab_size_per_ngram"], cfg["compressed_vocab_size"], cfg["seed"])
+                                 cfg["rows_per_head"], cfg["compressed_vocab_size"], cfg["seed"])
     for l in cfg["layer_ids"]:
         assert list(hasher.layout.multipliers[l]) == mults[l].tolist()
         assert hasher.table_sizes[l] == [p for order in primes[l] for p in order]
@@ -57,7 +57,7 @@ def test_many_random_configs_match_reference_exactly(rng):
 def test_demo_config_matches_reference_with_extreme_ids(rng):
     v = 98627  # DeepSeek-V3's compressed vocabulary
     cfg = dict(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8,
-               vocab_size_per_ngram=[646400, 646400], compressed_vocab_size=v, pad_id=2, seed=0)
+               rows_per_head=[646400, 646400], compressed_vocab_size=v, pad_id=2, seed=0)
     ids = rng.integers(0, v, size=(3, 257), dtype=np.int64)
     ids[0, :50] = v - 1  # the largest products the contract allows
     ids[1, :50] = 0
@@ -71,7 +71,7 @@ def test_demo_config_matches_reference_with_extreme_ids(rng):
 
 def test_primes_are_fresh_across_layers_and_orders():
     h = NgramHasher(layer_ids=[3, 0], max_ngram_size=4, n_head_per_ngram=3,
-                    vocab_size_per_ngram=[10, 10, 20], compressed_vocab_size=100, pad_id=0)
+                    rows_per_head=[10, 10, 20], compressed_vocab_size=100, pad_id=0)
     # layer 3 first (layer_ids order), each order restarts its search at vocab-1 but skips used primes
     assert h.table_sizes[3] == [11, 13, 17, 19, 23, 29, 31, 37, 41]
     assert h.table_sizes[0] == [43, 47, 53, 59, 61, 67, 71, 73, 79]
@@ -80,7 +80,7 @@ def test_primes_are_fresh_across_layers_and_orders():
 def test_incremental_equals_full_for_any_chunking(rng):
     v = 5000
     hasher = NgramHasher(layer_ids=[0, 2], max_ngram_size=4, n_head_per_ngram=3,
-                         vocab_size_per_ngram=[997, 1500, 2000], compressed_vocab_size=v, pad_id=7, seed=3)
+                         rows_per_head=[997, 1500, 2000], compressed_vocab_size=v, pad_id=7, seed=3)
     ids = torch.from_numpy(rng.integers(0, v, size=(3, 23), dtype=np.int64))
     full = hasher.hash(ids)
     for _ in range(5):
@@ -97,7 +97,7 @@ def test_incremental_equals_full_for_any_chunking(rng):
 
 
 def test_history_shorter_than_context_is_an_error():
-    h = NgramHasher(layer_ids=[0], max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=[50, 50],
+    h = NgramHasher(layer_ids=[0], max_ngram_size=3, n_head_per_ngram=2, rows_per_head=[50, 50],
                     compressed_vocab_size=10, pad_id=0)
     with pytest.raises(ValueError, match="history must be"):
         h.hash_step(torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 4, dtype=torch.long))
@@ -105,7 +105,7 @@ def test_history_shorter_than_context_is_an_error():
 
 def test_layout_json_round_trip_needs_no_generator(tmp_path, rng, monkeypatch):
     v = 1234
-    cfg = dict(layer_ids=[2, 5], max_ngram_size=3, n_head_per_ngram=4, vocab_size_per_ngram=[300, 400],
+    cfg = dict(layer_ids=[2, 5], max_ngram_size=3, n_head_per_ngram=4, rows_per_head=[300, 400],
                compressed_vocab_size=v, pad_id=1, seed=11)
     hasher = NgramHasher(**cfg)
     hasher.layout.save(tmp_path / "hash_layout.json")
@@ -130,17 +130,17 @@ def test_mismatched_layout_is_a_clear_error(tmp_path):
     from engram import EngramConfig
 
     layout = HashLayout.build(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2,
-                              vocab_size_per_ngram=[100, 100], compressed_vocab_size=500, pad_id=0)
-    cfg = EngramConfig(compressed_vocab_size=500, pad_id=0, layer_ids=(1,), vocab_size_per_ngram=(100, 120),
-                       n_head_per_ngram=2, hidden_size=8, n_embed_per_ngram=8)
-    with pytest.raises(ValueError, match=r"hash layout mismatch.*vocab_size_per_ngram"):
+                              rows_per_head=[100, 100], compressed_vocab_size=500, pad_id=0)
+    cfg = EngramConfig(compressed_vocab_size=500, pad_id=0, layer_ids=(1,), rows_per_head=(100, 120),
+                       n_head_per_ngram=2, n_embed_per_ngram=8)
+    with pytest.raises(ValueError, match=r"hash layout mismatch.*rows_per_head"):
         layout.check_matches(cfg)
     path = tmp_path / "hash_layout.json"
     layout.save(path)
     with pytest.raises(ValueError, match="hash layout mismatch with .*hash_layout.json"):
         HashLayout.load(path, expect=cfg)
     other = HashLayout.build(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2,
-                             vocab_size_per_ngram=[100, 100], compressed_vocab_size=500, pad_id=0, seed=1)
+                             rows_per_head=[100, 100], compressed_vocab_size=500, pad_id=0, seed=1)
     with pytest.raises(ValueError, match=r"seed.*multipliers: layer 1: first differs at index 0"):
         layout.check_matches(other, "the checkpoint")
     # one prime changed deep in the list: the message points at it, not at two equal-looking prefixes
@@ -156,7 +156,7 @@ def test_layout_checks_the_tokenizer_fingerprint():
     from engram import CompressedTokenizer
 
     ct = CompressedTokenizer(np.array([0, 1, 1, 2, 3]))
-    layout = HashLayout.build(layer_ids=[0], max_ngram_size=2, n_head_per_ngram=1, vocab_size_per_ngram=[10],
+    layout = HashLayout.build(layer_ids=[0], max_ngram_size=2, n_head_per_ngram=1, rows_per_head=[10],
                               compressed_vocab_size=4, pad_id=0, vocab_fingerprint=ct.fingerprint)
     layout.check_vocab(ct)
     with pytest.raises(ValueError, match="compressed vocabulary of 4 ids"):
@@ -165,7 +165,7 @@ def test_layout_checks_the_tokenizer_fingerprint():
 
 def test_corrupt_layout_is_rejected(tmp_path):
     layout = HashLayout.build(layer_ids=[0], max_ngram_size=2, n_head_per_ngram=2,
-                              vocab_size_per_ngram=[100], compressed_vocab_size=50, pad_id=0)
+                              rows_per_head=[100], compressed_vocab_size=50, pad_id=0)
     data = layout.to_dict()
     data["primes"]["0"][1] = 104  # not a prime
     with pytest.raises(ValueError, match="not a fresh prime"):
@@ -182,7 +182,7 @@ def test_corrupt_layout_is_rejected(tmp_path):
 
 
 def test_bad_ids_are_clear_errors():
-    h = NgramHasher(layer_ids=[0], max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=[50, 50],
+    h = NgramHasher(layer_ids=[0], max_ngram_size=3, n_head_per_ngram=2, rows_per_head=[50, 50],
                     compressed_vocab_size=10, pad_id=0)
     with pytest.raises(ValueError, match=r"values in \[1, 10\].*compressed vocabulary has 10"):
         h.hash(torch.tensor([[1, 2, 10]]))
@@ -195,14 +195,14 @@ def test_bad_ids_are_clear_errors():
 
 
 def test_empty_sequence_gives_empty_rows():
-    h = NgramHasher(layer_ids=[0], max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=[50, 50],
+    h = NgramHasher(layer_ids=[0], max_ngram_size=3, n_head_per_ngram=2, rows_per_head=[50, 50],
                     compressed_vocab_size=10, pad_id=0)
     assert h.hash(torch.zeros(2, 0, dtype=torch.long))[0].shape == (2, 0, 4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu(rng):
-    h = NgramHasher(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, vocab_size_per_ngram=[646400] * 2,
+    h = NgramHasher(layer_ids=[1, 15], max_ngram_size=3, n_head_per_ngram=8, rows_per_head=[646400] * 2,
                     compressed_vocab_size=98627, pad_id=2)
     ids = torch.from_numpy(rng.integers(0, 98627, size=(4, 512), dtype=np.int64))
     cpu, gpu = h.hash(ids), h.hash(ids.cuda())
@@ -239,7 +239,7 @@ def test_compiled_kernel_matches_reference(rng, monkeypatch):
 
 # ---------------------------------------------------------------- kernel="auto"
 def demo_hasher(kernel="auto", **kw):
-    cfg = dict(layer_ids=[1, 4], max_ngram_size=3, n_head_per_ngram=4, vocab_size_per_ngram=[5003, 5003],
+    cfg = dict(layer_ids=[1, 4], max_ngram_size=3, n_head_per_ngram=4, rows_per_head=[5003, 5003],
                compressed_vocab_size=1000, pad_id=0, seed=1)
     cfg.update(kw)
     return NgramHasher(**cfg, kernel=kernel)
@@ -261,9 +261,9 @@ def test_auto_picks_compiled_only_for_big_cpu_calls_with_a_compiler(monkeypatch)
     assert h.kernel_for(big.to("meta")) == "eager"  # not a CPU tensor: the int64 kernel
     # primes past the float kernel's exact range: auto stays eager, "compiled" refuses
     huge = [ngram.MAX_PRIME_FOR_FLOAT_KERNEL + 10] * 2
-    assert demo_hasher(vocab_size_per_ngram=huge).kernel_for(big) == "eager"
+    assert demo_hasher(rows_per_head=huge).kernel_for(big) == "eager"
     with pytest.raises(ValueError, match="kernel='eager'"):
-        demo_hasher("compiled", vocab_size_per_ngram=huge)
+        demo_hasher("compiled", rows_per_head=huge)
     with pytest.raises(ValueError, match="'auto', 'eager' or 'compiled'"):
         demo_hasher("fast")
     # inside a torch.compile'd caller the eager int64 ops are traced into its graph
@@ -370,7 +370,7 @@ def test_segment_ids_stop_ngrams_like_a_reset_id():
     and like a reset at the id that ends each document."""
     import dataclasses
 
-    hasher = NgramHasher(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=[101, 103],
+    hasher = NgramHasher(layer_ids=[1], max_ngram_size=3, n_head_per_ngram=2, rows_per_head=[101, 103],
                          compressed_vocab_size=50, pad_id=0)
     eos = 49  # the reset id of the last part: no document draws it
     a, b = torch.randint(1, eos, (1, 6)), torch.randint(1, eos, (1, 5))

@@ -14,16 +14,18 @@ from engram import EngramLM  # noqa: E402
 from engram.config import EngramConfig, ModelConfig, MoEConfig  # noqa: E402
 from engram.model.generate import generate  # noqa: E402
 
+pytestmark = pytest.mark.hf  # transformers integration: deselect with -m 'not hf'
+
 V, V_COMPRESSED, PAD = 97, 61, 0
 
 
 def config(tie=False):
     return ModelConfig(
-        vocab_size=V, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, n_branches=2,
+        vocab_size=V, hidden_size=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48, n_streams=2,
         max_seq_len=64, tie_embeddings=tie,
         moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden_size=16, first_k_dense=1),
         engram=EngramConfig(compressed_vocab_size=V_COMPRESSED, pad_id=0, layer_ids=(1, 2),
-                            vocab_size_per_ngram=(101, 103), n_head_per_ngram=2, n_embed_per_ngram=16,
+                            rows_per_head=(101, 103), n_head_per_ngram=2, n_embed_per_ngram=16,
                             conv_zero_init=False))
 
 

@@ -10,6 +10,8 @@ qwen = pytest.importorskip("transformers.models.qwen4_exp.modeling_qwen4_exp")
 from engram.hf import from_qwen4exp, to_qwen4exp  # noqa: E402
 from engram.memory.engram import ShortConvState  # noqa: E402
 
+pytestmark = pytest.mark.hf  # transformers integration: deselect with -m 'not hf'
+
 EOS, V = 7, 101
 
 

@@ -8,6 +8,8 @@ transformers = pytest.importorskip("transformers")
 
 from engram.hf import add_engram, engram_param_groups, load_engram_adapter, remove_engram, save_engram_adapter  # noqa: E402
 
+pytestmark = pytest.mark.hf  # transformers integration: deselect with -m 'not hf'
+
 V = 97
 
 
@@ -146,3 +148,38 @@ def test_unsupported_models_and_embeddings_without_ids_are_clear_errors():
         model(inputs_embeds=torch.zeros(1, 3, 32))
     with pytest.raises(ValueError, match="already has Engram"):
         add_engram(model, layers=[1])
+
+
+def test_the_retrofit_keeps_random_rows_and_loads_an_adapter_saved_with_old_names(tmp_path):
+    """The value projection starts at zero, so the rows must not (neither would get a gradient):
+    add_engram draws N(0, 1) rows and refuses zero ones. An adapter saved before the renames
+    (vocab_size_per_ngram, the width and streams inside its config) loads the same."""
+    import json
+
+    from engram import EngramConfig
+
+    model = tiny("llama")
+    adapter = add_engram(model, layers=[1], rows_per_head=211, n_embed_per_ngram=16, n_head_per_ngram=2)
+    assert adapter.config.table_init_std == 1.0
+    assert adapter.engrams["1"].table.weight.std().item() == pytest.approx(1.0, rel=0.1)
+    zero = EngramConfig(**{**adapter.config.to_dict(), "table_init_std": 0.0})
+    with pytest.raises(ValueError, match="zero-initialized table rows .* would never get a gradient"):
+        add_engram(tiny("llama"), layers=[1], config=zero)
+    wake(model)
+    save_engram_adapter(model, tmp_path / "adapter")
+    meta_path = tmp_path / "adapter" / "engram_adapter.json"
+    meta = json.loads(meta_path.read_text())
+    width = meta.pop("hidden_size")
+    config = meta["config"]
+    config["vocab_size_per_ngram"] = config.pop("rows_per_head")
+    config.update(hidden_size=width, n_branches=1, sparse_grad=False)
+    meta_path.write_text(json.dumps(meta))
+    other = tiny("llama")
+    load_engram_adapter(other, tmp_path / "adapter")
+    x = ids(12, 3)
+    with torch.no_grad():
+        assert torch.equal(other(x).logits, model(x).logits)
+    config["hidden_size"] = 64
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="trained for width 64"):
+        load_engram_adapter(tiny("llama"), tmp_path / "adapter")

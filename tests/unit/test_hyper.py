@@ -48,7 +48,7 @@ def test_sinkhorn_is_doubly_stochastic(rng):
         sinkhorn(torch.randn(2, 3, 4), 20)
 
 
-def test_one_branch_is_the_ordinary_residual(rng):
+def test_one_stream_is_the_ordinary_residual(rng):
     hc = HyperConnection(D, 1)
     assert sum(p.numel() for p in hc.parameters()) == 0
     x, w = torch.randn(B, T, 1, D), torch.randn(D, D)
@@ -59,7 +59,7 @@ def test_one_branch_is_the_ordinary_residual(rng):
     assert torch.equal(merge_streams(x), x[:, :, 0])
 
 
-def test_four_branches_against_a_direct_computation(rng):
+def test_four_streams_against_a_direct_computation(rng):
     M = 4
     hc = randomize(HyperConnection(D, M, sinkhorn_iters=20, norm_eps=1e-6, layer_index=3), scale=1.0)
     x, w = torch.randn(B, T, M, D), torch.randn(D, D) / math.sqrt(D)
@@ -164,7 +164,7 @@ def test_expand_merge_and_shape_errors(rng):
     assert diff < 1e-6, f"merge(expand(h)) should be h, max |diff| = {diff:.2e}"
     with pytest.raises(ValueError, match=r"\[B, T, M=4, D=16\]"):
         HyperConnection(D, 4)(h, lambda t: t)
-    with pytest.raises(ValueError, match="n_branches"):
+    with pytest.raises(ValueError, match="n_streams"):
         expand_streams(h, 0)
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from engram import load_model, save_model
 from engram.memory.offload import HostTable
-from engram.train.checkpoint import load_checkpoint, restore_optimizers, save_checkpoint
+from engram.runs import load_checkpoint, restore_optimizers, save_checkpoint
 from tests.unit.test_model import build, small_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -204,7 +204,7 @@ def test_loading_peaks_at_about_one_model_of_memory(tmp_path):
 
     config = small_config()
     config = dataclasses.replace(config, engram=dataclasses.replace(
-        config.engram, vocab_size_per_ngram=(800_011, 800_029)))
+        config.engram, rows_per_head=(800_011, 800_029)))
     model = EngramLM_on_meta_filled(config)
     save_model(model, tmp_path / "m")
     del model

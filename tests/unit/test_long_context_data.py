@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from engram.cli.main import main
-from engram.train.data import CorpusError, read_extra_records
-from engram.train.dataset import PreparedData
-from engram.train.long_context import long_context_documents, mq_niah, probes_of, render, variable_tracking
+from engram.data.corpora import read_extra_records
+from engram.data.sources import CorpusError
+from engram.data.dataset import PreparedData
+from engram.data.long_context import long_context_documents, mq_niah, probes_of, render, variable_tracking
 
 
 def test_mq_niah_answers_are_the_needles_values():

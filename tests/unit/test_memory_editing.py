@@ -17,7 +17,7 @@ V = 40
 
 
 def make_hasher(reset_id=None, seed=0, sizes=(31, 37)):
-    layout = HashLayout.build(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, vocab_size_per_ngram=sizes,
+    layout = HashLayout.build(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, rows_per_head=sizes,
                               compressed_vocab_size=V, pad_id=0, seed=seed)
     if reset_id is not None:
         layout = HashLayout.from_dict({**layout.to_dict(), "reset_id": reset_id})

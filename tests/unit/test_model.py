@@ -15,9 +15,9 @@ def small_config(M=1, engram=True, moe=True, **kw):
         vocab_size=97, hidden_size=D, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden_size=48,
         moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden_size=16, first_k_dense=1)
         if moe else None,
-        n_branches=M, max_seq_len=64,
-        engram=EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1, 2), vocab_size_per_ngram=(101, 103),
-                            n_head_per_ngram=2, hidden_size=D, n_branches=M, n_embed_per_ngram=16,
+        n_streams=M, max_seq_len=64,
+        engram=EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1, 2), rows_per_head=(101, 103),
+                            n_head_per_ngram=2, n_embed_per_ngram=16,
                             conv_zero_init=False) if engram else None, **kw)
 
 
@@ -273,7 +273,7 @@ def test_single_row_reads_one_row_per_head_and_counts_it():
     V, D = 97, 32
     config = ModelConfig(vocab_size=V, hidden_size=D, n_layers=2, n_heads=4, mlp_hidden_size=48, max_seq_len=32,
                          engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(1,),
-                                             vocab_size_per_ngram=(101, 103), n_head_per_ngram=2, hidden_size=D,
+                                             rows_per_head=(101, 103), n_head_per_ngram=2,
                                              n_embed_per_ngram=16, single_row=True))
     torch.manual_seed(0)
     model = EngramLM(config).eval()

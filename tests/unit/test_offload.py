@@ -50,16 +50,15 @@ def test_rows_are_bit_identical_to_in_memory(kind, dtype, tmp_path, rng):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", ["host", "disk"])
 def test_engram_module_output_is_bit_identical(kind, dtype, tmp_path, rng):
-    cfg = EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1,), vocab_size_per_ngram=(53, 61),
-                       max_ngram_size=3, n_head_per_ngram=2, hidden_size=16, n_branches=4,
-                       n_embed_per_ngram=8, conv_zero_init=False)
+    cfg = EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1,), rows_per_head=(53, 61),
+                       max_ngram_size=3, n_head_per_ngram=2, n_embed_per_ngram=8, conv_zero_init=False)
     hasher = NgramHasher.from_config(cfg)
     sizes = hasher.table_sizes[1]
-    ref = Engram(cfg, sizes, layer_id=1, table=in_memory(dtype, sizes, cfg.head_dim))
+    ref = Engram(cfg, sizes, hidden_size=16, n_streams=4, layer_id=1, table=in_memory(dtype, sizes, cfg.row_dim))
     with torch.no_grad():
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    other = Engram(cfg, sizes, layer_id=1, table=offloaded(kind, ref.table, tmp_path))
+    other = Engram(cfg, sizes, hidden_size=16, n_streams=4, layer_id=1, table=offloaded(kind, ref.table, tmp_path))
     # everything but the table (which is not a parameter of a host/disk table)
     other.load_state_dict({k: v for k, v in ref.state_dict().items() if k != "table.weight"})
     ids = torch.randint(0, cfg.compressed_vocab_size, (2, 13))

@@ -276,19 +276,12 @@ def test_build_optimizers_groups_and_learning_rates():
         build_optimizers(model, lr=1e-3, table_optimizer="sgd")
 
 
-def test_sparse_gradients_with_dense_adam_is_a_clear_error():
-    c = presets.tiny()
-    model = EngramLM(dataclasses.replace(c, engram=dataclasses.replace(c.engram, sparse_grad=True)))
-    with pytest.raises(ValueError, match="sparse_grad=True.*'sparse_adam' or 'row_adam'.*sparse_grad=False"):
-        build_optimizers(model, lr=1e-3, table_optimizer="adam")
-
-
 @pytest.mark.parametrize("table_init_std", [1.0, 0.0])
 def test_a_training_step_with_sparse_adam_moves_only_the_rows_read(rng, table_init_std):
     """With zero-initialized rows (table_init_std=0) the rows no step has read stay exactly zero."""
     c = presets.tiny()
-    model = EngramLM(dataclasses.replace(c, engram=dataclasses.replace(c.engram, sparse_grad=True,
-                                                                       table_init_std=table_init_std)))
+    model = EngramLM(dataclasses.replace(c, engram=dataclasses.replace(c.engram, table_init_std=table_init_std)))
+    model.use_sparse_table_grads()
     optimizers = build_optimizers(model, lr=1e-3, table_optimizer="sparse_adam")
     table = model.blocks[1].engram.table
     before = table.weight.detach().clone()

@@ -17,7 +17,7 @@ V, PAD, LAYER = 500, 2, 5
 
 
 class DemoShortConv(nn.Module):
-    """The demo's ShortConv: per-branch RMSNorm(eps 1e-5), depthwise conv padded both sides, cut to T, SiLU."""
+    """The demo's ShortConv: per-stream RMSNorm(eps 1e-5), depthwise conv padded both sides, cut to T, SiLU."""
 
     def __init__(self, hidden_size, kernel_size, dilation, hc_mult):
         super().__init__()

@@ -11,7 +11,7 @@ from engram.model import EngramLM, generate, prompt_lookup, speculative_generate
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = EngramLM(presets.tiny(vocab_size=96, n_branches=2)).eval()
+    m = EngramLM(presets.tiny(vocab_size=96, n_streams=2)).eval()
     with torch.no_grad():  # the conv starts at zero: give it weights, or its history would not matter
         m.blocks[1].engram.short_conv.weight.normal_(0, 0.5)
     return m

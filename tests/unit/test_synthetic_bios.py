@@ -8,9 +8,10 @@ import re
 import pytest
 
 from engram.cli.main import main
-from engram.train.dataset import PreparedData
-from engram.train.data import CorpusError, read_extra_records
-from engram.train.synthetic_bios import (ATTRIBUTES, HELD_OUT_TEMPLATES, TEMPLATES, SyntheticBiosError,
+from engram.data.dataset import PreparedData
+from engram.data.corpora import read_extra_records
+from engram.data.sources import CorpusError
+from engram.data.synthetic_bios import (ATTRIBUTES, HELD_OUT_TEMPLATES, TEMPLATES, SyntheticBiosError,
                                          attribute_choices, bits_per_person, completion_prompt, make_world,
                                          synthetic_documents)
 

@@ -1,6 +1,6 @@
 """A prepared dataset folder: corpus + tokenizer + token files, built once and reused.
 
-    DIR/train.jsonl, val.jsonl, corpus.json     documents (engram.train.data.build_corpus)
+    DIR/train.jsonl, val.jsonl, corpus.json     documents (engram.data.corpora.build_corpus)
     DIR/tokenizer.json                          trained here, or a copy of the one given
     DIR/train.bin, val.bin, tokens.json         token ids (numpy memmaps) and their counts
 """
@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import CorpusError, build_corpus, read_documents
+from .corpora import build_corpus, read_documents
+from .sources import CorpusError
 from .long_context import build_long_context
 from .synthetic_bios import build_synthetic_bios
 from .tokenizer import TokenStream, encode_documents, load_tokenizer, special_ids, train_tokenizer

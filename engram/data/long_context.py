@@ -13,7 +13,7 @@ answer (earlier answers of the same example stay in the prompt, as in generation
 set in filler sentences from an estimate of tokens per sentence; `probes.jsonl` records the
 target, and evaluation measures the real token count with the dataset's tokenizer.
 
-    DIR/train.jsonl, val.jsonl, corpus.json   as every corpus (engram.train.data)
+    DIR/train.jsonl, val.jsonl, corpus.json   as every corpus (engram.data.corpora)
     DIR/probes.jsonl                          task, target length, prompt, answer (from val examples)
 """
 
@@ -25,7 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from .data import CorpusError, seal_corpus, write_jsonl
+from .corpora import seal_corpus, write_jsonl
+from .sources import CorpusError
 from .synthetic_bios import invented_words
 
 TASKS = ("mq_niah", "variable_tracking")
