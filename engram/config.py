@@ -90,7 +90,7 @@ class EngramConfig:
     (`EngramLM.use_sparse_table_grads`). Old field names still load (`from_dict`, docs/names.md).
     """
 
-    # -- hashing (PAPER.md step 3) --
+    # -- hashing (docs/paper.md step 3) --
     compressed_vocab_size: int
     pad_id: int
     layer_ids: tuple[int, ...]
@@ -103,7 +103,7 @@ class EngramConfig:
     # n-grams do not reach back across this compressed id (a document boundary, e.g. EOS in packed
     # sequences): earlier ids read as pad_id. None: they run across everything (the paper's demo).
     reset_id: int | None = None
-    # -- module (PAPER.md steps 4-8) --
+    # -- module (docs/paper.md steps 4-8) --
     n_embed_per_ngram: int = 512
     kernel_size: int = 4
     use_short_conv: bool = True

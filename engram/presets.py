@@ -1,7 +1,7 @@
 """Named model configurations, as functions. Layer ids are 0-based.
 
 `tiny` and `small` run on a CPU (tests, the README's main job, benchmarks); `moe_27b` and
-`engram_27b` are the paper's shapes (PAPER.md "Training recipe") and are only meant to be
+`engram_27b` are the paper's shapes (docs/paper.md "Training recipe") and are only meant to be
 built on the meta device for accounting and planning. Keyword overrides replace fields:
 `tiny(n_layers=6)`, `tiny(hidden_size=192, n_streams=4)` (Engram follows the model's width
 and streams); `engram=False` gives the same backbone without Engram.

@@ -5,7 +5,7 @@
     ablation_eval(model, data, seq_len=256, max_windows=50)
     # {"val_loss": {"full": 3.1, "ablated": 3.9, "kept_fraction": 0.62, ...}, "accuracy": {...}, ...}
 
-The paper (PAPER.md, Analysis) zeroes Engram's output and keeps 29-44% of factual-knowledge
+The paper (docs/paper.md, Analysis) zeroes Engram's output and keeps 29-44% of factual-knowledge
 scores but 81-93% of reading comprehension. The model is never edited: only hooks are added,
 and always removed.
 """

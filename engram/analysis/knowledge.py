@@ -14,7 +14,7 @@ how much the real subject raises its log-probability over a neutral subject ("Th
 this country is"), the domain-conditional PMI of Holtzman et al. (2021). `greedy` counts facts
 whose answer greedy decoding would produce (every answer token is the argmax under teacher
 forcing, which is what greedy decoding does).
-The paper (PAPER.md, Analysis) finds that zeroing Engram hurts closed-book facts far more than
+The paper (docs/paper.md, Analysis) finds that zeroing Engram hurts closed-book facts far more than
 reading comprehension; the in-context control is our small-scale stand-in for the latter.
 """
 

@@ -7,7 +7,7 @@ For block l with merged hidden state h_l (the model's `return_intermediates` out
 lens prediction is p_l = softmax(lm_head(norm(h_l))) with the model's own final RMSNorm and
 LM head, and the curve is KL(p_l || p_final) averaged over every position, p_final being the
 model's output distribution. The last block's KL is 0 by construction (up to rounding when
-the model computes in bfloat16). The paper (PAPER.md, "Analysis") reports lower KL in early
+the model computes in bfloat16). The paper (docs/paper.md, "Analysis") reports lower KL in early
 layers with Engram: the memory hands the backbone static patterns that it would otherwise
 rebuild layer by layer.
 """

@@ -1,4 +1,4 @@
-"""The reference hashing algorithm, per head, in numpy, written from PAPER.md step 3.
+"""The reference hashing algorithm, per head, in numpy, written from docs/paper.md step 3.
 
 Independent of `engram.hashing` on purpose (its own prime test, its own loops): the tests
 and benchmarks/bench_hash.py compare `NgramHasher` against it. Not used by the library.

@@ -5,7 +5,7 @@ E row width, W ranks; "recv" = the ids other ranks asked this rank for.
 
 Rank r owns the contiguous rows [r * C, min((r + 1) * C, R)) with C = ceil(R / W): the
 boundaries of `torch.chunk` and of DTensor's `Shard(0)`, so a checkpoint saved as DTensor
-reshards onto any world size. A lookup moves only the rows a step reads (PAPER.md: the
+reshards onto any world size. A lookup moves only the rows a step reads (docs/paper.md: the
 all-to-all of the paper's row-sharded tables):
 
     forward   unique ids -> counts and ids to their owners (all_to_all_single) -> owners

@@ -12,8 +12,8 @@ from ..config import ModelConfig
 from ..data.dataset import PreparedData
 from ..train.loop import TrainConfig
 from ..data.tokenizer import special_ids
-from .common import (SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, init_label, init_suffix,
-                     over_encoding, paired, preset_model, run_arms, write_results)
+from .common import (REFERENCE_INIT, SHARED_RUNS, base_config, compressed_eos, engram_changed, figure, init_label,
+                     init_suffix, over_encoding, paired, preset_model, reference_init, run_arms, write_results)
 
 
 def ablation_configs(base: TrainConfig, data: PreparedData) -> dict[str, ModelConfig]:
@@ -50,11 +50,13 @@ def _versus_full(results: dict[str, Any], reference: str = "full") -> dict[str, 
 
 
 def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2), steps: int = 400,
-                  preset: str = "tiny", arms=None, table_init_std: float = 1.0, log=print) -> dict[str, Any]:
+                  preset: str = "tiny", arms=None, table_init_std: float | None = None,
+                  log=print) -> dict[str, Any]:
     """Each arm changes one thing of the preset's Engram model; the deltas are against `full`.
-    `arms` picks some of them (`full` among them); a `table_init_std` other than 1 starts every
-    arm's table rows N(0, std^2) (0: at zero; arm names end `_initSTD`, results in
+    `arms` picks some of them (`full` among them); a `table_init_std` other than the reference
+    init starts every arm's table rows N(0, std^2) (arm names end `_initSTD`, results in
     ablations_initSTD.json)."""
+    table_init_std = REFERENCE_INIT if table_init_std is None else table_init_std
     out = Path(out_dir)
     base = base_config(preset, steps)
     configs = ablation_configs(base, PreparedData.open(data_dir))
@@ -70,7 +72,7 @@ def run_ablations(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1, 2),
                    else c for name, c in configs.items()}
     results = _versus_full(run_arms(out, "ablations", configs, base, data_dir, seeds, log, run_names=SHARED_RUNS),
                            "full" + suffix)
-    results.update(name="ablations" + suffix, table_init_std=table_init_std)
+    results.update(name="ablations" + suffix, table_init_std=table_init_std, reference_init=REFERENCE_INIT)
     write_results(out, results, _plot_ablations)
     return results
 
@@ -90,16 +92,18 @@ def run_boundary_reset(out_dir: str | Path, data_dir: str | Path, *, seeds=(0, 1
 
 
 def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(512, 2048, 8192, 32768, 131072,
-                   524288), over_encoding_rows=None, table_init_std: float = 1.0, seeds=(0, 1, 2), steps: int = 400,
-                   preset: str = "tiny", log=print) -> dict[str, Any]:
+                   524288), over_encoding_rows=None, table_init_std: float | None = None, seeds=(0, 1, 2),
+                   steps: int = 400, preset: str = "tiny", log=print) -> dict[str, Any]:
     """Loss against table slots at a fixed backbone (only `rows_per_head` changes); the
     backbone without Engram and the capacity-1 table are the two reference lines. OverEncoding
     (the same tables added to the input embedding, no gate, no conv) is swept over
     `over_encoding_rows` (default: the same sizes; () for none), the paper's comparison.
 
-    `table_init_std` other than 1 sweeps tables whose rows start N(0, std^2) (0: at zero, so a
-    row training never read adds no noise) beside the N(0, 1) arms of the same sizes, paired by
-    seed; the results go to `table_size_init{std}.json`."""
+    `table_init_std` other than the reference init (REFERENCE_INIT: rows at zero, so a row
+    training never read adds no noise) sweeps tables whose rows start N(0, std^2) beside the
+    reference arms of the same sizes, paired by seed; the results go to `table_size_init{std}.json`."""
+    ref = REFERENCE_INIT
+    table_init_std = ref if table_init_std is None else table_init_std
     out = Path(out_dir)
     base = base_config(preset, steps)
     data = PreparedData.open(data_dir)
@@ -108,22 +112,22 @@ def run_table_size(out_dir: str | Path, data_dir: str | Path, *, rows_per_head=(
     oe_rows = rows_per_head if over_encoding_rows is None else over_encoding_rows
     suffix = init_suffix(table_init_std)
     arms, names = {}, dict(SHARED_RUNS)
-    for std in sorted({1.0, table_init_std}, reverse=True):
+    for std in sorted({ref, table_init_std}, key=lambda v: v != ref):  # the reference first
         for prefix, model, sizes in (("rows", full, rows_per_head), ("oe_rows", over_encoding(full), oe_rows)):
             for r in sizes:
                 arms[f"{prefix}{r}{init_suffix(std)}"] = engram_changed(model, rows_per_head=(r,) * orders,
                                                                          table_init_std=std)
-                if std == 1.0 and (r,) * orders == full.engram.rows_per_head:
+                if std == ref and (r,) * orders == full.engram.rows_per_head:
                     names[f"{prefix}{r}"] = "full" if prefix == "rows" else "over_encoding"  # the ablations' arms
     arms["capacity_1"] = engram_changed(full, single_row=True)
     arms["no_engram"] = dataclasses.replace(full, engram=None)
     results = run_arms(out, "table_size", arms, base, data_dir, seeds, log, run_names=names)
-    results["table_init_std"] = table_init_std
+    results.update(table_init_std=table_init_std, reference_init=ref)
     results["slots_to_final_val_loss"] = {str(a["params"]["table_rows"]): a["mean"] for n, a in results["arms"].items()
                                           if _sweep_arm(n, "rows", suffix)}
-    if suffix:  # each size: the new init minus N(0, 1), paired by seed
+    if suffix:  # each size: the other init minus the reference, paired by seed
         a = results["arms"]
-        results["init_vs_normal"] = {n: paired(a[n + suffix]["final_val_loss"], a[n]["final_val_loss"])
+        results["init_vs_reference"] = {n: paired(a[n + suffix]["final_val_loss"], a[n]["final_val_loss"])
                                      for n in a if n + suffix in a}
         results["name"] = f"table_size{suffix}"
     write_results(out, results, _plot_table_size)
@@ -145,7 +149,8 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
     ax.set_yticks(range(len(names)), [f"{n} ({arms[n]['mean']:.3f})" for n in names], fontsize=8)
     ax.axvline(0, color="k", lw=0.8)
     ax.set_xlabel("val loss minus full Engram (nats; bars: spread of paired differences)", fontsize=8)
-    init = "" if results.get("table_init_std", 1.0) == 1.0 else ", " + init_label(results["table_init_std"])
+    std = results.get("table_init_std", 1.0)
+    init = "" if std == reference_init(results) else ", " + init_label(std)
     ax.set_title(f"{results['experiment']}, {results['preset']}, {results['steps']} steps, "
                  f"{len(results['seeds'])} seeds{init}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
@@ -155,9 +160,9 @@ def _plot_ablations(results: dict[str, Any], path: Path) -> None:
 
 def _plot_table_size(results: dict[str, Any], path: Path) -> None:
     arms = results["arms"]
-    std = results.get("table_init_std", 1.0)
+    std, ref = results.get("table_init_std", 1.0), reference_init(results)
     fig, ax = figure((6, 4))
-    inits = {"": ""} if std == 1.0 else {"": ", " + init_label(1.0), init_suffix(std): ", " + init_label(std)}
+    inits = {"": ""} if std == ref else {"": ", " + init_label(ref), init_suffix(std, ref): ", " + init_label(std)}
     for prefix, name in (("rows", "Engram (gated, conv), layer of the preset"), ("oe_rows", "OverEncoding (input)")):
         for suffix, init in inits.items():
             pts = sorted((a["params"]["table_rows"], a["mean"], a["std"]) for n, a in arms.items()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.table_stats import training_row_reads
-from ..config import ModelConfig
+from ..config import EngramConfig, ModelConfig
 from ..hashing.compression import CompressedTokenizer
 from ..model.accounting import count_params
 from ..runs import is_run, load_checkpoint, newest_checkpoint, read_run
@@ -92,9 +92,20 @@ def engram_changed(config: ModelConfig, **engram_changes) -> ModelConfig:
     return dataclasses.replace(config, engram=dataclasses.replace(config.engram, **engram_changes))
 
 
-def init_suffix(table_init_std: float) -> str:
-    """The arm-name suffix of tables whose rows start N(0, std^2): none for the usual N(0, 1)."""
-    return "" if table_init_std == 1.0 else f"_init{table_init_std:g}"
+# The init every arm's tables start at unless an experiment is told otherwise: the library's
+# default for new models (rows at zero). Results record it as `reference_init`; result files
+# from before it was recorded used N(0, 1).
+REFERENCE_INIT: float = EngramConfig.__dataclass_fields__["table_init_std"].default
+
+
+def reference_init(results: dict[str, Any]) -> float:
+    """The reference init of a results dict (old files: N(0, 1))."""
+    return results.get("reference_init", 1.0)
+
+
+def init_suffix(table_init_std: float, reference: float = REFERENCE_INIT) -> str:
+    """The arm-name suffix of tables whose rows start N(0, std^2): none for the reference init."""
+    return "" if table_init_std == reference else f"_init{table_init_std:g}"
 
 
 def init_label(table_init_std: float) -> str:

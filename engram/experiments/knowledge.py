@@ -23,9 +23,11 @@ from ..model.accounting import count_params
 from ..model.planner import plan_sparsity
 from ..data.corpora import read_extra_records
 from ..data.dataset import PreparedData
-from .common import (base_config, cached_json, engram_changed, figure, init_suffix, newest_model, over_encoding,
-                     paired, preset_model, run_dir, spread, train_arm, write_results)
+from .common import (REFERENCE_INIT, base_config, cached_json, engram_changed, figure, init_suffix, newest_model,
+                     over_encoding, paired, preset_model, reference_init, run_dir, spread, train_arm, write_results)
 
+# the init each Engram arm is also trained at, beside the reference (zero rows <-> N(0, 1))
+OTHER_INIT = 1.0 if REFERENCE_INIT == 0.0 else 0.0
 # model sizes: changes to the preset (Engram follows the model's width)
 SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
 
@@ -33,8 +35,9 @@ SIZES = {"d64": {"hidden_size": 64}, "d128": {}}
 def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75, controls: bool = False,
                       table_scales=(1 / 16, 4)) -> dict[str, ModelConfig]:
     """The arms at one size: moe, engram (planned to the MoE's total and active parameters),
-    over_encoding, and both with zero-initialized rows (`_init0`: a row no step read adds nothing);
-    with `controls`, capacity_1 and the planned tables scaled by `table_scales`."""
+    over_encoding, and both with the other init (`OTHER_INIT`: N(0, 1) rows, named `_init1`,
+    beside the reference's zero rows); with `controls`, capacity_1 and the planned tables
+    scaled by `table_scales`."""
     full = dataclasses.replace(preset_model(base, data), **SIZES[size])
     moe = dataclasses.replace(full, engram=None)
     planned = plan_sparsity(moe, rho, compressed_vocab_size=full.engram.compressed_vocab_size,
@@ -46,7 +49,7 @@ def knowledge_configs(base, data: PreparedData, size: str, *, rho: float = 0.75,
             rows = tuple(max(1, round(r * scale)) for r in planned.engram.rows_per_head)
             arms[f"table_x{scale:g}"] = engram_changed(planned, rows_per_head=rows)
     for name in ("engram", "over_encoding"):
-        arms[name + init_suffix(0.0)] = engram_changed(arms[name], table_init_std=0.0)
+        arms[name + init_suffix(OTHER_INIT)] = engram_changed(arms[name], table_init_std=OTHER_INIT)
     return arms
 
 
@@ -91,7 +94,7 @@ def run_knowledge_capacity(out_dir: str | Path, data_dir: str | Path, *, sizes=t
     base = base_config(preset, steps)
     results: dict[str, Any] = {"experiment": "knowledge_capacity", "preset": preset, "steps": steps,
                                "seeds": list(seeds), "data": str(data_dir), "people": len(people), "rho": rho,
-                               "bits_max": None, "sizes": {}}
+                               "reference_init": REFERENCE_INIT, "bits_max": None, "sizes": {}}
     largest = list(sizes)[-1]
     for size in sizes:
         arms = knowledge_configs(base, data, size, rho=rho, controls=controls and size == largest)
@@ -133,7 +136,9 @@ def _plot(results: dict[str, Any], path: Path) -> None:
     size = sizes[-1]
     conds = list(CONDITIONS)
     shown = [n for n in names if n in results["sizes"][size]]
-    zeroed = [n for n in ("engram", "engram" + init_suffix(0.0)) if n in shown]  # Engram zeroed at inference
+    ref = reference_init(results)
+    other = 1.0 if ref == 0.0 else 0.0
+    zeroed = [n for n in ("engram", "engram" + init_suffix(other, ref)) if n in shown]  # Engram zeroed at inference
     bars = [(n, "as_trained") for n in shown] + [(n, "engram_zeroed") for n in zeroed]
     width = 0.8 / len(bars)
     for j, (name, variant) in enumerate(bars):

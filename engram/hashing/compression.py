@@ -2,7 +2,7 @@
 
 Tokens that differ only in case, accents, Unicode form or surrounding whitespace ("Apple",
 " apple", "APPLE") carry the same n-gram meaning; merging them before hashing makes the
-tables denser (PAPER.md step 1: about 23% fewer ids on DeepSeek-V3's 128k vocabulary).
+tables denser (docs/paper.md step 1: about 23% fewer ids on DeepSeek-V3's 128k vocabulary).
 """
 
 from __future__ import annotations

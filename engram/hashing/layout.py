@@ -1,6 +1,6 @@
 """HashLayout: the numbers that address the tables (multipliers, primes), saved with a model.
 
-The reference contract (PAPER.md step 3) draws multipliers from numpy's default generator,
+The reference contract (docs/paper.md step 3) draws multipliers from numpy's default generator,
 which numpy does not promise to keep stable across releases. So the layout is computed once,
 saved as JSON beside the weights, and on load the saved numbers are used as they are: the
 hashes never depend on the numpy installed later.

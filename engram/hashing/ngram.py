@@ -3,7 +3,7 @@
 Shape legend: L Engram layers, B batch, T time, N max n-gram order, K heads per order,
 H = (N-1)*K tables per layer, C = N-1 ids of left context.
 
-The contract (PAPER.md step 3), per layer and order n = 2..N:
+The contract (docs/paper.md step 3), per layer and order n = 2..N:
     mix_n[t] = XOR_{k<n} (x[t-k] * multipliers[k])        (int64, never overflows)
     row[t, (n-2)*K + h] = mix_n[t] % primes[(n-2)*K + h]
 with x[t-k] = pad_id before the sequence start. Everything is torch int64, so it runs on any

@@ -201,7 +201,7 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
                max_ngram_size: int = 3, mode: str = "adapter", seed: int = 0) -> EngramAdapter:
     """Add Engram before the decoder layers `layers` (0-based) of a causal LM, in place.
 
-    `tokenizer` (a transformers or tokenizers tokenizer) gives the compression (PAPER.md step 1);
+    `tokenizer` (a transformers or tokenizers tokenizer) gives the compression (docs/paper.md step 1);
     without it the raw ids are hashed. `config` overrides everything else; by default the
     tables hold `rows_per_head` rows (default 5x the vocabulary, then the next primes) per head.
     The value projection starts at zero, so the model's outputs are unchanged until trained;

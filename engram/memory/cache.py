@@ -1,6 +1,6 @@
 """CachedTable: a small fast tier of hot rows in front of any MemoryTable (inference only).
 
-PAPER.md, "System claims": N-gram frequencies are Zipfian, so a few rows serve most lookups
+docs/paper.md, "System claims": N-gram frequencies are Zipfian, so a few rows serve most lookups
 and a multi-level cache (hot rows in GPU/host memory, the long tail further away) pays; the
 paper proposes it but does not build it. This is that first level. `gather`:
   1. unique-ifies the requested flat ids and finds the cached ones in a sorted array of cached

@@ -3,7 +3,7 @@
 Shape legend: B batch, T time, M hyper-connection streams, D model width, H hash tables
 (heads) per layer, E row width, d_mem = H * E.
 
-    e_t   = concat_h table_h[row_h(t)]                         (PAPER.md step 4)
+    e_t   = concat_h table_h[row_h(t)]                         (docs/paper.md step 4)
     k_m   = W_K^m e_t,  v = W_V e_t                            (step 5; one fused matmul)
     s_m   = RMSNorm_m(h_{t,m}) . RMSNorm_m(k_m) / sqrt(D)
     a_m   = sigmoid(sign(s_m) * sqrt(max(|s_m|, 1e-6)))

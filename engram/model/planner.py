@@ -1,4 +1,4 @@
-"""Sparsity allocation (PAPER.md "Sparsity allocation"): split a pure-MoE model's inactive
+"""Sparsity allocation (docs/paper.md "Sparsity allocation"): split a pure-MoE model's inactive
 parameters between routed experts (share rho) and Engram tables (1 - rho), at equal total
 and equal active parameters.
 

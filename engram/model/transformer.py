@@ -105,7 +105,7 @@ class EngramLM(nn.Module):
           N(0, table_init_std^2) (0 by default: zero rows, so an unread row adds nothing);
           W_V and W_K N(0, 0.02 / sqrt(d_mem)), biases 0, so with N(0, 1) rows the value starts at
           the residual stream's scale (docs/LOG.md: nn.Linear's default cost 0.65 nats); gate norms 1; short conv 0 (a new module starts as a plain gated
-          add, PAPER.md step 6);
+          add, docs/paper.md step 6);
         - buffers: the compression table and the tables' offsets are filled in again.
         """
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)

@@ -5,7 +5,7 @@ Shape legend: R table rows, E row width, N rows touched in a step (unique, after
 Why a row-sparse Adam: a step reads only B*T*H rows of a table that may hold billions, but
 torch.optim.Adam reads and writes every row's value and both moments each step (and needs the
 [R, E] gradient materialized). `SparseRowAdam` touches only the rows read: O(N * E) work and
-memory traffic per step. The paper's recipe (PAPER.md "Training recipe": tables use Adam at 5x
+memory traffic per step. The paper's recipe (docs/paper.md "Training recipe": tables use Adam at 5x
 the backbone's learning rate, weight decay 0) is kept by `build_optimizers`.
 """
 

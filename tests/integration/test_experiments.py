@@ -43,17 +43,20 @@ def test_experiment_runs_resumes_and_writes_results(small_dataset, tmp_path):
     assert not any("training" in m for m in messages)  # finished runs are not trained again
     assert again["final_val_loss"] == first["final_val_loss"]
     messages.clear()
-    zero = run_engram_vs_moe(tmp_path, small_dataset, seeds=(0, 1), steps=2, table_init_std=0.0,
-                             log=messages.append)  # the same planned model, rows starting at zero, beside the others
+    zero = run_engram_vs_moe(tmp_path, small_dataset, seeds=(0, 1), steps=2, table_init_std=1.0,
+                             log=messages.append)  # the same planned model, rows N(0, 1), beside the zero rows
     trained = [m.split(" -> ")[0] for m in messages if m.startswith("training")]
-    assert trained == ["training rho0.75_init0, seed 0", "training rho0.75_init0, seed 1"]
+    assert trained == ["training rho0.75_init1, seed 0", "training rho0.75_init1, seed 1"]
     assert zero["final_val_loss"]["engram"] == first["final_val_loss"]["engram"]
-    assert zero["params"]["engram_init0"] == zero["params"]["engram"]
-    assert set(zero["row_reads"]) == {"engram", "engram_init0"} and set(zero["init_vs_normal"]) >= {"mean", "std"}
-    saved = json.loads((tmp_path / "engram_vs_moe_init0.json").read_text())
-    assert saved["table_init_std"] == 0.0 and (tmp_path / "engram_vs_moe_init0.png").is_file()
-    run = json.loads((tmp_path / "runs" / "rho0.75_init0_2steps_seed0" / "run.json").read_text())
-    assert run["model"]["engram"]["table_init_std"] == 0.0
+    assert zero["params"]["engram_init1"] == zero["params"]["engram"]
+    assert set(zero["row_reads"]) == {"engram", "engram_init1"} and set(zero["init_vs_reference"]) >= {"mean", "std"}
+    saved = json.loads((tmp_path / "engram_vs_moe_init1.json").read_text())
+    assert (saved["table_init_std"], saved["reference_init"]) == (1.0, 0.0)
+    assert (tmp_path / "engram_vs_moe_init1.png").is_file()
+    run = json.loads((tmp_path / "runs" / "rho0.75_init1_2steps_seed0" / "run.json").read_text())
+    assert run["model"]["engram"]["table_init_std"] == 1.0
+    run = json.loads((tmp_path / "runs" / "rho0.75_2steps_seed0" / "run.json").read_text())
+    assert run["model"]["engram"]["table_init_std"] == 0.0  # the default: rows start at zero
     assert json.loads((tmp_path / "engram_vs_moe.json").read_text())["final_val_loss"] == first["final_val_loss"]
 
 
@@ -68,16 +71,16 @@ def test_rho_sweep_reports_the_achieved_rho(small_dataset, tmp_path):
     saved = json.loads((tmp_path / "rho_sweep.json").read_text())
     assert len(saved["rho_to_final_val_loss"]) == 2
     messages = []
-    zero = run_rho_sweep(tmp_path, small_dataset, rhos=(0.5, 1.0), seeds=(0,), steps=2, table_init_std=0.0,
+    zero = run_rho_sweep(tmp_path, small_dataset, rhos=(0.5, 1.0), seeds=(0,), steps=2, table_init_std=1.0,
                          log=messages.append)
-    assert [m.split(",")[0] for m in messages if m.startswith("training")] == ["training rho0.5_init0"]
+    assert [m.split(",")[0] for m in messages if m.startswith("training")] == ["training rho0.5_init1"]
     by_init = {(p["rho_requested"], p["table_init_std"]): p for p in zero["points"]}
-    assert set(by_init) == {(0.5, 1.0), (1.0, 1.0), (0.5, 0.0)}  # the MoE has no table to start at zero
-    assert by_init[(0.5, 0.0)]["table_params"] == points[0.5]["table_params"]
-    assert by_init[(0.5, 0.0)]["paired_vs_normal_init"]["by_seed"] == [
-        by_init[(0.5, 0.0)]["final_val_loss"][0] - points[0.5]["final_val_loss"][0]]
-    assert len(json.loads((tmp_path / "rho_sweep_init0.json").read_text())["rho_to_final_val_loss"]) == 3
-    assert (tmp_path / "rho_sweep_init0.png").is_file() and "vs rows N(0, 1)" in _experiment_summary(zero)
+    assert set(by_init) == {(0.5, 0.0), (1.0, 0.0), (0.5, 1.0)}  # the MoE has no table to start otherwise
+    assert by_init[(0.5, 1.0)]["table_params"] == points[0.5]["table_params"]
+    assert by_init[(0.5, 1.0)]["paired_vs_reference_init"]["by_seed"] == [
+        by_init[(0.5, 1.0)]["final_val_loss"][0] - points[0.5]["final_val_loss"][0]]
+    assert len(json.loads((tmp_path / "rho_sweep_init1.json").read_text())["rho_to_final_val_loss"]) == 3
+    assert (tmp_path / "rho_sweep_init1.png").is_file() and "vs rows start at 0" in _experiment_summary(zero)
 
 
 def test_ablation_arms_change_one_thing_each(small_dataset):
@@ -132,31 +135,32 @@ def test_ablations_and_table_size_run_and_share_runs(small_dataset, tmp_path):
     assert sweep["arms"]["no_engram"]["row_reads"] is None
     one = sweep["arms"]["capacity_1"]["row_reads"]["1"]  # every position reads row 0 of each head
     assert one["used_rows"] == one["table_rows"] == heads and one["reads_per_used_row"] == 2 * 16 * 128
-    # zero-initialized tables beside the N(0, 1) ones, paired by seed; the N(0, 1) arm is reused
-    messages.clear()
-    zero = run_table_size(tmp_path, small_dataset, rows_per_head=(64,), over_encoding_rows=(), table_init_std=0.0,
-                          seeds=(0,), steps=2, log=messages.append)
-    assert sorted(m.split(",")[0] for m in messages if m.startswith("training")) == ["training rows64_init0"]
-    assert set(zero["init_vs_normal"]) == {"rows64"} and (tmp_path / "table_size_init0.png").is_file()
-    assert json.loads((tmp_path / "table_size_init0.json").read_text())["table_init_std"] == 0.0
-    z = zero["arms"]["rows64_init0"]
-    assert zero["slots_to_final_val_loss"] == {str(z["params"]["table_rows"]): z["mean"]}
-    assert zero["init_vs_normal"]["rows64"]["mean"] == z["mean"] - sweep["arms"]["rows64"]["mean"]
-    with safe_open(str(_newest(tmp_path / "runs" / "rows64_init0_2steps_seed0") / "model.safetensors"), "pt") as f:
+    # the default tables start at zero: exactly the rows training read have moved
+    with safe_open(str(_newest(tmp_path / "runs" / "rows64_2steps_seed0") / "model.safetensors"), "pt") as f:
         table = f.get_tensor("blocks.1.engram.table.weight")
-    assert int(table.any(1).sum()) == z["row_reads"]["1"]["used_rows"] < len(table)  # exactly the rows read moved
-    # some ablations, every table starting at zero; the MoE (no table) is the same run as before
+    assert int(table.any(1).sum()) == sweep["arms"]["rows64"]["row_reads"]["1"]["used_rows"] < len(table)
+    # N(0, 1) tables beside the zero ones, paired by seed; the reference arm is reused
+    messages.clear()
+    zero = run_table_size(tmp_path, small_dataset, rows_per_head=(64,), over_encoding_rows=(), table_init_std=1.0,
+                          seeds=(0,), steps=2, log=messages.append)
+    assert sorted(m.split(",")[0] for m in messages if m.startswith("training")) == ["training rows64_init1"]
+    assert set(zero["init_vs_reference"]) == {"rows64"} and (tmp_path / "table_size_init1.png").is_file()
+    assert json.loads((tmp_path / "table_size_init1.json").read_text())["table_init_std"] == 1.0
+    z = zero["arms"]["rows64_init1"]
+    assert zero["slots_to_final_val_loss"] == {str(z["params"]["table_rows"]): z["mean"]}
+    assert zero["init_vs_reference"]["rows64"]["mean"] == z["mean"] - sweep["arms"]["rows64"]["mean"]
+    # some ablations, every table starting N(0, 1); the MoE (no table) is the same run as before
     messages.clear()
     zab = run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, arms=("full", "no_gate", "no_engram"),
-                        table_init_std=0.0, log=messages.append)
+                        table_init_std=1.0, log=messages.append)
     trained = sorted(m.split(",")[0] for m in messages if m.startswith("training"))
-    assert trained == ["training full_init0", "training no_gate_init0"]
-    assert set(zab["arms"]) == {"full_init0", "no_gate_init0", "no_engram"} and zab["reference"] == "full_init0"
-    assert zab["arms"]["full_init0"]["delta_vs_full"] == 0
+    assert trained == ["training full_init1", "training no_gate_init1"]
+    assert set(zab["arms"]) == {"full_init1", "no_gate_init1", "no_engram"} and zab["reference"] == "full_init1"
+    assert zab["arms"]["full_init1"]["delta_vs_full"] == 0
     assert zab["arms"]["no_engram"]["final_val_loss"] == arms["no_engram"]["final_val_loss"]
-    e = json.loads((tmp_path / "runs" / "no_gate_init0_2steps_seed0" / "run.json").read_text())["model"]["engram"]
-    assert e["table_init_std"] == 0.0 and e["use_gate"] is False
-    assert (tmp_path / "ablations_init0.png").is_file() and (tmp_path / "ablations.json").is_file()
+    e = json.loads((tmp_path / "runs" / "no_gate_init1_2steps_seed0" / "run.json").read_text())["model"]["engram"]
+    assert e["table_init_std"] == 1.0 and e["use_gate"] is False
+    assert (tmp_path / "ablations_init1.png").is_file() and (tmp_path / "ablations.json").is_file()
     with pytest.raises(ValueError, match="must include 'full'"):
         run_ablations(tmp_path, small_dataset, seeds=(0,), steps=2, arms=("no_gate",), log=messages.append)
     with pytest.raises(ValueError, match="got full, no_such_arm"):
@@ -276,12 +280,12 @@ def test_knowledge_capacity_runs_probes_and_controls(tmp_path):
     res = run_knowledge_capacity(tmp_path, data, sizes=("d64",), seeds=(0,), steps=2, max_people=6,
                                  log=lambda *a: None)
     arms = res["sizes"]["d64"]
-    assert set(arms) == {"moe", "engram", "over_encoding", "capacity_1", "table_x0.0625", "table_x4", "engram_init0",
-                         "over_encoding_init0"}
-    run = json.loads((tmp_path / "runs" / "knowledge_d64_over_encoding_init0_2steps_seed0" / "run.json").read_text())
-    assert run["model"]["engram"]["table_init_std"] == 0.0 and run["model"]["engram"]["use_gate"] is False
+    assert set(arms) == {"moe", "engram", "over_encoding", "capacity_1", "table_x0.0625", "table_x4", "engram_init1",
+                         "over_encoding_init1"}
+    run = json.loads((tmp_path / "runs" / "knowledge_d64_over_encoding_init1_2steps_seed0" / "run.json").read_text())
+    assert run["model"]["engram"]["table_init_std"] == 1.0 and run["model"]["engram"]["use_gate"] is False
     smaller = knowledge_configs(TrainConfig(table_optimizer="sparse_adam"), PreparedData.open(data), "d64")
-    assert set(smaller) == {"moe", "engram", "over_encoding", "engram_init0", "over_encoding_init0"}  # no controls
+    assert set(smaller) == {"moe", "engram", "over_encoding", "engram_init1", "over_encoding_init1"}  # no controls
     moe, engram = arms["moe"], arms["engram"]
     assert abs(engram["params"]["total"] / moe["params"]["total"] - 1) < 0.01  # the planner's iso-parameter arm
     assert "engram_zeroed" in engram and "engram_zeroed" not in moe

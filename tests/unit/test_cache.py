@@ -1,5 +1,5 @@
 """CachedTable: exact rows from any MemoryTable, only misses read, exact statistics, and a
-TinyLFU hit rate near an oracle's on Zipfian traffic (PAPER.md, "System claims")."""
+TinyLFU hit rate near an oracle's on Zipfian traffic (docs/paper.md, "System claims")."""
 
 import threading
 

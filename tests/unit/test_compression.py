@@ -1,4 +1,4 @@
-"""CompressedTokenizer: the PAPER.md step-1 algorithm, on constructed and real vocabularies."""
+"""CompressedTokenizer: the docs/paper.md step-1 algorithm, on constructed and real vocabularies."""
 
 from importlib import resources
 
