@@ -354,13 +354,14 @@ def config_diff(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 def check_same_run(run: str | os.PathLike, *, settings_key: str, settings: dict, defaults: dict,
                    may_change: tuple[str, ...] = (), model: dict | None = None, data: str | None = None,
-                   same: dict[str, Any] | None = None) -> None:
+                   same: dict[str, Any] | None = None, model_may_change: tuple[str, ...] = ()) -> None:
     """A resumed run must keep its settings, model and dataset: anything else would silently
     train a different model from the checkpoint's weights. `settings` are compared with
     run.json's `settings_key` section (fields added since the run started read as `defaults`;
     `may_change` do not change the numbers of the steps taken); `model`: the model config as
-    a dict; `data`: the dataset's fingerprint; `same`: other run.json entries that must not
-    change (a retrofit's base model and data folder)."""
+    a dict, whose `model_may_change` fields (dotted) may differ (an initialization: the weights
+    come from the checkpoint); `data`: the dataset's fingerprint; `same`: other run.json
+    entries that must not change (a retrofit's base model and data folder)."""
     run = Path(run)
     info = read_run(run)
     if "parent" in info:
@@ -379,7 +380,8 @@ def check_same_run(run: str | os.PathLike, *, settings_key: str, settings: dict,
     if model is not None:
         from .config import ModelConfig
 
-        diff = config_diff(ModelConfig.from_dict(info["model"]).to_dict(), model)
+        diff = [d for d in config_diff(ModelConfig.from_dict(info["model"]).to_dict(), model)
+                if d.split(":")[0] not in model_may_change]
         if diff:
             raise RunError(f"{run} was trained with another model config ({'; '.join(diff[:5])}); resume with the "
                            "same --preset or --config")

@@ -44,6 +44,9 @@ __all__ = ["TrainConfig", "TrainingDiverged", "train", "preset_config", "model_c
 PAPER_SIZED = ("moe_27b", "engram_27b")
 # Settings a resumed run may change: none of them changes the numbers of the steps taken.
 RESUME_MAY_CHANGE = ("max_steps", "max_bad_steps", "activation_checkpointing", "fsdp")
+# Model fields a resumed run may differ in: how the tables started (the weights come from the
+# checkpoint), so a run begun before zero-initialized tables became the default resumes as is.
+RESUME_MODEL_MAY_CHANGE = ("engram.table_init_std",)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -192,7 +195,8 @@ def _start_or_resume(out: Path, cfg: TrainConfig, config: ModelConfig, data: Pre
     fresh = lambda: EngramLM(config, compression=None if hashes_raw_ids(config) else compression)  # noqa: E731
     if ckpt is not None:
         check_same_run(out, settings_key="train", settings=cfg.to_dict(), defaults=TrainConfig().to_dict(),
-                       may_change=RESUME_MAY_CHANGE, model=config.to_dict(), data=data.fingerprint())
+                       may_change=RESUME_MAY_CHANGE, model=config.to_dict(), data=data.fingerprint(),
+                       model_may_change=RESUME_MODEL_MAY_CHANGE)
         sharded = dist_.checkpoint.is_distributed_checkpoint(ckpt)
         if not sharded and W > 1:
             raise ValueError(f"{ckpt} is a single-process checkpoint; resuming it on {W} ranks is not supported: "

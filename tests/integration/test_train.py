@@ -116,3 +116,21 @@ def test_resume_with_other_settings_is_refused(small_dataset, tmp_path):
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 -> 0.01\); resume with the same ones \(only --max-steps"):
         train(tmp_path / "run", TrainConfig(**{**cfg.to_dict(), "lr": 1e-2}), data_dir=small_dataset,
               resume=True, log=lambda *a: None, progress=False)
+
+
+def test_a_run_begun_with_n01_tables_resumes_under_the_zero_init_default(small_dataset, tmp_path):
+    """A run whose run.json predates zero-initialized tables (no table_init_std: N(0, 1)) resumes
+    with the same preset: the init does not matter once the weights come from a checkpoint. It
+    keeps its own config; any other change of the model is still refused."""
+    cfg = TrainConfig(max_steps=2, batch_size=4, seq_len=32, eval_every=2, checkpoint_every=2, sample_prompt="")
+    out = tmp_path / "run"
+    train(out, cfg, data_dir=small_dataset, log=lambda *a: None, progress=False)
+    run = json.loads((out / "run.json").read_text())
+    del run["model"]["engram"]["table_init_std"]  # as written before the field existed
+    (out / "run.json").write_text(json.dumps(run))
+    summary = train(out, TrainConfig(**{**cfg.to_dict(), "max_steps": 4}), data_dir=small_dataset, resume=True,
+                    log=lambda *a: None, progress=False)
+    assert summary["steps"] == 4 and newest_step(out) == 4
+    with pytest.raises(ValueError, match=r"another model config \(n_layers: 4 -> 3\)"):
+        train(out, TrainConfig(**{**cfg.to_dict(), "max_steps": 6}), data_dir=small_dataset, resume=True,
+              model_overrides={"n_layers": 3}, log=lambda *a: None, progress=False)
