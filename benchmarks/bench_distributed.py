@@ -60,7 +60,7 @@ def worker(rank: int, world: int, port: int, args, results) -> None:
     import torch.distributed as dist
 
     from engram.distributed import ShardedTable
-    from engram.memory.table import InMemoryTable
+    from engram.memory.in_memory import InMemoryTable
     from engram.train.optim import SparseRowAdam
 
     try:

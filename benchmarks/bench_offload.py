@@ -37,7 +37,7 @@ from common import machine
 from engram import EngramLM, count_params, presets
 from engram.hashing.compression import CompressedTokenizer
 from engram.memory.cache import CachedTable
-from engram.memory.offload import DiskTable, convert_checkpoint_tables
+from engram.memory import DiskTable, convert_checkpoint_tables
 from engram.model.io import load_model, save_model
 from engram.data.dataset import PreparedData, prepare_dataset
 from engram.train.system import tune_malloc

@@ -22,7 +22,7 @@ import torch
 
 from common import machine
 from engram.memory.quantized import QuantizedTable
-from engram.memory.table import InMemoryTable
+from engram.memory.in_memory import InMemoryTable
 from engram.runs import latest_good_checkpoint, load_checkpoint
 from engram.data.dataset import PreparedData
 from engram.eval import evaluate

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from bench_engine import SHAPE, engram_config, our_decode
 from common import machine
 from engram import EngramLM
-from engram.memory.offload import HostTable
+from engram.memory import HostTable
 
 
 def sync(device: torch.device) -> None:

@@ -60,7 +60,7 @@ def _upgrade_engram_dict(data: dict[str, Any], *, hidden_size: int | None,
     if "sparse_grad" in data:
         data.pop("sparse_grad")
         note_old_field("old field engram.sparse_grad dropped (the table optimizer decides: sparse_adam and "
-                  "row_adam call EngramLM.use_sparse_table_grads)")
+                       "row_adam call EngramLM.use_sparse_table_grads)")
     if "table_init_std" not in data:
         data["table_init_std"] = 1.0
         note_old_field("engram.table_init_std missing (a file from before the field) read as 1.0, N(0, 1) rows")

@@ -46,7 +46,7 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
 def _convert(source: Path, args: argparse.Namespace) -> dict:
     import torch
 
-    from engram.memory.offload import convert_checkpoint_tables
+    from engram.memory import convert_checkpoint_tables
     from engram.memory.quantized import QuantizedTable
 
     if args.dtype in ("int8", "fp8"):

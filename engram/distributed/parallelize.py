@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from ..memory.table import InMemoryTable
+from ..memory.in_memory import InMemoryTable
 from ..memory.sparse_rows import coalesce
 from .sharded_table import ShardedTable
 

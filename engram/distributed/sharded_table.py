@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..memory.table import InMemoryTable, MemoryTable
+from ..memory.in_memory import InMemoryTable
+from ..memory.table import MemoryTable
 
 
 def row_block(num_rows: int, world_size: int, rank: int) -> tuple[int, int]:

@@ -25,7 +25,8 @@ from torch import nn
 
 from ..hashing.ngram import NgramHasher
 from .row_index import RowIndex, canonical_grams, head_offsets
-from .table import InMemoryTable, MemoryTable
+from .in_memory import InMemoryTable
+from .table import MemoryTable
 
 BEFORE_START = "the n-gram reaches before the start of the text"
 DEFAULT_MAX_COUNT = 64  # n-grams seen more often than this in training are general language, not one fact

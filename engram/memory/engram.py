@@ -25,7 +25,8 @@ from torch import nn
 
 from ..config import EngramConfig
 from ..precision import upcast
-from .table import InMemoryTable, MemoryTable
+from .in_memory import InMemoryTable
+from .table import MemoryTable
 
 
 class StreamRMSNorm(nn.Module):

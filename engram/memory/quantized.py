@@ -29,7 +29,9 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .offload import DiskTable, _gather_rows, _paths, checkpoint_chunks
+from .checkpoint_rows import checkpoint_chunks
+from .disk_format import DiskTable, table_paths
+from .host import gather_rows
 from .table import MemoryTable
 
 CODES = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
@@ -122,7 +124,7 @@ class QuantizedTable(MemoryTable):
             self.packed.follow(self.offsets.device)  # it delivers to our device
             rows = self.packed.gather(flat_ids)
         elif self.packed.device.type == "cpu":  # into pinned memory when the rows go to an accelerator
-            rows = _gather_rows(self.packed, flat_ids, flat_ids.device)
+            rows = gather_rows(self.packed, flat_ids, flat_ids.device)
         else:  # index_select on flat ids: advanced indexing (packed[ids]) is ~10x slower for small rows
             rows = torch.index_select(self.packed, 0, flat_ids.reshape(-1).to(self.packed.device))
             rows = rows.view(*flat_ids.shape, self.packed.shape[1]).to(flat_ids.device)
@@ -145,7 +147,7 @@ class QuantizedTable(MemoryTable):
         first = next(chunks, None)
         if first is None:
             raise ValueError("no rows to write")
-        json_path, _ = _paths(path_stem)
+        json_path, _ = table_paths(path_stem)
         stem = json_path.with_suffix("")
         DiskTable.write(stem, (quantize_packed(c, kind, group) for c in itertools.chain([first], chunks)), table_sizes,
                         extra={"quantization": {"kind": kind, "group": group, "dim": int(first.shape[1])}})
@@ -161,7 +163,7 @@ class QuantizedTable(MemoryTable):
     @classmethod
     def open(cls, path_stem: str | os.PathLike, *, device: torch.device | str | None = None,
              release_every: int | None = None, out_dtype: torch.dtype = torch.float32) -> "QuantizedTable":
-        json_path, _ = _paths(path_stem)
+        json_path, _ = table_paths(path_stem)
         stem = json_path.with_suffix("")
         q = quantization_of(stem)
         if q is None:
@@ -181,7 +183,7 @@ class QuantizedTable(MemoryTable):
 
 def quantization_of(path_stem: str | os.PathLike) -> dict | None:
     """The quantization a disk table's header names (None for a plain float table)."""
-    json_path, _ = _paths(path_stem)
+    json_path, _ = table_paths(path_stem)
     try:
         return json.loads(json_path.read_text()).get("quantization")
     except (OSError, ValueError):

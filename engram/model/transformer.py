@@ -18,13 +18,11 @@ from torch import nn
 from ..config import ModelConfig
 from ..hashing.layout import HashLayout
 from ..hashing.ngram import NgramHasher
-from ..memory.engram import ShortConvState
-from .attention import KVCache
 from .block import Block
 from .hyper import expand_streams, merge_streams
 from .moe import MoE
 from .rope import rope_angles
-from .state import DecodeState
+from .state import DecodeState, padding_mask, token_positions
 
 
 @dataclass
@@ -142,29 +140,13 @@ class EngramLM(nn.Module):
             raise ValueError(f"max_len must be in [1, max_seq_len={c.max_seq_len}], got {max_len}; "
                              "shorten the input or build the model with a larger max_seq_len")
         device = device or self.embed.weight.device
-        dtype = self.embed.weight.dtype
-        length = torch.zeros((), dtype=torch.long, device=device)
-        kv = []
-        for block in self.blocks:
-            a = block.attn
-            shape = (batch_size, a.n_kv_heads, C, a.head_dim)
-            kv.append(KVCache(torch.zeros(shape, dtype=dtype, device=device),
-                              torch.zeros(shape, dtype=dtype, device=device), length))
-        conv = {}
-        for layer in self.engram_layers:
-            sc = self.blocks[layer].engram.short_conv
-            conv[layer] = ShortConvState() if sc is None else ShortConvState(
-                history=torch.zeros(batch_size, sc.context, sc.n_streams * sc.dim, dtype=dtype, device=device))
-        state = DecodeState(
-            kv=kv, key_valid=torch.zeros(batch_size, C, dtype=torch.bool, device=device), length=length,
-            next_position=torch.zeros(batch_size, dtype=torch.long, device=device),
+        convs = {layer: self.blocks[layer].engram.short_conv for layer in self.engram_layers}
+        return DecodeState.allocate(
+            batch_size=batch_size, capacity=C, kv_heads=[(b.attn.n_kv_heads, b.attn.head_dim) for b in self.blocks],
+            conv_shapes={layer: None if sc is None else (sc.context, sc.n_streams * sc.dim)
+                         for layer, sc in convs.items()},
             ngram_history=None if self.hasher is None else self.hasher.initial_history(batch_size, device),
-            conv=conv,
-        )
-        if not torch.compiler.is_compiling():  # (inside a compiled forward the state is internal)
-            for t in state.tensors():  # updated in place at fixed addresses: CUDA graphs need no copies
-                torch._dynamo.mark_static_address(t)
-        return state
+            dtype=self.embed.weight.dtype, device=device)
 
     def compress(self, input_ids_BS: torch.Tensor) -> torch.Tensor:
         return self.compression[input_ids_BS]
@@ -181,6 +163,25 @@ class EngramLM(nn.Module):
         if self.hasher is None:
             raise ValueError("the model has no Engram layers, so it reads no rows")
         return self._rows_read(self.hasher.hash(self.compress(input_ids_BS), check=False))
+
+    def _chunk_rows(self, input_ids_BS: torch.Tensor, valid_BS: torch.Tensor | None, state: DecodeState | None,
+                    rows: dict[int, torch.Tensor] | None) -> dict[int, torch.Tensor] | None:
+        """Engram addressing of one forward, all layers at once, before the blocks: the given
+        `rows`, or the hashed ones (a state's n-gram history moves on either way). The ids are
+        compressed by construction (ids were checked at the boundary), so nothing is checked."""
+        if rows is not None:
+            rows = {layer: r.to(input_ids_BS.device) for layer, r in rows.items()}
+        if self.hasher is None:
+            return rows
+        cids_BS = self.compress(input_ids_BS)
+        if valid_BS is not None:
+            cids_BS = torch.where(valid_BS, cids_BS, self.hasher.pad_id)  # pads read as "before start"
+        if state is not None:
+            step_rows = state.hash_chunk(self.hasher, cids_BS)
+            rows = rows if rows is not None else step_rows
+        elif rows is None:
+            rows = self.hasher.hash(cids_BS, check=False)
+        return self._rows_read(rows)
 
     # ---------------------------------------------------------------- input validation
     def check_inputs(
@@ -249,93 +250,21 @@ class EngramLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
         B, S = input_ids.shape
-        dev = input_ids.device
         if state is None and use_cache:
-            state = self.new_state(B, dev)
+            state = self.new_state(B, input_ids.device)
         if state is None and S > c.max_seq_len:
             raise ValueError(f"input longer than max_seq_len: {S} > {c.max_seq_len} positions; split it "
                              "into windows of at most max_seq_len, or build the model with a larger max_seq_len")
-        start = None  # the first cache column this forward writes, when the host knows it
-        if state is not None:
-            if state.batch_size != B:
-                raise ValueError(f"state holds {state.batch_size} sequences, input_ids has {B}")
-            if S > state.capacity:
-                raise ValueError(f"input longer than the decode state's capacity: {S} > {state.capacity} "
-                                 "positions; create it with new_state(batch, max_len=...) up to max_seq_len")
-            if torch.compiler.is_compiling() or state.written is None:
-                # A compiled step writes at `length` (a tensor) and reads all C columns, so one
-                # graph serves every step; the host no longer knows how far the cache is filled.
-                # A value check without a host sync: immediate on a CPU, a device assert on a GPU.
-                torch._assert_async(state.length + S <= state.capacity,
-                                    "input longer than the decode state's capacity (see EngramLM.check_inputs)")
-                state.written = None
-            else:  # eager: the host counts the columns, so attention reads only the written ones
-                start = state.written
-                if start + S > state.capacity:
-                    raise ValueError(
-                        f"input longer than the decode state's capacity {state.capacity}: {start} positions "
-                        f"held + {S} given; create the state with new_state(batch, max_len=...) up to max_seq_len")
-                state.written = start + S
-            for cache in state.kv:
-                cache.start = start
         valid_BS = None if valid is None else valid.to(torch.bool)
 
-        # positions: each sequence counts only its real tokens
-        if valid_BS is None:
-            steps_S = torch.arange(S, device=dev)
-            positions_BS = steps_S.expand(B, S) if state is None else state.next_position.unsqueeze(1) + steps_S
+        # positions (real tokens only) and the attention mask; a state also takes the cache columns
+        if state is None:
+            positions_BS = token_positions(valid_BS, B, S, input_ids.device)
+            mask_BSK = padding_mask(valid_BS)
         else:
-            counted_BS = valid_BS.long().cumsum(1) - 1
-            if state is not None:
-                counted_BS = counted_BS + state.next_position.unsqueeze(1)
-            positions_BS = counted_BS.clamp_min(0)
+            positions_BS, mask_BSK = state.begin_chunk(B, S, valid_BS)
 
-        # attention mask: static decisions only (whether a state / padding is given, never values)
-        mask_BSK = None
-        if state is not None:  # keys: the cache's columns; this chunk writes [length, length + S)
-            if start is None:  # all C columns; the write position is a tensor
-                K = state.capacity
-                cols_S = state.length.view(1) if S == 1 else state.length + torch.arange(S, device=dev)
-                if valid_BS is None:
-                    state.key_valid.index_fill_(1, cols_S, True)
-                else:
-                    state.key_valid.index_copy_(1, cols_S, valid_BS)
-            else:  # the written columns [0, start + S)
-                K = start + S
-                cols_S = None if S == 1 and valid_BS is None else torch.arange(start, K, device=dev)
-                state.key_valid[:, start:K] = True if valid_BS is None else valid_BS
-            if valid_BS is not None:
-                state.padded = True
-            if start is None or state.padded or S > 1:
-                mask_BSK = state.key_valid[:, :K].unsqueeze(1)  # [B, 1, K]: unwritten columns are False
-                if S > 1:  # causal inside the chunk
-                    mask_BSK = mask_BSK & (torch.arange(K, device=dev) <= cols_S.unsqueeze(1))
-                if valid_BS is not None:  # every query sees itself (a padded query has no other key)
-                    mask_BSK = mask_BSK | (torch.arange(K, device=dev) == cols_S.unsqueeze(1))
-            # else: one query after written columns that are all real tokens: nothing to hide
-        elif valid_BS is not None:
-            causal_SS = torch.ones(S, S, dtype=torch.bool, device=dev).tril()
-            self_SS = torch.eye(S, dtype=torch.bool, device=dev)
-            mask_BSK = (causal_SS & valid_BS.unsqueeze(1)) | self_SS
-
-        # Engram addressing: all layers at once, before the blocks. The ids are compressed by
-        # construction (ids were checked at the boundary), so the hasher checks nothing here.
-        if rows is not None:
-            rows = {layer: r.to(dev) for layer, r in rows.items()}
-        if self.hasher is not None:
-            cids = self.compress(input_ids)
-            if valid_BS is not None:
-                cids = torch.where(valid_BS, cids, self.hasher.pad_id)  # pads read as "before start"
-            if state is not None:
-                if state.keep_trail:  # what a rollback into this forward needs
-                    state.ngram_trail = torch.cat([state.ngram_history, cids], dim=1)
-                step_rows, history = self.hasher.hash_step(state.ngram_history, cids, check=False)
-                state.ngram_history.copy_(history)
-                rows = rows if rows is not None else step_rows
-            elif rows is None:
-                rows = self.hasher.hash(cids, check=False)
-            rows = self._rows_read(rows)
-
+        rows = self._chunk_rows(input_ids, valid_BS, state, rows)
         if rows is not None:  # offloaded tables start fetching now, while earlier blocks compute
             for layer in self.engram_layers:
                 self.blocks[layer].engram.table.prefetch(rows[layer])
@@ -357,9 +286,7 @@ class EngramLM(nn.Module):
                     inter["gates"][i] = record["gates"]
         logits = self.lm_head(self.norm(merge_streams(x)))
         if state is not None:
-            state.next_position.add_(S if valid_BS is None else valid_BS.sum(1))
-            state.length.add_(S)
-            state.last_tokens = S if state.keep_trail else 0  # how far `rollback` may reach back
+            state.end_chunk(S, valid_BS)
         waited = sum(self.blocks[layer].engram.table.last_wait_s for layer in self.engram_layers)
         return LMOutput(logits=logits, state=state, intermediates=inter, table_wait_s=waited)
 

@@ -19,7 +19,7 @@ def _upstream(rank, shape):
 
 def _lookup(rank, world_size, sparse, sizes):
     from engram.distributed import ShardedTable
-    from engram.memory.table import InMemoryTable
+    from engram.memory import InMemoryTable
 
     torch.manual_seed(0)
     full = InMemoryTable(sizes, 4, sparse=sparse, dtype=torch.float64)  # the same on every rank
@@ -38,7 +38,7 @@ def test_rows_and_gradients_equal_the_whole_table(world_size, sparse, sizes):
     """Each rank reads the same rows as the whole table; the owners' gradient slices equal the
     whole table's gradient of the mean over ranks of their losses (1/W: data-parallel mean).
     (4 ranks on a 2-row table: two ranks own no rows and still take part.)"""
-    from engram.memory.table import InMemoryTable
+    from engram.memory import InMemoryTable
 
     results = run_ranks(_lookup, world_size, sparse, sizes)
     torch.manual_seed(0)

@@ -35,7 +35,7 @@ def model():
         n_streams=M, max_seq_len=128,
         engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(1, 2), rows_per_head=(101, 103),
                             n_head_per_ngram=2, n_embed_per_ngram=16,
-                            conv_zero_init=False, bias=True))
+                            conv_zero_init=False, bias=True, table_init_std=1.0))  # untrained rows that say something
     torch.manual_seed(0)
     return EngramLM(config).eval()
 

@@ -120,7 +120,8 @@ def stats_model():
     config = ModelConfig(
         vocab_size=16, hidden_size=16, n_layers=2, n_heads=2, n_kv_heads=1, mlp_hidden_size=32, max_seq_len=64,
         engram=EngramConfig(compressed_vocab_size=8, pad_id=0, layer_ids=(1,), rows_per_head=(2, 100_000),
-                            max_ngram_size=3, n_head_per_ngram=1, n_embed_per_ngram=4))
+                            max_ngram_size=3, n_head_per_ngram=1, n_embed_per_ngram=4,
+                            table_init_std=1.0))  # N(0, 1) rows: row norms worth checking
     torch.manual_seed(0)
     return EngramLM(config, compression=np.arange(16) % 8)
 

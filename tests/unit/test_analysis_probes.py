@@ -29,7 +29,7 @@ def model():
         vocab_size=V, hidden_size=D, n_layers=2, n_heads=4, mlp_hidden_size=48, n_streams=2, max_seq_len=64,
         engram=EngramConfig(compressed_vocab_size=V, pad_id=0, layer_ids=(0, 1), rows_per_head=(101, 103),
                             n_head_per_ngram=2, n_embed_per_ngram=16,
-                            conv_zero_init=False))
+                            conv_zero_init=False, table_init_std=1.0))  # untrained rows that say something
     torch.manual_seed(0)
     return EngramLM(config).eval()
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engram.memory.cache import CachedTable
-from engram.memory.table import InMemoryTable, MemoryTable
+from engram.memory import InMemoryTable, MemoryTable
 
 
 class CountingTable(MemoryTable):

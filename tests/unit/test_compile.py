@@ -5,6 +5,8 @@ branch) and the traced forward + backward run by AOT autograd without a C++ comp
 (backend "aot_eager"). The inductor runs take minutes on two cores: marked slow.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -16,7 +18,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 def tiny_model(M=1, seed=0):
     """`tiny` cut to what compiles fast: a dense block and an MoE + Engram block."""
     torch.manual_seed(seed)
-    model = EngramLM(presets.tiny(n_layers=2, max_seq_len=32, n_streams=M))
+    config = presets.tiny(n_layers=2, max_seq_len=32, n_streams=M)
+    model = EngramLM(dataclasses.replace(config, engram=dataclasses.replace(config.engram, table_init_std=1.0)))
     with torch.no_grad():  # non-trivial conv and hyper-connection maps
         model.blocks[1].engram.short_conv.weight.normal_(0, 0.1)
         for name, p in model.named_parameters():

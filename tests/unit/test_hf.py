@@ -26,7 +26,7 @@ def config(tie=False):
         moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden_size=16, first_k_dense=1),
         engram=EngramConfig(compressed_vocab_size=V_COMPRESSED, pad_id=0, layer_ids=(1, 2),
                             rows_per_head=(101, 103), n_head_per_ngram=2, n_embed_per_ngram=16,
-                            conv_zero_init=False))
+                            conv_zero_init=False, table_init_std=1.0))  # rows that add something
 
 
 def build(tie=False):

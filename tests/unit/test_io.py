@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from engram import load_model, save_model
-from engram.memory.offload import HostTable
+from engram.memory import HostTable
 from engram.runs import load_checkpoint, restore_optimizers, save_checkpoint
 from tests.unit.test_model import build, small_config
 

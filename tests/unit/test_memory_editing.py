@@ -11,7 +11,7 @@ from engram.hashing.layout import HashLayout
 from engram.hashing.ngram import NgramHasher
 from engram.memory.editing import (BEFORE_START, PatchedTable, addressed_rows, forget_rows, replay, row_sha256)
 from engram.memory.row_index import RowIndex, RowIndexError, head_offsets
-from engram.memory.table import InMemoryTable
+from engram.memory import InMemoryTable
 
 V = 40
 

@@ -17,8 +17,9 @@ def small_config(M=1, engram=True, moe=True, **kw):
         if moe else None,
         n_streams=M, max_seq_len=64,
         engram=EngramConfig(compressed_vocab_size=97, pad_id=0, layer_ids=(1, 2), rows_per_head=(101, 103),
-                            n_head_per_ngram=2, n_embed_per_ngram=16,
-                            conv_zero_init=False) if engram else None, **kw)
+                            n_head_per_ngram=2, n_embed_per_ngram=16, conv_zero_init=False,
+                            table_init_std=1.0)  # rows that add something: decoding checks Engram's history
+        if engram else None, **kw)
 
 
 def build(config, seed=0):
@@ -238,20 +239,24 @@ def test_models_can_be_deep_copied():
 
 
 def test_engram_starts_at_the_residual_streams_scale():
-    """A fresh Engram layer must not drown the stream it is added to (init_weights)."""
-    torch.manual_seed(0)
-    model = EngramLM(presets.tiny()).eval()
-    ids = torch.randint(0, 8192, (2, 64))
-    h = model.embed(ids)
-    out = model.blocks[1].engram(h, model.hasher.hash(model.compress(ids))[1])
-    ratio = (out.pow(2).mean().sqrt() / h.pow(2).mean().sqrt()).item()
-    assert 0.1 < ratio < 2.0, ratio
+    """A fresh Engram layer must not drown the stream it is added to (init_weights): with
+    N(0, 1) rows it adds at the stream's scale; with zero rows (the default) it adds nothing."""
+    for table_init_std in (1.0, 0.0):
+        torch.manual_seed(0)
+        config = presets.tiny()
+        config = dataclasses.replace(config, engram=dataclasses.replace(config.engram, table_init_std=table_init_std))
+        model = EngramLM(config).eval()
+        ids = torch.randint(0, 8192, (2, 64))
+        h = model.embed(ids)
+        out = model.blocks[1].engram(h, model.hasher.hash(model.compress(ids))[1])
+        ratio = (out.pow(2).mean().sqrt() / h.pow(2).mean().sqrt()).item()
+        assert 0.1 < ratio < 2.0 if table_init_std else ratio == 0.0, ratio
 
 
 def test_init_weights_draws_each_table_once_and_keeps_the_engram_projection_init(monkeypatch):
     """Tables are the model's biggest tensors: one draw each. The projection keeps Engram's own
     residual-scale init (nn.Linear's reset must not run after it)."""
-    from engram.memory.table import InMemoryTable
+    from engram.memory import InMemoryTable
 
     calls = []
     original = InMemoryTable.reset_parameters

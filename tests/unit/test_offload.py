@@ -1,5 +1,6 @@
 """HostTable and DiskTable: same rows as InMemoryTable, checkpoint conversion, header checks, RSS."""
 
+import dataclasses
 import gc
 import json
 import sys
@@ -10,8 +11,15 @@ import pytest
 import torch
 
 from engram import Engram, EngramConfig, EngramLM, InMemoryTable, NgramHasher, presets, save_model
-from engram.memory import offload
-from engram.memory.offload import DiskTable, HostTable, TableCorruptError, convert_checkpoint_tables
+from engram.memory import convert_checkpoint_tables, disk_format
+from engram.memory import host as host_module
+from engram.memory.disk_format import DiskTable, TableCorruptError
+from engram.memory.host import HostTable
+
+
+def n01_rows(config):
+    """`config` with N(0, 1) table rows: a checkpoint whose rows are worth comparing (not all zero)."""
+    return dataclasses.replace(config, engram=dataclasses.replace(config.engram, table_init_std=1.0))
 
 SIZES = (53, 59, 61, 67)  # four heads
 E = 8
@@ -101,7 +109,7 @@ def test_bytes_read_and_two_threads(tmp_path):
 
 
 def test_from_checkpoint_streams_and_matches_the_model(tmp_path, monkeypatch):
-    model = EngramLM(presets.tiny())
+    model = EngramLM(n01_rows(presets.tiny()))
     save_model(model, tmp_path / "ckpt")
     weight = model.blocks[1].engram.table.weight.detach()
     chunk_rows = []
@@ -218,12 +226,12 @@ def test_block_checksums_catch_a_flipped_byte_on_first_touch_without_a_full_scan
     stem = DiskTable.write(tmp_path / "t", iter(weight.split(777)), [rows // 2, rows // 2])  # chunks cut blocks
     head = json.loads((tmp_path / "t.json").read_text())
     block_rows = head["block_rows"]
-    assert block_rows == offload.BLOCK_BYTES // (dim * 4) == 1024 and len(head["block_crc32"]) == 8 * 10
+    assert block_rows == disk_format.BLOCK_BYTES // (dim * 4) == 1024 and len(head["block_crc32"]) == 8 * 10
     bad_block, bad_row = 3, 3 * 1024 + 17
     _flip(tmp_path / "t.bin", bad_row * dim * 4 + 5)
 
     hashed = []
-    monkeypatch.setattr(offload, "_sha256_file", lambda *a, **k: hashed.append(a) or "x")
+    monkeypatch.setattr(disk_format, "_sha256_file", lambda *a, **k: hashed.append(a) or "x")
     table = DiskTable.open(stem)  # the CLI's --tables path passes verify=False: same checks
     assert hashed == [], "open must not hash the whole file"
     assert table.verified_blocks == 0
@@ -305,24 +313,24 @@ def test_host_table_uses_a_cpu_source_in_place():
 def test_host_table_copies_other_sources_in_slices(monkeypatch):
     weight = torch.randn(2 * sum(SIZES), E)[::2]  # strided: must be copied, in slices
     slices = []
-    real = offload._copy_in_slices
+    real = host_module._copy_in_slices
 
     def spy(dst, read, chunk_bytes):
         return real(dst, lambda a, b: slices.append((a, b)) or read(a, b), chunk_bytes)
 
-    monkeypatch.setattr(offload, "_copy_in_slices", spy)
+    monkeypatch.setattr(host_module, "_copy_in_slices", spy)
     host = HostTable(SIZES, E, weight, pin=False, chunk_bytes=50 * E * 4)
     assert host.weight.is_contiguous() and torch.equal(host.weight, weight)
     assert slices == [(a, min(a + 50, sum(SIZES))) for a in range(0, sum(SIZES), 50)]
 
 
 def test_host_table_from_checkpoint_reads_in_slices(tmp_path, monkeypatch):
-    model = EngramLM(presets.tiny())
+    model = EngramLM(n01_rows(presets.tiny()))
     save_model(model, tmp_path / "ckpt")
     weight = model.blocks[1].engram.table.weight.detach()
     slices = []
-    real = offload._copy_in_slices
-    monkeypatch.setattr(offload, "_copy_in_slices", lambda dst, read, chunk_bytes: real(
+    real = host_module._copy_in_slices
+    monkeypatch.setattr(host_module, "_copy_in_slices", lambda dst, read, chunk_bytes: real(
         dst, lambda a, b: slices.append(b - a) or read(a, b), chunk_bytes))
     host = HostTable.from_checkpoint(tmp_path / "ckpt", 1, pin=False, chunk_bytes=1000 * weight[0].nbytes)
     assert max(slices) == 1000 and sum(slices) == weight.shape[0], "the table must be read in slices"

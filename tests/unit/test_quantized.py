@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from engram.memory.offload import DiskTable, TableCorruptError
+from engram.memory.disk_format import DiskTable, TableCorruptError
 from engram.memory.quantized import QuantizedTable, dequantize, quantize_rows
-from engram.memory.table import InMemoryTable
+from engram.memory import InMemoryTable
 
 SIZES = [53, 61, 47]
 

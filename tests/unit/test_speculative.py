@@ -1,6 +1,8 @@
 """DecodeState.rollback (KV cache, n-gram history, conv history) against the straight path, and
 prompt-lookup speculative decoding against plain greedy decoding."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -11,7 +13,9 @@ from engram.model import EngramLM, generate, prompt_lookup, speculative_generate
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    m = EngramLM(presets.tiny(vocab_size=96, n_streams=2)).eval()
+    config = presets.tiny(vocab_size=96, n_streams=2)
+    config = dataclasses.replace(config, engram=dataclasses.replace(config.engram, table_init_std=1.0))
+    m = EngramLM(config).eval()  # N(0, 1) rows: the n-gram history changes the logits
     with torch.no_grad():  # the conv starts at zero: give it weights, or its history would not matter
         m.blocks[1].engram.short_conv.weight.normal_(0, 0.5)
     return m

@@ -1,9 +1,6 @@
-"""Tables outside the accelerator: rows in host memory (`HostTable`) or in a memory-mapped
-file (`DiskTable`). Inference only: rows are plain tensors, not Parameters (no gradients).
-
-Both read rows with `torch.index_select` on a CPU tensor (it releases the GIL, so a
-background prefetch thread overlaps with the main thread) and move them to the device of
-`offsets`, i.e. wherever the module lives. Outputs equal an `InMemoryTable`'s bit for bit.
+"""Tables in a memory-mapped file (`DiskTable`): the on-disk format and its checksums.
+Inference only: rows are plain tensors, not Parameters (no gradients); outputs equal an
+`InMemoryTable`'s bit for bit (rows are gathered as a `HostTable` gathers them).
 
 Disk format (version 2): a pair of files per table, `NAME.json` and `NAME.bin`.
     NAME.bin   the rows, row-major, [rows, dim] of `dtype`, little endian, no header.
@@ -37,21 +34,21 @@ import hashlib
 import json
 import mmap
 import os
-import re
 import sys
 import tempfile
 import threading
 import warnings
 import zlib
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
 
 from ..durable import fsync_dir
-from ..hashing.layout import HashLayout
-from .table import InMemoryTable, MemoryTable
+from .checkpoint_rows import CHUNK_BYTES, checkpoint_chunks
+from .host import gather_rows
+from .table import MemoryTable
 
 FORMAT = "engram-disk-table"
 FORMAT_VERSION = 2
@@ -59,161 +56,9 @@ READABLE_VERSIONS = (1, 2)
 BLOCK_BYTES = 256 << 10  # rows are checksummed in blocks of about this size (see above)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "uint8": torch.uint8}  # uint8: the packed rows of a quantized table (engram.memory.quantized)
-CHUNK_BYTES = 64 << 20  # conversion and checksum stream the data in pieces of this size
-TABLE_NAME = re.compile(r"blocks\.(\d+)\.engram\.table\.weight")
 
 
-def _gather_rows(rows_NE: torch.Tensor, flat_ids: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """index_select on the CPU rows -> [*flat_ids.shape, E] on `device`. For an accelerator
-    the rows are gathered into pinned memory so that the copy can be asynchronous."""
-    idx = flat_ids.reshape(-1).to("cpu", torch.long)
-    if device.type == "cpu":
-        out = torch.index_select(rows_NE, 0, idx)
-    else:
-        out = torch.empty(idx.numel(), rows_NE.shape[1], dtype=rows_NE.dtype, pin_memory=True)
-        torch.index_select(rows_NE, 0, idx, out=out)
-        out = out.to(device, non_blocking=True)
-    return out.view(*flat_ids.shape, rows_NE.shape[1])
-
-
-def _copy_in_slices(dst_NE: torch.Tensor, read: Callable[[int, int], torch.Tensor],
-                    chunk_bytes: int = CHUNK_BYTES) -> None:
-    """Fill `dst_NE` with `read(start, stop)` -> rows [start, stop), ~`chunk_bytes` at a time, so
-    that filling a host table never needs a second full-size copy of it."""
-    rows, row_bytes = dst_NE.shape[0], max(1, dst_NE[:1].nbytes)
-    step = max(1, chunk_bytes // row_bytes)
-    for start in range(0, rows, step):
-        stop = min(start + step, rows)
-        dst_NE[start:stop].copy_(read(start, stop))
-
-
-def _pin_in_place(t: torch.Tensor) -> None:
-    """Page-lock `t`'s memory where it is (cudaHostRegister) and unregister it when `t` dies.
-
-    Chosen over `torch.empty(pin_memory=True)`: torch's pinned caching allocator rounds every
-    allocation up to a power of two (CachingHostAllocator, unless pinned_max_round_threshold
-    is set), so a 40 GiB table would lock 64 GiB of RAM; and it could not adopt the caller's
-    tensor. This is how torch.distributed pins its staging buffers (torch.cuda._pin_memory_utils).
-    """
-    import weakref
-
-    cudart = torch.cuda.cudart()
-    ptr, nbytes = t.data_ptr(), t.nbytes
-    err = int(cudart.cudaHostRegister(ptr, nbytes, 0))
-    if err != 0:
-        raise RuntimeError(f"cudaHostRegister of the {nbytes / 2**30:.2f} GiB host table failed (cudaError {err}); "
-                           "lower memlock limits (ulimit -l) or pass pin=False")
-    weakref.finalize(t, cudart.cudaHostUnregister, ptr)
-
-
-class HostTable(MemoryTable):
-    """All heads in one CPU tensor [sum(table_sizes), E]; the module may live on a GPU.
-
-    `weight` is a plain tensor, not a Parameter or buffer: it gets no gradients, is not in the
-    state_dict and stays in host memory when the module moves (`.to("cuda")`). There is only
-    ever one host copy of the rows: a contiguous CPU `weight` is used as is (it shares memory
-    with the caller's tensor); any other (on a GPU, or strided) is copied into one new CPU
-    tensor slice by slice. With `pin` (default: when CUDA is available) that tensor is
-    page-locked in place (cudaHostRegister), so row copies to the GPU are asynchronous.
-    """
-
-    asynchronous = True  # rows live off the compute device: `prefetch` fetches them in the background
-
-    def __init__(self, table_sizes: Sequence[int], embedding_dim: int, weight: torch.Tensor,
-                 device: torch.device | str | None = None, *, pin: bool | None = None,
-                 chunk_bytes: int = CHUNK_BYTES) -> None:
-        super().__init__(table_sizes, embedding_dim, device=device)
-        if tuple(weight.shape) != (self.num_rows, self.embedding_dim):
-            raise ValueError(f"weight has shape {tuple(weight.shape)}, expected "
-                             f"{(self.num_rows, self.embedding_dim)} (sum(table_sizes) x embedding_dim)")
-        pin = torch.cuda.is_available() if pin is None else pin
-        if pin and not torch.cuda.is_available():
-            raise ValueError("pin=True needs CUDA (pinned memory only speeds up copies to a GPU); pass pin=False")
-        weight = weight.detach()
-        if weight.device.type != "cpu" or not weight.is_contiguous():
-            host = torch.empty(weight.shape, dtype=weight.dtype)
-            _copy_in_slices(host, lambda a, b: weight[a:b], chunk_bytes)
-            weight = host
-        if pin and not weight.is_pinned():
-            _pin_in_place(weight)
-        self.weight, self.pinned = weight, bool(pin)
-
-    @classmethod
-    def from_table(cls, table: InMemoryTable, *, pin: bool | None = None) -> "HostTable":
-        """A host table of an in-memory table's rows, for a module on the table's device. A CPU
-        table's memory is shared, not copied: clone it first if it will still change."""
-        return cls(table.table_sizes, table.embedding_dim, table.weight, device=table.offsets.device, pin=pin)
-
-    @classmethod
-    def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, layer_id: int, *,
-                        table_sizes: Sequence[int] | None = None, pin: bool | None = None,
-                        chunk_bytes: int = CHUNK_BYTES, device: torch.device | str | None = None) -> "HostTable":
-        """Read `blocks.{layer_id}.engram.table.weight` of a model folder straight into the host
-        table, ~`chunk_bytes` at a time (one host copy in all). `table_sizes` default to the
-        folder's hash_layout.json. For `load_model(..., table_factory=...)`."""
-        from safetensors import safe_open
-
-        st_path, name, table_sizes = _checkpoint_table(checkpoint_dir, layer_id, table_sizes)
-        with safe_open(str(st_path), framework="pt") as f:
-            piece = f.get_slice(name)
-            rows, dim = piece.get_shape()
-            host = torch.empty(rows, dim, dtype=piece[0:1].dtype)
-            _copy_in_slices(host, lambda a, b: piece[a:b], chunk_bytes)
-        return cls(table_sizes, dim, host, device=device, pin=pin)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.weight.dtype
-
-    def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
-        return _gather_rows(self.weight, flat_ids, self.offsets.device)
-
-    def extra_repr(self) -> str:
-        return (f"heads={len(self.table_sizes)}, rows={self.num_rows}, dim={self.embedding_dim}, "
-                f"dtype={self.weight.dtype}, pinned={self.pinned}")
-
-
-def _checkpoint_table(checkpoint_dir: str | os.PathLike, layer_id: int,
-                      table_sizes: Sequence[int] | None) -> tuple[Path, str, list[int]]:
-    """(model.safetensors, tensor name, per-head sizes) of Engram layer `layer_id` in a model folder."""
-    from safetensors import safe_open
-
-    ckpt = Path(checkpoint_dir)
-    st_path, name = ckpt / "model.safetensors", f"blocks.{layer_id}.engram.table.weight"
-    if table_sizes is None:
-        if not (ckpt / "hash_layout.json").is_file():
-            raise FileNotFoundError(f"{ckpt / 'hash_layout.json'} is missing; pass table_sizes= explicitly")
-        primes = HashLayout.load(ckpt / "hash_layout.json").primes
-        if int(layer_id) not in primes:
-            raise ValueError(f"{ckpt / 'hash_layout.json'} has no Engram layer {layer_id} (it has {sorted(primes)})")
-        table_sizes = primes[int(layer_id)]
-    with safe_open(str(st_path), framework="pt") as f:
-        if name not in f.keys():
-            found = sorted(k for k in f.keys() if TABLE_NAME.fullmatch(k))
-            raise ValueError(f"{st_path} has no tensor {name}; its Engram tables are {found}")
-    return st_path, name, [int(s) for s in table_sizes]
-
-
-def checkpoint_chunks(checkpoint_dir: str | os.PathLike, layer_id: int, table_sizes: Sequence[int] | None,
-                      chunk_bytes: int = CHUNK_BYTES) -> tuple[list[int], Iterator[torch.Tensor]]:
-    """(per-head sizes, the rows of Engram layer `layer_id` of a model folder in consecutive
-    chunks of ~`chunk_bytes`), read lazily from model.safetensors."""
-    from safetensors import safe_open
-
-    st_path, name, table_sizes = _checkpoint_table(checkpoint_dir, layer_id, table_sizes)
-
-    def chunks() -> Iterator[torch.Tensor]:
-        with safe_open(str(st_path), framework="pt") as f:
-            piece = f.get_slice(name)
-            rows, dim = piece.get_shape()
-            step = max(1, chunk_bytes // (dim * piece[0:1].element_size()))  # rows per chunk
-            for start in range(0, rows, step):
-                yield piece[start:min(start + step, rows)]
-
-    return table_sizes, chunks()
-
-
-def _paths(path_stem: str | os.PathLike) -> tuple[Path, Path]:
+def table_paths(path_stem: str | os.PathLike) -> tuple[Path, Path]:
     """NAME -> (NAME.json, NAME.bin); a given .json or .bin suffix is dropped first."""
     stem = Path(path_stem)
     if stem.suffix in (".json", ".bin"):
@@ -302,7 +147,7 @@ class DiskTable(MemoryTable):
         """Write rows (one tensor [rows, E], or an iterable of [r_i, E] chunks in row order,
         so a huge table never has to be in memory at once). Returns the stem. `extra`: more
         header fields (a quantized table names its scheme and scales file there)."""
-        json_path, bin_path = _paths(path_stem)
+        json_path, bin_path = table_paths(path_stem)
         chunks = [weight_or_chunks] if isinstance(weight_or_chunks, torch.Tensor) else weight_or_chunks
         table_sizes = [int(s) for s in table_sizes]
         expect_rows = sum(table_sizes)
@@ -377,7 +222,7 @@ class DiskTable(MemoryTable):
         `check_blocks=False` and `verify=False` serve the bytes unchecked (the caller's risk).
         `packed`: open a quantized table's packed rows as raw bytes (for `QuantizedTable.open` only).
         """
-        json_path, bin_path = _paths(path_stem)
+        json_path, bin_path = table_paths(path_stem)
         for p in (json_path, bin_path):
             if not p.is_file():
                 raise FileNotFoundError(f"{p} is missing; write the table with DiskTable.write or from_checkpoint")
@@ -469,12 +314,12 @@ class DiskTable(MemoryTable):
             for start in range(0, idx.numel(), self.RELEASE_CHUNK):
                 part = idx[start:start + self.RELEASE_CHUNK]
                 self._check_blocks(part)
-                parts.append(_gather_rows(self.rows_NE, part, self.offsets.device))
+                parts.append(gather_rows(self.rows_NE, part, self.offsets.device))
                 self.release_pages()
             out = torch.cat(parts)
         else:
             self._check_blocks(idx)
-            out = _gather_rows(self.rows_NE, idx, self.offsets.device)
+            out = gather_rows(self.rows_NE, idx, self.offsets.device)
         out = out.view(*flat_ids.shape, self.embedding_dim)
         with self._lock:
             self.bytes_read += flat_ids.numel() * self.embedding_dim * self.rows_NE.dtype.itemsize
@@ -497,26 +342,3 @@ class DiskTable(MemoryTable):
     def extra_repr(self) -> str:
         return (f"path={str(self.path)!r}, heads={len(self.table_sizes)}, rows={self.num_rows}, "
                 f"dim={self.embedding_dim}, dtype={self.rows_NE.dtype}, release_every={self.release_every}")
-
-
-def checkpoint_table_layers(checkpoint_dir: str | os.PathLike) -> list[int]:
-    """The Engram layers whose tables a model folder's model.safetensors holds."""
-    from safetensors import safe_open
-
-    with safe_open(str(Path(checkpoint_dir) / "model.safetensors"), framework="pt") as f:
-        return sorted(int(m.group(1)) for k in f.keys() if (m := TABLE_NAME.fullmatch(k)))
-
-
-def convert_checkpoint_tables(checkpoint_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
-                              convert: Callable[..., object] | None = None, **kwargs) -> dict[int, Path]:
-    """Convert every `blocks.{i}.engram.table.weight` of a model folder to `out_dir/layer{i}`
-    (.json + .bin) with `convert(checkpoint_dir, layer, stem, **kwargs)` (default
-    `DiskTable.from_checkpoint`; `QuantizedTable.from_checkpoint` writes quantized tables).
-    Returns {layer_id: stem}."""
-    convert = convert or DiskTable.from_checkpoint
-    out = {}
-    for layer in checkpoint_table_layers(checkpoint_dir):
-        stem = Path(out_dir) / f"layer{layer}"
-        convert(checkpoint_dir, layer, stem, **kwargs)
-        out[layer] = stem
-    return out
