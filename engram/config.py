@@ -32,6 +32,15 @@ def note_old_field(note: str) -> None:
         _log.info("engram.config: %s", note)
 
 
+def rename_old_field(data: dict[str, Any], old: str, new: str, what: str = "") -> None:
+    """Read the old name `old` of a stored field as `new`, in place (logged once); a file that
+    has both is refused. `what` names the kind of file in the messages ("hash layout ")."""
+    if old in data:
+        _require(new not in data, f"{what or 'the '}config has both {new} and its old name {old}; keep {new}")
+        data[new] = data.pop(old)
+        note_old_field(f"old {what}field {old} read as {new}")
+
+
 def _upgrade_engram_dict(data: dict[str, Any], *, hidden_size: int | None,
                          n_streams: int | None) -> dict[str, Any]:
     """A stored Engram config with today's field names (docs/names.md has the table).
@@ -43,11 +52,7 @@ def _upgrade_engram_dict(data: dict[str, Any], *, hidden_size: int | None,
     - `table_init_std` missing: the file predates the field, whose default was N(0, 1).
     """
     data = dict(data)
-    if "vocab_size_per_ngram" in data:
-        _require("rows_per_head" not in data, "engram config has both rows_per_head and its old name "
-                 "vocab_size_per_ngram; keep rows_per_head")
-        data["rows_per_head"] = data.pop("vocab_size_per_ngram")
-        note_old_field("old field vocab_size_per_ngram read as rows_per_head")
+    rename_old_field(data, "vocab_size_per_ngram", "rows_per_head")
     for old, new, model in (("hidden_size", "hidden_size", hidden_size), ("n_branches", "n_streams", n_streams)):
         if old in data:
             given = data.pop(old)
@@ -70,11 +75,7 @@ def _upgrade_engram_dict(data: dict[str, Any], *, hidden_size: int | None,
 def _upgrade_model_dict(data: dict[str, Any]) -> dict[str, Any]:
     """A stored ModelConfig with today's field names: `n_branches` is `n_streams`."""
     data = dict(data)
-    if "n_branches" in data:
-        _require("n_streams" not in data, "model config has both n_streams and its old name n_branches; "
-                 "keep n_streams")
-        data["n_streams"] = data.pop("n_branches")
-        note_old_field("old field n_branches read as n_streams")
+    rename_old_field(data, "n_branches", "n_streams")
     return data
 
 

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..config import note_old_field
+from ..config import rename_old_field
 
 LAYOUT_VERSION = 1
 _LAYER_SEED_STRIDE = 10007  # seed + 10007 * layer_id, as in the reference
@@ -285,9 +285,7 @@ class HashLayout:
                 f"version {LAYOUT_VERSION}); upgrade engram-torch or re-export the layout"
             )
         data = dict(data)
-        if "vocab_size_per_ngram" in data and "rows_per_head" not in data:  # layouts saved before the rename
-            data["rows_per_head"] = data.pop("vocab_size_per_ngram")
-            note_old_field("old hash layout field vocab_size_per_ngram read as rows_per_head")
+        rename_old_field(data, "vocab_size_per_ngram", "rows_per_head", "hash layout ")  # saved before the rename
         try:
             return cls(**data)
         except TypeError as e:
