@@ -15,6 +15,22 @@ def rng():
     return np.random.default_rng(seed)
 
 
+@pytest.fixture
+def tiny_config():
+    """The shared tiny ModelConfig, as a factory: tiny_config(M=4, engram=False, moe=True, **fields)."""
+    from tests.tiny import small_config
+
+    return small_config
+
+
+@pytest.fixture
+def tiny_model():
+    """The shared tiny EngramLM, built and seeded, in eval mode: tiny_model(config, seed=0)."""
+    from tests.tiny import build
+
+    return build
+
+
 def pytest_collection_modifyitems(config, items):
     """Everything under tests/distributed spawns gloo ranks: mark it `distributed`."""
     for item in items:

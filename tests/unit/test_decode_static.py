@@ -5,11 +5,10 @@ import torch
 
 from engram import generate
 from engram.memory import HostTable
-from tests.unit.test_model import build, small_config
 
 
-def test_state_is_allocated_once_and_updated_in_place():
-    model = build(small_config(M=4))
+def test_state_is_allocated_once_and_updated_in_place(tiny_model, tiny_config):
+    model = tiny_model(tiny_config(M=4))
     ids = torch.randint(0, 97, (2, 12))
     state = model.new_state(2, max_len=20)
     fixed = [(t.data_ptr(), t.shape) for t in state.tensors() if not any(t is s.history for s in state.conv.values())]
@@ -24,8 +23,8 @@ def test_state_is_allocated_once_and_updated_in_place():
     assert all(c.k[:, :, 12:].abs().sum() == 0 and c.length is state.length for c in state.kv)
 
 
-def test_tight_capacity_chunks_and_left_padding_equal_the_full_forward():
-    model = build(small_config(M=4))
+def test_tight_capacity_chunks_and_left_padding_equal_the_full_forward(tiny_model, tiny_config):
+    model = tiny_model(tiny_config(M=4))
     ids = torch.randint(1, 97, (2, 23))
     full = model(ids).logits
     state, pieces, t = model.new_state(2, max_len=23), [], 0  # exactly full at the end
@@ -59,8 +58,8 @@ def test_tight_capacity_chunks_and_left_padding_equal_the_full_forward():
         assert err < 1e-4, f"row {b}: max |padded decode - alone| = {err}"
 
 
-def test_length_limits_are_clear_errors_at_the_boundary():
-    model = build(small_config())  # max_seq_len 64
+def test_length_limits_are_clear_errors_at_the_boundary(tiny_model, tiny_config):
+    model = tiny_model(tiny_config())  # max_seq_len 64
     assert model(torch.randint(0, 97, (1, 64))).logits.shape == (1, 64, 97)
     with pytest.raises(ValueError, match="input longer than max_seq_len: 65 > 64"):
         model(torch.randint(0, 97, (1, 65)))
@@ -107,9 +106,9 @@ def count_syncs(monkeypatch):
 
 
 @pytest.mark.parametrize("M", [1, 4])
-def test_forward_reads_no_tensor_values(monkeypatch, M):
+def test_forward_reads_no_tensor_values(tiny_model, tiny_config, monkeypatch, M):
     """Training forward, padded prefill and decode steps: not one host sync (MoE included)."""
-    model = build(small_config(M=M))
+    model = tiny_model(tiny_config(M=M))
     ids = torch.randint(1, 97, (2, 9))
     valid = torch.ones(2, 9, dtype=torch.bool)
     valid[1, :4] = False
@@ -148,8 +147,8 @@ def reference_generate(model, prompts, max_new_tokens, *, eos_id, seed, **sampli
     return new
 
 
-def test_generate_equals_the_per_token_loop_and_syncs_every_k_steps(monkeypatch):
-    model = build(small_config(M=4))
+def test_generate_equals_the_per_token_loop_and_syncs_every_k_steps(tiny_model, tiny_config, monkeypatch):
+    model = tiny_model(tiny_config(M=4))
     prompts = [[5, 6, 7, 8, 9], [3, 4], [20, 21, 22, 23]]
     sampling = dict(temperature=1.0, top_k=30, top_p=0.95)
     free = reference_generate(model, prompts, 12, eos_id=-1, seed=3, **sampling)
@@ -171,10 +170,10 @@ def test_generate_equals_the_per_token_loop_and_syncs_every_k_steps(monkeypatch)
         generate(model, prompts, 4, sync_every=0)
 
 
-def test_tables_follow_the_rows_device():
+def test_tables_follow_the_rows_device(tiny_model, tiny_config):
     """Offsets and sizes are rebuilt (not copied) on the rows' device, once. On a CPU-only
     machine the table is built with its buffers on "meta" to stand in for another device."""
-    model = build(small_config())
+    model = tiny_model(tiny_config())
     ids = torch.randint(0, 97, (2, 11))
     want = model(ids).logits
     weights = {layer: model.blocks[layer].engram.table.weight.detach() for layer in model.engram_layers}

@@ -17,7 +17,7 @@ from torch import nn
 from engram import load_model, save_model
 from engram.memory import HostTable
 from engram.runs import load_checkpoint, restore_optimizers, save_checkpoint
-from tests.unit.test_model import build, small_config
+from tests.tiny import build, small_config
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

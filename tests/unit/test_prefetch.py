@@ -9,7 +9,7 @@ import torch
 from engram import EngramLM
 from engram.memory import prefetch
 from engram.memory.table import MemoryTable
-from tests.unit.test_model import build, small_config
+from tests.tiny import build, small_config
 
 
 class SlowHostTable(MemoryTable):
