@@ -81,8 +81,16 @@ def test_forget_changes_only_logged_rows_keeps_the_source_and_replays(indexed_ru
     meta = json.loads((edited / "run.json").read_text())
     assert meta["parent"]["run"] == str(indexed_run) and meta["edits"][0]["op"] == "forget"
     log = json.loads(next(edited.glob("checkpoints/*/edit_log.json")).read_text())
-    diff = changed_rows(model_of(indexed_run), model_of(edited))
-    assert diff == {"blocks.1.engram.table.weight": sorted(e["flat_row"] for e in log["changed"])}
+    before, after = model_of(indexed_run), model_of(edited)
+    diff = changed_rows(before, after)
+    logged = sorted(e["flat_row"] for e in log["changed"])
+    table_before = before.state_dict()["blocks.1.engram.table.weight"]
+    table_after = after.state_dict()["blocks.1.engram.table.weight"]
+    assert not table_after[logged].any()  # every logged row is reset (forget's default mode: zero)
+    # exactly the logged rows that held something changed (rows start at zero; a row no training
+    # step read is zero already, and resetting it changes nothing)
+    assert diff == {"blocks.1.engram.table.weight": [r for r in logged if table_before[r].any()]}
+    assert len(diff["blocks.1.engram.table.weight"]) > 0
     summary = log["summary"]
     assert summary["after"]["text_loss"] > summary["before"]["text_loss"]  # the text is harder to predict
     code, out, _ = run(capsys, "memory", "replay", str(edited))
