@@ -119,6 +119,17 @@ class ShortConv(nn.Module):
             y_BTC = torch.addcmul(y_BTC, full[:, j * self.dilation : j * self.dilation + T], w_KC[j])
         return F.silu(y_BTC).reshape(B, T, M, D)
 
+    def from_taps(self, taps_BKC: torch.Tensor) -> torch.Tensor:
+        """The conv output [B, C] from its K normalized inputs per position, oldest first
+        (`norm(v)` at t - (K-1)*dilation, ..., t; zeros before a sequence start): for callers
+        that keep the history themselves, such as a serving engine's paged per-token store.
+        The same sums as `forward`, in the same order."""
+        w_KC = self.weight[:, 0, :].t()
+        y_BC = taps_BKC[:, 0] * w_KC[0]
+        for j in range(1, self.kernel_size):
+            y_BC = torch.addcmul(y_BC, taps_BKC[:, j], w_KC[j])
+        return F.silu(y_BC)
+
     def _step(self, v_B1MD: torch.Tensor, state: ShortConvState) -> torch.Tensor:
         """One decode step: the same sums as `forward` in fewer ops (decode time is per-op
         overhead, docs/LOG.md). The RMSNorm as a per-row scalar, and the K taps read at once:
@@ -243,24 +254,31 @@ class Engram(nn.Module):
             out = self._step(hidden, rows_BTH, conv_state)
             return out.squeeze(2) if flat and M == 1 else out
 
-        mem_BTHE = self.table(rows_BTH)
-        e_BTd = mem_BTHE.flatten(2).to(hidden.dtype)  # concat heads: [B, T, H*E = d_mem]
-        kv = self.proj(e_BTd)
-        v_BTD = kv[..., :D]
-        if c.use_gate:
-            k_BTMD = kv[..., D:].unflatten(-1, (M, D))
-            s_BTM = self._gate_logit(hidden, k_BTMD)  # float32
-            gate_BTM = torch.sigmoid(s_BTM.sign() * s_BTM.abs().clamp_min(1e-6).sqrt()).to(hidden.dtype)
-            v_BTMD = gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2)
-        else:
-            gate_BTM = hidden.new_ones(B, T, M)
-            v_BTMD = v_BTD.unsqueeze(2).expand(B, T, M, D)
+        v_BTMD, gate_BTM = self.gated_value(hidden, rows_BTH)
         if valid_BT is not None:
             v_BTMD = v_BTMD * valid_BT.view(B, T, 1, 1).to(v_BTMD.dtype)
         out = v_BTMD if self.short_conv is None else v_BTMD + self.short_conv(v_BTMD, conv_state)
         if flat and M == 1:
             out = out.squeeze(2)
         return (out, gate_BTM) if return_gates else out
+
+    def gated_value(self, hidden_BTMD: torch.Tensor, rows_BTH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(v~ [B, T, M, D], gate [B, T, M]): the rows read, projected and gated by context,
+        before the short conv. Each position depends on its own hidden state and rows only,
+        so any batching of tokens (a serving engine's flat batch included) gives the same."""
+        c = self.config
+        D, M = self.hidden_size, self.n_streams
+        mem_BTHE = self.table(rows_BTH)
+        e_BTd = mem_BTHE.flatten(2).to(hidden_BTMD.dtype)  # concat heads: [B, T, H*E = d_mem]
+        kv = self.proj(e_BTd)
+        v_BTD = kv[..., :D]
+        if c.use_gate:
+            k_BTMD = kv[..., D:].unflatten(-1, (M, D))
+            s_BTM = self._gate_logit(hidden_BTMD, k_BTMD)  # float32
+            gate_BTM = torch.sigmoid(s_BTM.sign() * s_BTM.abs().clamp_min(1e-6).sqrt()).to(hidden_BTMD.dtype)
+            return gate_BTM.unsqueeze(-1) * v_BTD.unsqueeze(2), gate_BTM
+        B, T = hidden_BTMD.shape[:2]
+        return v_BTD.unsqueeze(2).expand(B, T, M, D), hidden_BTMD.new_ones(B, T, M)
 
     def _step(self, h_B1MD: torch.Tensor, rows_B1H: torch.Tensor, conv_state: ShortConvState) -> torch.Tensor:
         """One decode step (no grad, gate and conv on): the numbers of `forward` in about half

@@ -1,0 +1,126 @@
+"""Per-token history of a paged batch, kept in slots that follow vLLM's KV-cache slots.
+
+An Engram layer needs, for the token at position p of a request, two kinds of history:
+- the compressed ids at p-1 .. p-(N-1) (its n-grams);
+- the short conv's normalized inputs at p - dilation, ..., p - (K-1) * dilation.
+
+Both are functions of the request's prefix, exactly like its keys and values. So they are
+stored per KV slot: each forward writes every token's compressed id and conv input at the
+token's `slot_mapping` entry, and reads the history back through the request's block table.
+Whatever vLLM does to a sequence then holds for the history too, because vLLM does it to
+the slots:
+- chunked prefill reads the earlier chunks' slots;
+- a prefix-cache hit reuses blocks whose slots were written for the same prefix;
+- a preempted request is recomputed into new slots;
+- rejected speculative tokens' slots are written again by the tokens that replace them.
+
+The runner's `lookback_token_ids` (prompt ids just before each request's chunk, from the
+CPU token table) take precedence over stored ids, as for vLLM's own n-gram models. So the
+prompt part of the n-gram history does not depend on the slots at all.
+
+The store has two extra rows: row `num_slots` is always zero (what a position before the
+sequence start reads), and row `num_slots + 1` takes the writes of padding tokens
+(`slot_mapping` -1), so no write needs a branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PagedBatch:
+    """Where each token of a flat batch lives: its request, its position, its slot."""
+
+    positions: torch.Tensor  # [T] long
+    request: torch.Tensor  # [T] long, the row of the block table
+    chunk_start: torch.Tensor  # [T] long, the position of the request's first token in this batch
+    slots: torch.Tensor  # [T] long; num_slots + 1 for padding tokens
+    block_table: torch.Tensor  # [R, max_blocks]
+    block_size: int
+    num_slots: int
+
+    @classmethod
+    def from_metadata(cls, positions: torch.Tensor, meta, block_size: int, num_slots: int) -> "PagedBatch":
+        T = positions.shape[0]
+        starts = meta.query_start_loc.to(torch.long)
+        index = torch.arange(T, device=positions.device)
+        request = torch.searchsorted(starts[1:], index, right=True)
+        request = request.clamp_max(meta.block_table.shape[0] - 1)  # padding tokens past the last request
+        slots = meta.slot_mapping[:T].to(torch.long)
+        slots = torch.where(slots >= 0, slots, num_slots + 1)
+        positions = positions.to(torch.long)
+        chunk_start = positions[starts[:-1].clamp_max(max(T - 1, 0))][request]
+        return cls(positions, request, chunk_start, slots, meta.block_table.to(torch.long), block_size, num_slots)
+
+    def slots_back(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, before_start) of the positions `offset` steps back: slot `num_slots` (the
+        zero row) where that position is before the sequence start."""
+        back = self.positions - offset
+        before = back < 0
+        back = back.clamp_min(0)
+        block = self.block_table[self.request, back // self.block_size]
+        slots = block * self.block_size + back % self.block_size
+        return torch.where(before, self.num_slots, slots), before
+
+
+class PagedHistory:
+    """The slot-keyed stores of one model: compressed ids, and each Engram layer's conv inputs."""
+
+    def __init__(self, depth: int, pad_id: int, conv: dict[int, tuple[int, int, int]]) -> None:
+        """`depth`: N - 1 ids of n-gram history; `pad_id`: the hasher's id before a sequence
+        start; `conv`: {layer: (channels, kernel, dilation)} of each short conv."""
+        self.depth, self.pad_id, self.conv = depth, pad_id, conv
+        self.num_slots = 0
+        self.ids: torch.Tensor | None = None
+        self.inputs: dict[int, torch.Tensor] = {}
+        self._kv_ref: torch.Tensor | None = None
+
+    def bind(self, kv_cache: torch.Tensor, block_size: int, dtype: torch.dtype) -> bool:
+        """Size the stores from the bound KV cache (first dimension: blocks); False while it is
+        unbound (vLLM's profiling run). A new KV cache (after profiling) starts empty stores."""
+        if kv_cache.numel() == 0:
+            return False
+        if self._kv_ref is kv_cache:
+            return True
+        self.num_slots = int(kv_cache.shape[0]) * block_size
+        device = kv_cache.device
+        self.ids = torch.full((self.num_slots + 2,), self.pad_id, dtype=torch.long, device=device)
+        self.inputs = {layer: torch.zeros(self.num_slots + 2, channels, dtype=dtype, device=device)
+                       for layer, (channels, _, _) in self.conv.items()}
+        self._kv_ref = kv_cache
+        return True
+
+    def ngram_context(self, batch: PagedBatch, cids: torch.Tensor, lookback: torch.Tensor | None,
+                      compress) -> torch.Tensor:
+        """Store this batch's compressed ids, then return each token's N-1 earlier ones,
+        oldest first [T, N-1] (pad before the sequence start). `lookback` [R, N-1] holds the
+        prompt ids at chunk_start - 1 - j (-1: not given); given ones win over the store."""
+        assert self.ids is not None
+        self.ids[batch.slots] = cids
+        self.ids[self.num_slots] = self.pad_id
+        columns = []
+        for k in range(self.depth, 0, -1):  # oldest first
+            slots, before = batch.slots_back(k)
+            ids = self.ids[slots]
+            if lookback is not None and lookback.shape[1] >= 1:
+                j = batch.chunk_start - (batch.positions - k) - 1  # lookback column of that position
+                usable = (j >= 0) & (j < lookback.shape[1]) & ~before
+                given = lookback[batch.request, j.clamp(0, lookback.shape[1] - 1)].to(torch.long)
+                usable &= given >= 0
+                ids = torch.where(usable, compress(given.clamp_min(0)), ids)
+            columns.append(ids)
+        return torch.stack(columns, dim=1)
+
+    def conv_taps(self, layer: int, batch: PagedBatch, inputs_TC: torch.Tensor) -> torch.Tensor:
+        """Store this batch's conv inputs of `layer`, then return each token's K taps, oldest
+        first [T, K, C]: the inputs at p - (K-1)*dilation, ..., p (zeros before the start)."""
+        store = self.inputs[layer]
+        _, kernel, dilation = self.conv[layer]
+        store[batch.slots] = inputs_TC.to(store.dtype)
+        store[self.num_slots] = 0
+        taps = [store[batch.slots_back((kernel - 1 - j) * dilation)[0]].to(inputs_TC.dtype)
+                for j in range(kernel - 1)]
+        return torch.stack(taps + [inputs_TC], dim=1)

@@ -1,0 +1,50 @@
+"""A small exported Engram model for the vLLM tests: a byte-level BPE tokenizer trained on
+synthetic biographies, random weights with non-zero table rows and short-conv weights (so a
+wrong n-gram or conv history changes the logits), written by the same code as `engram
+export-hf`. Attention heads of width 32: the smallest vLLM's CPU attention supports."""
+
+from pathlib import Path
+
+import torch
+
+from engram import EngramLM
+from engram.config import EngramConfig, ModelConfig, MoEConfig
+from engram.data.synthetic_bios import synthetic_documents
+from engram.data.tokenizer import special_ids, train_tokenizer
+from engram.hashing import CompressedTokenizer
+
+
+def texts(n_people: int = 60) -> list[str]:
+    return [d["text"] for d in synthetic_documents(n_people, seed=0)[1]]
+
+
+def model_config(vocab: int, compressed: int, *, moe: bool, M: int) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab, hidden_size=64, n_layers=3, n_heads=2, n_kv_heads=1, mlp_hidden_size=96,
+        moe=MoEConfig(n_routed_experts=4, n_shared_experts=1, top_k=2, expert_hidden_size=32, first_k_dense=1)
+        if moe else None, n_streams=M, max_seq_len=512,
+        engram=EngramConfig(compressed_vocab_size=compressed, pad_id=0, layer_ids=(0, 2), rows_per_head=(251, 257),
+                            n_head_per_ngram=2, n_embed_per_ngram=16, conv_zero_init=False, table_init_std=1.0))
+
+
+def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0) -> Path:
+    """The folder `engram export-hf` would write for this model (config, weights, tokenizer)."""
+    from transformers import PreTrainedTokenizerFast
+
+    from engram.hf import EngramForCausalLM
+
+    tok = train_tokenizer(texts(), vocab_size=400)
+    compression = CompressedTokenizer.from_tokenizer(tok)
+    config = model_config(tok.get_vocab_size(), len(compression), moe=moe, M=M)
+    torch.manual_seed(seed)
+    model = EngramLM(config, compression=compression).eval()
+    with torch.no_grad():  # move the hyper-connection maps off their static init
+        for name, p in model.named_parameters():
+            if name.endswith((".phi", "alpha_pre", "alpha_post", "alpha_res")):
+                p.normal_(0, 0.3)
+            if name.endswith("short_conv.weight"):
+                p.normal_(0, 0.5)
+    EngramForCausalLM.from_engram(model).save_pretrained(out)
+    names = {f"{role}_token": tok.id_to_token(i) for role, i in special_ids(tok).items() if i is not None}
+    PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(out)
+    return out
