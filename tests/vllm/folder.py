@@ -27,7 +27,22 @@ def model_config(vocab: int, compressed: int, *, moe: bool, M: int) -> ModelConf
                             n_head_per_ngram=2, n_embed_per_ngram=16, conv_zero_init=False, table_init_std=1.0))
 
 
-def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0) -> Path:
+def train_briefly(model: EngramLM, tok, steps: int, seed: int) -> None:
+    """A few Adam steps on the biographies, so greedy text repeats phrases of its context and
+    prompt-lookup drafts are sometimes accepted (a random model never repeats)."""
+    from engram.train.trainer import train_step
+
+    ids = torch.tensor([i for t in texts() for i in tok.encode(t).ids], dtype=torch.long)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(ids) - 65, (16,), generator=gen)
+        train_step(model, [opt], torch.stack([ids[s:s + 65] for s in starts.tolist()]))
+    model.eval()
+
+
+def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0, train_steps: int = 0) -> Path:
     """The folder `engram export-hf` would write for this model (config, weights, tokenizer)."""
     from transformers import PreTrainedTokenizerFast
 
@@ -44,6 +59,8 @@ def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0) -> 
                 p.normal_(0, 0.3)
             if name.endswith("short_conv.weight"):
                 p.normal_(0, 0.5)
+    if train_steps:
+        train_briefly(model, tok, train_steps, seed)
     EngramForCausalLM.from_engram(model).save_pretrained(out)
     names = {f"{role}_token": tok.id_to_token(i) for role, i in special_ids(tok).items() if i is not None}
     PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(out)
