@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -21,26 +20,12 @@ def open_run(path: str, tables: str | None = None, cache_rows: int | None = None
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
     """Write a run's newest checkpoint as a transformers folder (EngramForCausalLM + tokenizer)."""
-    from transformers import PreTrainedTokenizerFast
+    from engram.hf.export import export_run
 
-    from engram.data.tokenizer import special_ids
-    from engram.durable import staged_dir
-    from engram.hf import EngramForCausalLM
-    from engram.runs import HF_RUN_FILE, run_data
-
-    model, run, ckpt = open_run(args.run, device="cpu")
-    out = Path(args.out)
-    with staged_dir(out) as tmp:
-        EngramForCausalLM.from_engram(model).save_pretrained(tmp)
-        if run.get("data_dir"):
-            tok = run_data(run).tokenizer
-            ids = special_ids(tok)
-            names = {f"{role}_token": tok.id_to_token(i) for role, i in ids.items() if i is not None}
-            PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(tmp)
-        (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run.get("train", {}), "data_dir": run.get("data_dir"),
-                                                   "source": str(ckpt)}, indent=1))
-    print(f"wrote {out} (from {ckpt}); load it with: import engram.hf; "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+    ckpt = export_run(args.run, args.out, warn=lambda m: print(m, file=sys.stderr))
+    print(f"wrote {args.out} (from {ckpt}); load it with: import engram.hf; "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}); serve it with: "
+          f"engram serve {args.out}")
 
 
 def _convert(source: Path, args: argparse.Namespace) -> dict:

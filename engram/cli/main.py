@@ -3,7 +3,7 @@ a training run stopped for non-finite steps is one line, exit code 1.
 
 One module per command group: data (demo, data build), train (train, config, experiment),
 inference (eval, generate, offload, export-hf, info), analyze, memory (index, locate,
-forget, write, replay). Set ENGRAM_DEBUG=1 to see the traceback
+forget, write, replay), serve (vLLM). Set ENGRAM_DEBUG=1 to see the traceback
 behind an error line.
 """
 
@@ -13,14 +13,14 @@ import argparse
 import os
 import sys
 
-from . import analyze, data, inference, memory, train
+from . import analyze, data, inference, memory, serve, train
 from .args import Parser, UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="engram", description="Engram: conditional memory via scalable lookup.")
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for group in (data, train, inference, analyze, memory):
+    for group in (data, train, inference, analyze, memory, serve):
         group.add_commands(sub)
     return ap
 
@@ -29,7 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     from engram.train.trainer import TrainingDiverged
 
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args, unknown = parser.parse_known_args(argv)
+        if unknown and not hasattr(args, "vllm_args"):  # only `serve` passes options on (to vLLM)
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        if hasattr(args, "vllm_args"):
+            args.vllm_args = [a for a in unknown if a != "--"]
         args.argv = list(sys.argv[1:] if argv is None else argv)  # to relaunch under torchrun
         args.func(args)
     except (UserError, ValueError, FileNotFoundError, UnicodeDecodeError, TrainingDiverged) as e:

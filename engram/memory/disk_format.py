@@ -302,6 +302,16 @@ class DiskTable(MemoryTable):
                 self._verified[b] = True
                 self._unverified -= 1
 
+    def check_all_blocks(self) -> None:
+        """crc32 every block not checked yet, now: what a server does at start, so that a
+        corrupt file is refused before it serves anything (~3 GB/s, page cache released as it goes)."""
+        if self._block_crc is None or self._unverified == 0:
+            return
+        step = self._block_rows * 256
+        for start in range(0, self.num_rows, step):
+            self._check_blocks(torch.arange(start, min(start + step, self.num_rows), self._block_rows))
+            self.release_pages()
+
     # With release_every=1 a gather reads this many ids between releases: each page fault maps
     # up to 16 neighbouring cached pages (the kernel's fault-around), so one big gather could
     # otherwise map a large part of the file before its release.

@@ -9,9 +9,14 @@ from `engram.EngramLM` is only what a paged, continuously batched engine needs:
 - the batch is one flat run of tokens from many requests. Each token's n-gram history and
   short-conv history come from `PagedHistory`, stored per KV slot (see history.py), so
   chunked prefill, prefix caching, preemption and speculative decoding keep them exact;
-- the Engram tables may be served from a folder written by `engram offload` (memory-mapped,
-  plain or int8/fp8, with a hot-row cache): `--hf-overrides '{"engram_tables": DIR,
-  "engram_cache_rows": N}'`. Rows are prefetched right after hashing, before the blocks.
+- the Engram tables are served where the paper puts them, chosen with `--hf-overrides`:
+  - resident (default): on the device, loaded with the other weights;
+  - `{"engram_table_tier": "host"}`: one copy in host memory (pinned when there is a GPU);
+  - `{"engram_tables": DIR, "engram_cache_rows": N}`: memory-mapped from a folder written by
+    `engram offload` (plain or int8/fp8 rows), behind N hot rows. Every block's checksum is
+    checked at start (`"engram_verify_tables": false` defers that to each block's first
+    touch), so a corrupt file is refused before it serves.
+  Rows are prefetched right after hashing, before the blocks.
 
 Under tensor parallelism the attention and dense MLP are sharded by vLLM's linears; the
 Engram tables, the Engram projections, the MoE and the hyper-connections are replicated on
@@ -38,7 +43,9 @@ from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 from ..config import ModelConfig
 from ..hashing.layout import HashLayout
 from ..hashing.ngram import NgramHasher
+from ..memory.disk_format import DiskTable
 from ..memory.engram import Engram
+from ..memory.host import HostTable
 from ..model.hyper import HyperConnection, expand_streams, merge_streams
 from ..model.moe import MoE
 from ..model.rope import apply_rope, rope_angles
@@ -172,6 +179,22 @@ class PagedEngramLM(nn.Module):
             self.lm_head = self.lm_head.tie_weights(self.embed)
 
 
+def _table_factory(hf_config):
+    """Where the tables live (see the module docstring); None: resident, loaded as weights."""
+    tables, tier = getattr(hf_config, "engram_tables", None), getattr(hf_config, "engram_table_tier", "resident")
+    if tier not in ("resident", "host"):
+        raise ValueError(f"engram_table_tier must be resident or host, got {tier!r} (tables on disk: engram_tables)")
+    if tables:
+        if tier != "resident":
+            raise ValueError("give engram_tables (tables on disk) or engram_table_tier host, not both")
+        return disk_tables(tables, getattr(hf_config, "engram_cache_rows", None))
+    if getattr(hf_config, "engram_cache_rows", None):
+        raise ValueError("engram_cache_rows needs engram_tables (a folder made by engram offload)")
+    if tier == "host":  # filled by load_weights
+        return lambda layer, sizes, dim: HostTable(sizes, dim, torch.empty(sum(sizes), dim, device="cpu"))
+    return None
+
+
 def _served_config(hf_config) -> tuple[ModelConfig, HashLayout | None]:
     engram_model = getattr(hf_config, "engram_model", None)
     if not engram_model:
@@ -192,10 +215,14 @@ class EngramForVLLM(nn.Module):
         hf_config = vllm_config.model_config.hf_config
         c, layout = _served_config(hf_config)
         self.config = c
-        tables = getattr(hf_config, "engram_tables", None)
-        self.tables_offloaded = bool(tables)
-        factory = disk_tables(tables, getattr(hf_config, "engram_cache_rows", None)) if tables else None
-        self.model = PagedEngramLM(c, layout, vllm_config, "model", factory)
+        self.model = PagedEngramLM(c, layout, vllm_config, "model", _table_factory(hf_config))
+        self.tables_offloaded = bool(getattr(hf_config, "engram_tables", None))
+        if self.tables_offloaded and getattr(hf_config, "engram_verify_tables", True):
+            for module in self.modules():
+                if isinstance(module, DiskTable):
+                    module.check_all_blocks()
+        self.host_tables = {f"{name}.weight": module for name, module in self.named_modules()
+                            if isinstance(module, HostTable)}
         self.logits_processor = LogitsProcessor(c.vocab_size)
         self.block_size = vllm_config.cache_config.block_size
         e = c.engram
@@ -280,6 +307,9 @@ class EngramForVLLM(nn.Module):
                 continue
             if self.tables_offloaded and ".engram.table." in name:
                 continue  # served from the offloaded folder
+            if name in self.host_tables:  # rows into the host copy, never through the device
+                self.host_tables[name].weight.copy_(weight)
+                continue
             target, shard = name, None
             for ours, theirs, part in _STACKED:
                 if ours in name and name.replace(ours, theirs) in params:
