@@ -14,6 +14,11 @@ from engram.data.tokenizer import special_ids, train_tokenizer
 from engram.hashing import CompressedTokenizer
 
 
+# A plain chat template, so the server's chat endpoint has one to apply.
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
 def texts(n_people: int = 60) -> list[str]:
     return [d["text"] for d in synthetic_documents(n_people, seed=0)[1]]
 
@@ -63,5 +68,7 @@ def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0, tra
         train_briefly(model, tok, train_steps, seed)
     EngramForCausalLM.from_engram(model).save_pretrained(out)
     names = {f"{role}_token": tok.id_to_token(i) for role, i in special_ids(tok).items() if i is not None}
-    PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(out)
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    hf_tok.chat_template = CHAT_TEMPLATE
+    hf_tok.save_pretrained(out)
     return out
