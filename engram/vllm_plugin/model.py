@@ -4,8 +4,9 @@ hyper-connections.
 
 The model reads an `engram export-hf` folder as it is (same weight names). What differs
 from `engram.EngramLM` is only what a paged, continuously batched engine needs:
-- attention is vLLM's `Attention` over its paged KV cache; q/k/v, the output projection
-  and the dense MLP are vLLM's tensor-parallel linears;
+- attention is vLLM's `Attention` over its paged KV cache, with vLLM's rotary embedding and
+  RMSNorm; q/k/v, the output projection and the dense MLP are vLLM's tensor-parallel linears
+  (the same math as engram's, in vLLM's kernels);
 - the batch is one flat run of tokens from many requests. Each token's n-gram history and
   short-conv history come from `PagedHistory`, stored per KV slot (see history.py), so
   chunked prefill, prefix caching, preemption and speculative decoding keep them exact;
@@ -35,8 +36,10 @@ from vllm.distributed import get_tensor_model_parallel_world_size
 from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.layers.activation import SiluAndMul
 from vllm.model_executor.layers.attention import Attention
+from vllm.model_executor.layers.layernorm import RMSNorm
 from vllm.model_executor.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.logits_processor import LogitsProcessor
+from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
 from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
@@ -48,7 +51,6 @@ from ..memory.engram import Engram
 from ..memory.host import HostTable
 from ..model.hyper import HyperConnection, expand_streams, merge_streams
 from ..model.moe import MoE
-from ..model.rope import apply_rope, rope_angles
 from ..runs import disk_tables
 from .history import PagedBatch, PagedHistory
 
@@ -60,7 +62,8 @@ _RENAMED = ((".attn.wo.", ".attn.o_proj."), (".mlp.w_down.", ".mlp.down_proj."))
 
 
 class PagedAttention(nn.Module):
-    """Grouped-query attention with engram's RoPE (the same float32 rotation) on vLLM's cache."""
+    """Grouped-query attention on vLLM's cache, with vLLM's rotary embedding in engram's
+    convention (neox style: the two halves of each head rotate against each other)."""
 
     def __init__(self, c: ModelConfig, vllm_config: VllmConfig, prefix: str) -> None:
         super().__init__()
@@ -73,19 +76,16 @@ class PagedAttention(nn.Module):
         self.qkv_proj = QKVParallelLinear(D, E, c.n_heads, c.kv_heads, bias=False, quant_config=quant,
                                           prefix=f"{prefix}.qkv_proj")
         self.o_proj = RowParallelLinear(c.n_heads * E, D, bias=False, quant_config=quant, prefix=f"{prefix}.o_proj")
+        self.rotary_emb = get_rope(E, max_position=c.max_seq_len, is_neox_style=True,
+                                   rope_parameters={"rope_theta": c.rope_theta})
         self.attn = Attention(self.n_heads, E, E ** -0.5, num_kv_heads=self.n_kv_heads,
                               cache_config=vllm_config.cache_config, quant_config=quant, prefix=f"{prefix}.attn")
 
-    def _rotate(self, x_TX: torch.Tensor, heads: int, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        T = x_TX.shape[0]
-        x_1HTE = x_TX.view(T, heads, self.head_dim).transpose(0, 1).unsqueeze(0)
-        return apply_rope(x_1HTE, *rope)[0].transpose(0, 1).reshape(T, heads * self.head_dim)
-
-    def forward(self, x_TD: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x_TD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         qkv, _ = self.qkv_proj(x_TD)
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q, k = self._rotate(q, self.n_heads, rope), self._rotate(k, self.n_kv_heads, rope)
+        q, k = self.rotary_emb(positions, q, k)
         out, _ = self.o_proj(self.attn(q, k, v))
         return out
 
@@ -120,9 +120,9 @@ class PagedBlock(nn.Module):
         if table_sizes is not None:
             self.engram = Engram(c.engram, table_sizes, hidden_size=D, n_streams=M, layer_id=layer, table=table)
             self.engram.table.validate_rows = False  # rows come from the model's own hasher
-        self.attn_norm = nn.RMSNorm(D, eps=c.norm_eps)
+        self.attn_norm = RMSNorm(D, eps=c.norm_eps)
         self.attn = PagedAttention(c, vllm_config, f"{prefix}.attn")
-        self.mlp_norm = nn.RMSNorm(D, eps=c.norm_eps)
+        self.mlp_norm = RMSNorm(D, eps=c.norm_eps)
         self.mlp = (MoE(D, c.moe) if c.is_moe_layer(layer)
                     else ParallelMLP(D, c.mlp_hidden_size, vllm_config, f"{prefix}.mlp"))
         hc = dict(sinkhorn_iters=c.sinkhorn_iters, norm_eps=c.norm_eps)
@@ -143,11 +143,11 @@ class PagedBlock(nn.Module):
             taps_TKC = history.conv_taps(self.layer, batch, inputs_TC)
         return v_1TMD + conv.from_taps(taps_TKC).view(1, T, M, D)
 
-    def forward(self, x_1TMD: torch.Tensor, rope, rows_1TH: torch.Tensor | None, history: PagedHistory,
-                batch: PagedBatch | None) -> torch.Tensor:
+    def forward(self, x_1TMD: torch.Tensor, positions: torch.Tensor, rows_1TH: torch.Tensor | None,
+                history: PagedHistory, batch: PagedBatch | None) -> torch.Tensor:
         if self.engram is not None:
             x_1TMD = x_1TMD + self._engram(x_1TMD, rows_1TH, history, batch)
-        x_1TMD = self.hc_attn(x_1TMD, lambda h: self.attn(self.attn_norm(h[0]), rope)[None])
+        x_1TMD = self.hc_attn(x_1TMD, lambda h: self.attn(self.attn_norm(h[0]), positions)[None])
         return self.hc_mlp(x_1TMD, lambda h: self.mlp(self.mlp_norm(h)))
 
 
@@ -172,7 +172,7 @@ class PagedEngramLM(nn.Module):
             PagedBlock(c, i, sizes.get(i), None if table_factory is None or i not in sizes
                        else table_factory(i, sizes[i], c.engram.row_dim), vllm_config, f"{prefix}.blocks.{i}")
             for i in range(c.n_layers))
-        self.norm = nn.RMSNorm(c.hidden_size, eps=c.norm_eps)
+        self.norm = RMSNorm(c.hidden_size, eps=c.norm_eps)
         self.lm_head = ParallelLMHead(c.vocab_size, c.hidden_size, quant_config=vllm_config.quant_config,
                                       prefix=f"{prefix}.lm_head")
         if c.tie_embeddings:
@@ -269,10 +269,9 @@ class EngramForVLLM(nn.Module):
             raise ValueError("Engram looks its memory up by token ids; it cannot serve prompt embeddings")
         batch = self._paged_batch(positions)
         rows = self._rows(input_ids, batch, lookback_token_ids)
-        rope = rope_angles(positions.to(torch.long)[None], c.attn_head_dim, c.rope_theta)
         x = expand_streams(m.embed(input_ids)[None], c.n_streams)  # [1, T, M, D]
         for block in m.blocks:
-            x = block(x, rope, None if rows is None else rows.get(block.layer), self.history, batch)
+            x = block(x, positions, None if rows is None else rows.get(block.layer), self.history, batch)
         return m.norm(merge_streams(x))[0]
 
     def _rows(self, input_ids: torch.Tensor, batch: PagedBatch | None,

@@ -18,7 +18,7 @@ LAYERS = [
     {"runs", "eval"},
     {"distributed"},
     {"train"},
-    {"analysis", "lifecycle", "hf", "compat"},
+    {"analysis", "lifecycle", "hf", "compat", "vllm_plugin"},
     {"experiments"},
     {"cli", "__main__"},
 ]
@@ -26,7 +26,8 @@ RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # Same-layer neighbours that must stay apart (analysis reads models; it never edits or wraps them).
 APART = {("analysis", "hf"), ("hf", "analysis"), ("analysis", "lifecycle"), ("lifecycle", "analysis"),
          ("lifecycle", "hf"), ("compat", "analysis"), ("compat", "hf"), ("compat", "lifecycle"),
-         ("compat", "train")}
+         ("compat", "train"), ("vllm_plugin", "analysis"), ("vllm_plugin", "lifecycle"),
+         ("vllm_plugin", "compat"), ("hf", "vllm_plugin")}
 
 
 def module_name(path: pathlib.Path) -> str:
