@@ -279,8 +279,9 @@ def main() -> None:
         setups = {"vllm_llama": (paths["llama"], {}), "vllm_no_engram": (paths["no_engram"], {}),
                   "vllm_engram": (paths["engram"], {}),
                   "vllm_engram_host": (paths["engram"], {"engram_table_tier": "host"}),
-                  "vllm_engram_disk": (paths["engram"], {"engram_tables": str(paths["tables_fp32"]),
-                                                         "engram_cache_rows": 65536}),
+                  # on a CPU the page cache is the hot-row cache: a CachedTable in front of it
+                  # costs 5-8x per gather here (docs/LOG.md); --cache-rows is for GPUs
+                  "vllm_engram_disk": (paths["engram"], {"engram_tables": str(paths["tables_fp32"])}),
                   "vllm_engram_int8": (paths["engram"], {"engram_tables": str(paths["tables_int8"])})}
         rounds, tokens = [], {}
         for r in range(args.rounds):

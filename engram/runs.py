@@ -299,9 +299,12 @@ class OpenedRun:
         return run_data(self.info, override)
 
 
-def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None):
+def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None, release_pages: bool = True):
     """A `load_model` table factory serving each Engram layer from the folder `engram offload`
-    wrote (plain or quantized rows), optionally behind a hot-row cache."""
+    wrote (plain or quantized rows), optionally behind a hot-row cache. `release_pages`: unmap
+    the touched pages after each gather, so the process's RSS stays bounded by its cache (the
+    page cache keeps them); off, the mapped pages stay (shared by every process that maps the
+    file) and a gather faults no page in again."""
     from .memory import CachedTable, DiskTable, QuantizedTable
     from .memory.quantized import quantization_of
 
@@ -310,9 +313,9 @@ def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None):
         if not Path(str(stem) + ".json").is_file():
             raise RunError(f"{folder} has no table for Engram layer {layer}; write the tables with engram offload")
         if quantization_of(stem):  # codes + scales, dequantized per gathered row
-            table = QuantizedTable.open(stem, release_every=1)
+            table = QuantizedTable.open(stem, release_every=1 if release_pages else None)
         else:
-            table = DiskTable.open(stem, verify=False, release_every=1)  # RSS bounded by the cache
+            table = DiskTable.open(stem, verify=False, release_every=1 if release_pages else None)
         return CachedTable(table, capacity_rows=cache_rows) if cache_rows else table
 
     return factory

@@ -14,9 +14,11 @@ from `engram.EngramLM` is only what a paged, continuously batched engine needs:
   - resident (default): on the device, loaded with the other weights;
   - `{"engram_table_tier": "host"}`: one copy in host memory (pinned when there is a GPU);
   - `{"engram_tables": DIR, "engram_cache_rows": N}`: memory-mapped from a folder written by
-    `engram offload` (plain or int8/fp8 rows), behind N hot rows. Every block's checksum is
-    checked at start (`"engram_verify_tables": false` defers that to each block's first
-    touch), so a corrupt file is refused before it serves.
+    `engram offload` (plain or int8/fp8 rows), behind N hot rows. The mapped pages stay mapped,
+    shared through the page cache by every worker on the node (`"engram_release_pages": true`
+    unmaps them after each gather instead: a smaller RSS, a page fault per row read). Every
+    block's checksum is checked at start (`"engram_verify_tables": false` defers that to each
+    block's first touch), so a corrupt file is refused before it serves.
   Rows are prefetched right after hashing, before the blocks.
 
 Under tensor parallelism the attention and dense MLP are sharded by vLLM's linears; the
@@ -187,7 +189,8 @@ def _table_factory(hf_config):
     if tables:
         if tier != "resident":
             raise ValueError("give engram_tables (tables on disk) or engram_table_tier host, not both")
-        return disk_tables(tables, getattr(hf_config, "engram_cache_rows", None))
+        return disk_tables(tables, getattr(hf_config, "engram_cache_rows", None),
+                           release_pages=bool(getattr(hf_config, "engram_release_pages", False)))
     if getattr(hf_config, "engram_cache_rows", None):
         raise ValueError("engram_cache_rows needs engram_tables (a folder made by engram offload)")
     if tier == "host":  # filled by load_weights
@@ -234,6 +237,7 @@ class EngramForVLLM(nn.Module):
         pad = 0 if self.model.hasher is None else self.model.hasher.pad_id
         self.history = PagedHistory(self.token_lookback_depth, pad, conv)
         self._checked_slots = False
+        self.eval()  # serving: no MoE load counting
 
     # ------------------------------------------------------------------ vLLM's interface
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
