@@ -8,13 +8,20 @@ import os
 from pathlib import Path
 
 
+def transformers_tokenizer(tok):
+    """A tokenizers `Tokenizer` as a transformers fast tokenizer, with its pad/bos/eos roles."""
+    from transformers import PreTrainedTokenizerFast
+
+    from ..data.tokenizer import special_ids
+
+    names = {f"{role}_token": tok.id_to_token(i) for role, i in special_ids(tok).items() if i is not None}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+
+
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) -> Path:
     """Write `out` (config.json, model.safetensors, the tokenizer, engram_run.json) from the
     run's newest checkpoint that verifies; staged, so `out` is never half-written. Returns the
     checkpoint it exported."""
-    from transformers import PreTrainedTokenizerFast
-
-    from ..data.tokenizer import special_ids
     from ..durable import staged_dir
     from ..runs import HF_RUN_FILE, open_run, run_data
     from .modeling import EngramForCausalLM
@@ -23,9 +30,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) ->
     with staged_dir(out) as tmp:
         EngramForCausalLM.from_engram(model).save_pretrained(tmp)
         if run_info.get("data_dir"):
-            tok = run_data(run_info).tokenizer
-            names = {f"{role}_token": tok.id_to_token(i) for role, i in special_ids(tok).items() if i is not None}
-            PreTrainedTokenizerFast(tokenizer_object=tok, **names).save_pretrained(tmp)
+            transformers_tokenizer(run_data(run_info).tokenizer).save_pretrained(tmp)
         (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run_info.get("train", {}), "data_dir": run_info.get("data_dir"),
                                                    "source": str(ckpt)}, indent=1))
     return Path(ckpt)

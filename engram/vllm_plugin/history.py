@@ -18,14 +18,14 @@ The runner's `lookback_token_ids` (prompt ids just before each request's chunk, 
 CPU token table) take precedence over stored ids, as for vLLM's own n-gram models. So the
 prompt part of the n-gram history does not depend on the slots at all.
 
-The store has two extra rows: row `num_slots` is always zero (what a position before the
-sequence start reads), and row `num_slots + 1` takes the writes of padding tokens
-(`slot_mapping` -1), so no write needs a branch.
+The store has two extra rows: row `num_slots` is never written, so it keeps its initial value
+(pad id, zero inputs: what a position before the sequence start reads), and row `num_slots + 1`
+takes the writes of padding tokens (`slot_mapping` -1), so no write needs a branch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -41,6 +41,7 @@ class PagedBatch:
     block_table: torch.Tensor  # [R, max_blocks]
     block_size: int
     num_slots: int
+    _back: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_metadata(cls, positions: torch.Tensor, meta, block_size: int, num_slots: int) -> "PagedBatch":
@@ -57,13 +58,17 @@ class PagedBatch:
 
     def slots_back(self, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, before_start) of the positions `offset` steps back: slot `num_slots` (the
-        zero row) where that position is before the sequence start."""
+        zero row) where that position is before the sequence start. Computed once per offset
+        and batch: every Engram layer reads the same positions."""
+        if offset in self._back:
+            return self._back[offset]
         back = self.positions - offset
         before = back < 0
         back = back.clamp_min(0)
         block = self.block_table[self.request, back // self.block_size]
         slots = block * self.block_size + back % self.block_size
-        return torch.where(before, self.num_slots, slots), before
+        self._back[offset] = torch.where(before, self.num_slots, slots), before
+        return self._back[offset]
 
 
 class PagedHistory:
@@ -100,7 +105,6 @@ class PagedHistory:
         prompt ids at chunk_start - 1 - j (-1: not given); given ones win over the store."""
         assert self.ids is not None
         self.ids[batch.slots] = cids
-        self.ids[self.num_slots] = self.pad_id
         columns = []
         for k in range(self.depth, 0, -1):  # oldest first
             slots, before = batch.slots_back(k)
@@ -120,7 +124,6 @@ class PagedHistory:
         store = self.inputs[layer]
         _, kernel, dilation = self.conv[layer]
         store[batch.slots] = inputs_TC.to(store.dtype)
-        store[self.num_slots] = 0
         taps = [store[batch.slots_back((kernel - 1 - j) * dilation)[0]].to(inputs_TC.dtype)
                 for j in range(kernel - 1)]
         return torch.stack(taps + [inputs_TC], dim=1)

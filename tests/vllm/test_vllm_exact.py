@@ -14,28 +14,20 @@ Run in the vLLM venv (docs/serving.md): `python -m pytest -m vllm tests/vllm`. E
 start costs ~20 s on this machine.
 """
 
-import gc
 import os
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-vllm = pytest.importorskip("vllm", reason="vLLM is not installed: these tests run in the vLLM venv "
+pytest.importorskip("vllm", reason="vLLM is not installed: these tests run in the vLLM venv "
                            "(pip install -e '.[vllm]', docs/serving.md)")
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.vllm.folder import texts, write_folder  # noqa: E402
-
-from engram import generate  # noqa: E402
-from engram.runs import open_run  # noqa: E402
+from tests.vllm.harness import Engine, assert_same, bios_prompts, reference, write_folder  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-
-LOGPROB_TOL = 2e-3  # float32 on both sides; measured differences are ~1e-5
-NEW_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
@@ -43,63 +35,6 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm_folders")
     return {"dense_m1": write_folder(root / "dense_m1", train_steps=150),
             "moe_m2": write_folder(root / "moe_m2", moe=True, M=2, train_steps=150)}
-
-
-def bios_prompts(folder: Path, lengths) -> list[list[int]]:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    stream = [i for t in texts()[40:] for i in tok.encode(t).ids]
-    return [stream[7 * k: 7 * k + n] for k, n in enumerate(lengths)]
-
-
-def reference(folder: Path, prompts: list[list[int]], n: int = NEW_TOKENS):
-    """engram's greedy tokens and each token's log-probability from one full forward."""
-    model = open_run(folder).model
-    out = []
-    for prompt in prompts:
-        tokens = generate(model, [prompt], n, temperature=0)[0]
-        with torch.no_grad():
-            logp = model(torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)
-        out.append((tokens, [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]))
-    return out
-
-
-class Engine:
-    """A vLLM engine on a folder, shut down on exit (one engine at a time on these cores)."""
-
-    def __init__(self, folder: Path, **kwargs) -> None:
-        kwargs.setdefault("max_model_len", 512)
-        self.llm = vllm.LLM(str(folder), dtype="float32", seed=0, enforce_eager=True, disable_log_stats=False,
-                            **kwargs)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.llm.llm_engine.engine_core.shutdown()
-        del self.llm
-        gc.collect()
-
-    def generate(self, prompts, n: int = NEW_TOKENS):
-        params = vllm.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-        return outs
-
-    def metric(self, name: str) -> float:
-        return sum(getattr(m, "value", 0) or 0 for m in self.llm.get_metrics() if m.name == name)
-
-
-def assert_same(outs, expected) -> float:
-    """Tokens equal; returns the largest log-probability difference (asserted below tolerance)."""
-    worst = 0.0
-    for out, (tokens, logps) in zip(outs, expected, strict=True):
-        got = out.outputs[0]
-        assert list(got.token_ids) == tokens
-        for step, (token, ref) in enumerate(zip(tokens, logps)):
-            worst = max(worst, abs(got.logprobs[step][token].logprob - ref))
-    assert worst < LOGPROB_TOL, f"log-probabilities differ by {worst:.2e}"
-    return worst
 
 
 @pytest.mark.parametrize("name", ["dense_m1", "moe_m2"])

@@ -20,8 +20,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run in th
                     "(pip install -e '.[vllm]', docs/serving.md)")
 openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.vllm.folder import write_folder  # noqa: E402
-from tests.vllm.test_vllm_exact import LOGPROB_TOL, bios_prompts, reference  # noqa: E402
+from tests.vllm.harness import LOGPROB_TOL, bios_prompts, reference, write_folder  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 CONTEXT = 256

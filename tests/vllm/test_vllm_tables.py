@@ -10,8 +10,7 @@ import pytest
 pytest.importorskip("vllm", reason="vLLM is not installed: these tests run in the vLLM venv "
                     "(pip install -e '.[vllm]', docs/serving.md)")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.vllm.test_vllm_exact import Engine, bios_prompts  # noqa: E402
-from tests.vllm.folder import write_folder  # noqa: E402
+from tests.vllm.harness import Engine, bios_prompts, write_folder  # noqa: E402
 
 from engram import generate  # noqa: E402
 from engram.cli.main import main as engram_main  # noqa: E402

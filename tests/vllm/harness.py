@@ -1,17 +1,20 @@
-"""A small exported Engram model for the vLLM tests: a byte-level BPE tokenizer trained on
+"""What the vLLM tests share: a small exported Engram model, engram's reference outputs, and a
+vLLM engine that shuts down on exit. The model: a byte-level BPE tokenizer trained on
 synthetic biographies, random weights with non-zero table rows and short-conv weights (so a
 wrong n-gram or conv history changes the logits), written by the same code as `engram
 export-hf`. Attention heads of width 32: the smallest vLLM's CPU attention supports."""
 
+import gc
 from pathlib import Path
 
 import torch
 
-from engram import EngramLM
+from engram import EngramLM, generate
 from engram.config import EngramConfig, ModelConfig, MoEConfig
 from engram.data.synthetic_bios import synthetic_documents
-from engram.data.tokenizer import special_ids, train_tokenizer
+from engram.data.tokenizer import train_tokenizer
 from engram.hashing import CompressedTokenizer
+from engram.runs import open_run
 
 
 # A plain chat template, so the server's chat endpoint has one to apply.
@@ -49,9 +52,8 @@ def train_briefly(model: EngramLM, tok, steps: int, seed: int) -> None:
 
 def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0, train_steps: int = 0) -> Path:
     """The folder `engram export-hf` would write for this model (config, weights, tokenizer)."""
-    from transformers import PreTrainedTokenizerFast
-
     from engram.hf import EngramForCausalLM
+    from engram.hf.export import transformers_tokenizer
 
     tok = train_tokenizer(texts(), vocab_size=400)
     compression = CompressedTokenizer.from_tokenizer(tok)
@@ -67,8 +69,72 @@ def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0, tra
     if train_steps:
         train_briefly(model, tok, train_steps, seed)
     EngramForCausalLM.from_engram(model).save_pretrained(out)
-    names = {f"{role}_token": tok.id_to_token(i) for role, i in special_ids(tok).items() if i is not None}
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, **names)
+    hf_tok = transformers_tokenizer(tok)
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
     return out
+
+
+LOGPROB_TOL = 2e-3  # float32 on both sides; measured differences are ~1e-5
+NEW_TOKENS = 24
+
+
+def bios_prompts(folder: Path, lengths) -> list[list[int]]:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    stream = [i for t in texts()[40:] for i in tok.encode(t).ids]
+    return [stream[7 * k: 7 * k + n] for k, n in enumerate(lengths)]
+
+
+def reference(folder: Path, prompts: list[list[int]], n: int = NEW_TOKENS):
+    """engram's greedy tokens and each token's log-probability from one full forward."""
+    model = open_run(folder).model
+    out = []
+    for prompt in prompts:
+        tokens = generate(model, [prompt], n, temperature=0)[0]
+        with torch.no_grad():
+            logp = model(torch.tensor([prompt + tokens])).logits[0].float().log_softmax(-1)
+        out.append((tokens, [float(logp[len(prompt) - 1 + i, t]) for i, t in enumerate(tokens)]))
+    return out
+
+
+class Engine:
+    """A vLLM engine on a folder, shut down on exit (one engine at a time on these cores)."""
+
+    def __init__(self, folder: Path, **kwargs) -> None:
+        kwargs.setdefault("max_model_len", 512)
+        import vllm
+
+        self.llm = vllm.LLM(str(folder), dtype="float32", seed=0, enforce_eager=True, disable_log_stats=False,
+                            **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.llm.llm_engine.engine_core.shutdown()
+        del self.llm
+        gc.collect()
+
+    def generate(self, prompts, n: int = NEW_TOKENS):
+        import vllm
+
+        params = vllm.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        return outs
+
+    def metric(self, name: str) -> float:
+        return sum(getattr(m, "value", 0) or 0 for m in self.llm.get_metrics() if m.name == name)
+
+
+def assert_same(outs, expected) -> float:
+    """Tokens equal; returns the largest log-probability difference (asserted below tolerance)."""
+    worst = 0.0
+    for out, (tokens, logps) in zip(outs, expected, strict=True):
+        got = out.outputs[0]
+        assert list(got.token_ids) == tokens
+        for step, (token, ref) in enumerate(zip(tokens, logps)):
+            worst = max(worst, abs(got.logprobs[step][token].logprob - ref))
+    assert worst < LOGPROB_TOL, f"log-probabilities differ by {worst:.2e}"
+    return worst
