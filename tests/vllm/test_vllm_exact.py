@@ -81,3 +81,15 @@ def test_ngram_speculative_decoding(folders, name):
         drafted = engine.metric("vllm:spec_decode_num_draft_tokens")
         accepted = engine.metric("vllm:spec_decode_num_accepted_tokens")
         assert 0 < accepted < drafted, (accepted, drafted)  # both accepted and rejected drafts
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="two CPU workers need two cores")
+@pytest.mark.parametrize("name", ["dense_m1", "moe_m2"])
+def test_tensor_parallel_two_workers(folders, name, monkeypatch):
+    """Attention heads and the dense MLP sharded over 2 CPU workers (vLLM's gloo/shared-memory
+    group), the Engram tables, MoE and hyper-connections replicated: engram's numbers still."""
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")  # one core per worker (one NUMA node here)
+    folder = folders[name]
+    prompts = bios_prompts(folder, [30, 80, 55])
+    with Engine(folder, block_size=32, tensor_parallel_size=2) as engine:
+        assert_same(engine.generate(prompts), reference(folder, prompts))
