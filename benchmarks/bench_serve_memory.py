@@ -5,8 +5,8 @@ host memory, or onto disk, memory-mapped read-only by every engine).
 Each engine is a separate `vllm.LLM` process tree (its engine core and worker) that has served
 the same batch, so the tables' rows have been read. Reported per arm: the proportional set size
 (PSS: shared pages split between the processes that map them) summed over every engine's
-processes, the tables' size, and the memory the arm costs in all (PSS plus the shared file
-once, for the offloaded arms). Runs in the vLLM venv; prints a table, and the last line is one
+processes, without the pages of the mapped table files; the table files, counted once at their
+full size (in /dev/shm they occupy memory whether mapped or not); and the two together. Runs in the vLLM venv; prints a table, and the last line is one
 JSON object.
 
     python benchmarks/bench_serve_memory.py [--engines 2]
@@ -56,15 +56,26 @@ def tree(pid: int) -> list[int]:
     return out
 
 
-def pss_bytes(pid: int) -> int:
+def pss_bytes(pid: int, tables: str | None) -> tuple[int, int]:
+    """(PSS of the process, PSS of its mappings of files under `tables`), from /proc smaps."""
     try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        text = Path(f"/proc/{pid}/smaps").read_text()
     except OSError:
-        return 0
-    return next(int(line.split()[1]) * 1024 for line in text.splitlines() if line.startswith("Pss:"))
+        return 0, 0
+    total = in_tables = 0
+    mapped_table = False
+    for line in text.splitlines():
+        head = line.split()
+        if head and "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+            mapped_table = tables is not None and len(head) >= 6 and head[5].startswith(tables)
+        elif head and head[0] == "Pss:":
+            total += int(head[1]) * 1024
+            in_tables += int(head[1]) * 1024 if mapped_table else 0
+    return total, in_tables
 
 
-def measure(folder: Path, overrides: dict, engines: int) -> int:
+def measure(folder: Path, overrides: dict, engines: int, tables: str | None = None) -> tuple[int, int]:
+    """PSS summed over every engine's processes: (all of it, the part in files under `tables`)."""
     procs = [subprocess.Popen([sys.executable, __file__, "--child", str(folder), json.dumps(overrides)],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
              for _ in range(engines)]
@@ -76,7 +87,8 @@ def measure(folder: Path, overrides: dict, engines: int) -> int:
             else:
                 raise RuntimeError(f"an engine exited ({p.poll()}) before serving")
         time.sleep(2)
-        return sum(pss_bytes(pid) for p in procs for pid in tree(p.pid))
+        sizes = [pss_bytes(pid, tables) for p in procs for pid in tree(p.pid)]
+        return sum(a for a, _ in sizes), sum(b for _, b in sizes)
     finally:
         for p in procs:
             p.stdin.close()
@@ -101,22 +113,28 @@ def main() -> None:
         paths = write_models(Path(tmp))
         engram_main(["offload", str(paths["engram"]), "--out", f"{shm}/tables"])
         table_bytes = sum(f.stat().st_size for f in Path(paths["tables_fp32"]).glob("*.bin"))
-        arms = {"resident in each engine": ({}, 0),
-                "one copy in host memory (/dev/shm)": ({"engram_tables": f"{shm}/tables"}, table_bytes),
-                "one copy on disk (page cache)": ({"engram_tables": str(paths["tables_fp32"])}, table_bytes)}
-        dense = measure(paths["no_engram"], {}, args.engines)
-        rows = {name: (measure(paths["engram"], overrides, args.engines), shared)
-                for name, (overrides, shared) in arms.items()}
+        arms = {"resident in each engine": None,
+                "one copy in host memory (/dev/shm)": f"{shm}/tables",
+                "one copy on disk (page cache)": str(Path(paths["tables_fp32"]).resolve())}
+        dense, _ = measure(paths["no_engram"], {}, args.engines)
+        rows = {}
+        for name, folder in arms.items():
+            overrides = {"engram_tables": folder} if folder else {}
+            pss, in_tables = measure(paths["engram"], overrides, args.engines, folder)
+            rows[name] = (pss - in_tables, table_bytes if folder else 0, in_tables)
     mib = 1 / 2 ** 20
     print(f"\nbench_serve_memory on {machine()}: {args.engines} engines, Engram tables {table_bytes * mib:.0f} MiB")
-    print(f"{'arm':<38}{'PSS all engines':>16}{'+ shared file':>15}{'in all':>10}{'vs no Engram':>14}  (MiB)")
-    print(f"{'the same backbone without Engram':<38}{dense * mib:>16.0f}{0:>15.0f}{dense * mib:>10.0f}{0:>14.0f}")
+    print(f"{'arm':<38}{'PSS, not table files':>21}{'table files once':>18}{'in all':>10}{'vs no Engram':>14}"
+          f"{'table pages mapped':>20}  (MiB)")
+    print(f"{'the same backbone without Engram':<38}{dense * mib:>21.0f}{0:>18.0f}{dense * mib:>10.0f}{0:>14.0f}{0:>20.0f}")
     out = {}
-    for name, (pss, shared) in rows.items():
+    for name, (pss, shared, mapped) in rows.items():
         total = pss + shared
-        out[name] = {"pss_mib": round(pss * mib, 1), "shared_mib": round(shared * mib, 1),
-                     "total_mib": round(total * mib, 1), "over_no_engram_mib": round((total - dense) * mib, 1)}
-        print(f"{name:<38}{pss * mib:>16.0f}{shared * mib:>15.0f}{total * mib:>10.0f}{(total - dense) * mib:>14.0f}")
+        out[name] = {"pss_without_table_files_mib": round(pss * mib, 1), "table_files_mib": round(shared * mib, 1),
+                     "total_mib": round(total * mib, 1), "over_no_engram_mib": round((total - dense) * mib, 1),
+                     "table_pages_mapped_pss_mib": round(mapped * mib, 1)}
+        print(f"{name:<38}{pss * mib:>21.0f}{shared * mib:>18.0f}{total * mib:>10.0f}{(total - dense) * mib:>14.0f}"
+              f"{mapped * mib:>20.0f}")
     print(json.dumps({"bench": "serve_memory", "engines": args.engines, "table_mib": round(table_bytes * mib, 1),
                       "no_engram_pss_mib": round(dense * mib, 1), "arms": out}))
 

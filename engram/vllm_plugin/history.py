@@ -21,13 +21,21 @@ prompt part of the n-gram history does not depend on the slots at all.
 The store has two extra rows: row `num_slots` is never written, so it keeps its initial value
 (pad id, zero inputs: what a position before the sequence start reads), and row `num_slots + 1`
 takes the writes of padding tokens (`slot_mapping` -1), so no write needs a branch.
+
+vLLM sizes its KV cache without knowing of these stores, which sit beside it: 8 bytes plus the
+conv channels of every Engram layer per slot (about a quarter of the KV cache for
+`bench_serve`'s model, measured by `benchmarks/bench_serve_memory.py`). `bind` logs their size
+and turns an allocation failure into an error that says how much memory to leave free.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,18 +91,33 @@ class PagedHistory:
         self.inputs: dict[int, torch.Tensor] = {}
         self._kv_ref: torch.Tensor | None = None
 
-    def bind(self, kv_cache: torch.Tensor, block_size: int, dtype: torch.dtype) -> bool:
-        """Size the stores from the bound KV cache (first dimension: blocks); False while it is
-        unbound (vLLM's profiling run). A new KV cache (after profiling) starts empty stores."""
+    def bytes_per_slot(self, dtype: torch.dtype) -> int:
+        return 8 + sum(channels for channels, _, _ in self.conv.values()) * dtype.itemsize
+
+    def bind(self, kv_caches: list[torch.Tensor], block_size: int, dtype: torch.dtype) -> bool:
+        """Size the stores from the bound KV cache (every attention layer's; first dimension:
+        blocks); False while it is unbound (vLLM's profiling run). A new KV cache (after
+        profiling) starts empty stores."""
+        kv_cache = kv_caches[0]
         if kv_cache.numel() == 0:
             return False
         if self._kv_ref is kv_cache:
             return True
         self.num_slots = int(kv_cache.shape[0]) * block_size
         device = kv_cache.device
-        self.ids = torch.full((self.num_slots + 2,), self.pad_id, dtype=torch.long, device=device)
-        self.inputs = {layer: torch.zeros(self.num_slots + 2, channels, dtype=dtype, device=device)
-                       for layer, (channels, _, _) in self.conv.items()}
+        size = (self.num_slots + 2) * self.bytes_per_slot(dtype)
+        kv_bytes = sum(cache.numel() * cache.element_size() for cache in kv_caches)
+        share = f"{size / 2**20:.0f} MiB for {self.num_slots} KV slots, {100 * size / max(kv_bytes, 1):.0f}% of the KV cache"
+        try:
+            self.ids = torch.full((self.num_slots + 2,), self.pad_id, dtype=torch.long, device=device)
+            self.inputs = {layer: torch.zeros(self.num_slots + 2, channels, dtype=dtype, device=device)
+                           for layer, (channels, _, _) in self.conv.items()}
+        except torch.OutOfMemoryError as e:
+            raise RuntimeError(
+                f"no memory for the Engram history beside vLLM's KV cache ({share}, on {device}); vLLM "
+                "does not count it: leave that much free (a lower --gpu-memory-utilization, or on CPU "
+                "VLLM_CPU_KVCACHE_SPACE), or cap the cache with --num-gpu-blocks-override") from e
+        logger.info("Engram history: %s, beside it (vLLM's KV budget does not include it)", share)
         self._kv_ref = kv_cache
         return True
 

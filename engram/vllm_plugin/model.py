@@ -253,7 +253,8 @@ class EngramForVLLM(nn.Module):
         attn = self.model.blocks[0].attn.attn
         if not isinstance(metadata, dict) or attn.layer_name not in metadata:
             return None
-        if not self.history.bind(attn.kv_cache, self.block_size, self.model.norm.weight.dtype):
+        caches = [block.attn.attn.kv_cache for block in self.model.blocks]
+        if not self.history.bind(caches, self.block_size, self.model.norm.weight.dtype):
             return None
         batch = PagedBatch.from_metadata(positions, metadata[attn.layer_name], self.block_size, self.history.num_slots)
         if not self._checked_slots:  # once: the slot arithmetic must match the cache's layout
