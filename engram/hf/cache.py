@@ -3,6 +3,10 @@
 The state holds the KV cache *and* what Engram needs to continue a sequence (the last N-1
 compressed ids and the short-conv history): the cache transformers passes from step to step
 carries them, so cached generation, beam search and padded batches equal the full forward.
+
+Assisted decoding (`assistant_model=`, `prompt_lookup_num_tokens=`) turns on past recording:
+each forward then keeps what `DecodeState.rollback` needs to return into it, and `crop` walks
+back through as many forwards as it must (an assistant model drops tokens it fed one by one).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class EngramCache(BatchMapped, Cache):
     def __init__(self, state: DecodeState | None = None) -> None:
         super().__init__(layers=[])
         self.state = state
+        self.record_past = False
+        # per forward while recording: [tokens still held, its n-gram trail, its conv trails]
+        self._forwards: list[list] = []
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Columns written (left padding included), as `generate` counts its input ids."""
@@ -73,8 +80,9 @@ class EngramCache(BatchMapped, Cache):
 
     def _map_batch(self, fn) -> None:
         """Replace every per-sequence tensor of the state by `fn(tensor)` (its rows picked or
-        repeated); the shared counters stay."""
+        repeated); the shared counters stay. Recorded forwards no longer match: dropped."""
         s = self.state
+        self._forwards.clear()
         if s is None:
             return
         s.kv = [KVCache(fn(c.k), fn(c.v), s.length, c.start) for c in s.kv]
@@ -87,7 +95,51 @@ class EngramCache(BatchMapped, Cache):
 
     def reset(self) -> None:
         self.state = None
+        self._forwards.clear()
+
+    # ---------------------------------------------------------------- rolling back
+    @property
+    def is_croppable(self) -> bool:
+        return True
+
+    def activate_past_recording(self) -> None:
+        """Keep, from the next forward on, what `crop` needs to drop that forward's tokens."""
+        self.record_past = True
+
+    def before_forward(self) -> None:
+        """Called by the model before each forward on this cache."""
+        if self.record_past and not self.state.keep_trail:
+            self.state.track_rollback()
+
+    def after_forward(self) -> None:
+        """Called by the model after each forward on this cache."""
+        if self.record_past:
+            s = self.state
+            self._forwards.append([s.last_tokens, s.ngram_trail, {layer: c.trail for layer, c in s.conv.items()}])
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("EngramCache cannot drop tokens (the n-gram and conv histories do not rewind); "
-                                  "assisted or speculative decoding is not supported yet")
+        """Drop the last `-tokens_to_remove` tokens (transformers' convention: a negative
+        count; a positive value is the length to keep). Exact: the KV columns, positions, and
+        the n-gram and conv histories return to where they were after the kept tokens."""
+        if self.state is None:
+            return
+        drop = -tokens_to_remove if tokens_to_remove <= 0 else self.get_seq_length() - tokens_to_remove
+        if drop <= 0:
+            return
+        held = sum(record[0] for record in self._forwards)
+        if not self.record_past or drop > held:
+            raise ValueError(f"EngramCache can drop only tokens fed since past recording began ({held} are held "
+                             f"that way, {drop} asked); call cache.activate_past_recording() before those forwards")
+        s = self.state
+        while drop > 0:
+            record = self._forwards[-1]
+            tokens, n = record[0], min(drop, record[0])
+            s.last_tokens, s.ngram_trail = tokens, record[1]
+            for layer, conv in s.conv.items():
+                conv.trail = record[2][layer]
+            s.rollback(n)
+            drop -= n
+            if n == tokens:
+                self._forwards.pop()
+            else:
+                record[0] = tokens - n

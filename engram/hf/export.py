@@ -19,18 +19,22 @@ def transformers_tokenizer(tok):
 
 
 def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) -> Path:
-    """Write `out` (config.json, model.safetensors, the tokenizer, engram_run.json) from the
+    """Write `out` (config.json and generation_config.json with the tokenizer's bos/eos/pad
+    ids, model.safetensors, the tokenizer, engram_run.json) from the
     run's newest checkpoint that verifies; staged, so `out` is never half-written. Returns the
     checkpoint it exported."""
     from ..durable import staged_dir
     from ..runs import HF_RUN_FILE, open_run, run_data
     from .modeling import EngramForCausalLM
 
+    from ..data.tokenizer import special_ids
+
     model, run_info, ckpt = open_run(run, device="cpu", warn=warn)
+    tok = run_data(run_info).tokenizer if run_info.get("data_dir") else None
     with staged_dir(out) as tmp:
-        EngramForCausalLM.from_engram(model).save_pretrained(tmp)
-        if run_info.get("data_dir"):
-            transformers_tokenizer(run_data(run_info).tokenizer).save_pretrained(tmp)
+        EngramForCausalLM.from_engram(model, None if tok is None else special_ids(tok)).save_pretrained(tmp)
+        if tok is not None:
+            transformers_tokenizer(tok).save_pretrained(tmp)
         (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run_info.get("train", {}), "data_dir": run_info.get("data_dir"),
                                                    "source": str(ckpt)}, indent=1))
     return Path(ckpt)

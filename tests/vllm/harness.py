@@ -53,6 +53,7 @@ def train_briefly(model: EngramLM, tok, steps: int, seed: int) -> None:
 def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0, train_steps: int = 0) -> Path:
     """The folder `engram export-hf` would write for this model (config, weights, tokenizer)."""
     from engram.hf import EngramForCausalLM
+    from engram.data.tokenizer import special_ids
     from engram.hf.export import transformers_tokenizer
 
     tok = train_tokenizer(texts(), vocab_size=400)
@@ -68,7 +69,7 @@ def write_folder(out: Path, *, moe: bool = False, M: int = 1, seed: int = 0, tra
                 p.normal_(0, 0.5)
     if train_steps:
         train_briefly(model, tok, train_steps, seed)
-    EngramForCausalLM.from_engram(model).save_pretrained(out)
+    EngramForCausalLM.from_engram(model, special_ids(tok)).save_pretrained(out)
     hf_tok = transformers_tokenizer(tok)
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.save_pretrained(out)
