@@ -11,23 +11,22 @@ length (`max_seq_len`): the decode state holds no more.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..hashing.layout import HashLayout
-from ..memory.table import MemoryTable
-from ..model.moe import MoE
 from ..model.transformer import EngramLM
 from ..precision import upcast
 from .cache import EngramCache
 from .config import EngramLMConfig
+from .init_weights import init_module
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +34,22 @@ AUTO_MAP = {"AutoConfig": "configuration_engram.EngramLMConfig",
             "AutoModelForCausalLM": "modeling_engram.EngramForCausalLM"}
 _SHIMS = {"configuration_engram.py": ("engram.hf.config", "EngramLMConfig"),
           "modeling_engram.py": ("engram.hf.modeling", "EngramForCausalLM")}
+
+
+@functools.cache
+def _checkpointable_class(block_class: type) -> type:
+    return type(block_class.__name__, (GradientCheckpointingLayer, block_class), {"__module__": block_class.__module__})
+
+
+def checkpointable(model: EngramLM) -> EngramLM:
+    """Make each block a transformers `GradientCheckpointingLayer` (its class gains that base;
+    nothing else changes, and off by default), so `activation_checkpointing_enable()` and
+    Trainer's `gradient_checkpointing=True` work as for transformers' own decoders: each block
+    reruns its forward in the backward, the cache switched off while training."""
+    for block in model.blocks:
+        if not isinstance(block, GradientCheckpointingLayer):
+            block.__class__ = _checkpointable_class(type(block))
+    return model
 
 
 def write_remote_code_shims(folder) -> None:
@@ -63,7 +78,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         placeholder = None
         if c.engram is not None:
             placeholder = np.minimum(np.arange(c.vocab_size), c.engram.compressed_vocab_size - 1)
-        self.model = EngramLM(c, layout=layout, compression=placeholder)
+        self.model = checkpointable(EngramLM(c, layout=layout, compression=placeholder))
         self.post_init()
 
     @classmethod
@@ -76,7 +91,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                                 hash_layout=None if model.layout is None else model.layout.to_dict(), **ids)
         with torch.device("meta"):
             out = cls(config)
-        out.model = model
+        out.model = checkpointable(model)
         for key, value in ids.items():
             setattr(out.generation_config, key, value)
         return out
@@ -96,18 +111,14 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the forward creates its own EngramCache
 
     def _init_weights(self, module) -> None:
-        """Only what is not saved: EngramLM initializes its own weights when built, and the
-        saved ones (the compression table included) are loaded, never redrawn. Refills the
-        buffers a meta-device build leaves empty: the tables' offsets, the MoE load counts, and
-        the compression table (from the one the model was built with, for a model made from a
-        config; `from_pretrained` then loads the saved one over it)."""
-        if isinstance(module, MemoryTable):
-            module.reset_buffers()
-        elif isinstance(module, MoE):
-            module.expert_load.zero_()
-        elif isinstance(module, EngramLM) and getattr(module, "_compression_np", None) is not None:
-            with torch.no_grad():
-                module.compression.copy_(torch.from_numpy(module._compression_np))
+        """transformers' per-module initialization (a model built from a config, or the weights
+        a checkpoint lacks): `EngramLM.init_weights`'s rules, module by module, leaving loaded
+        tensors alone (`init_weights.init_module`)."""
+        names = self.__dict__.get("_module_names")
+        if names is None or id(module) not in names:
+            names = self.__dict__["_module_names"] = {id(m): n for n, m in self.model.named_modules()}
+        if id(module) in names:
+            init_module(self.model, names[id(module)], module)
 
     def get_input_embeddings(self):
         return self.model.embed
@@ -142,22 +153,6 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
             self.config.vocab_size = new
         return embed
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
-                                    every_n_layers: int = 1) -> None:
-        """transformers' switch (`gradient_checkpointing_enable()`): each block of every
-        `every_n_layers` reruns its forward in the backward, with the function transformers
-        passes (torch.utils.checkpoint). A cache is not kept while it is on."""
-        for i, block in enumerate(self.model.blocks):
-            if "forward" in vars(block):
-                del block.forward
-            if enable and i % every_n_layers == 0:
-                block.forward = partial(gradient_checkpointing_func, type(block).forward.__get__(block))
-        self.gradient_checkpointing = enable
-
-    @property
-    def is_gradient_checkpointing(self) -> bool:
-        return bool(getattr(self, "gradient_checkpointing", False))
-
     # ---------------------------------------------------------------- generate
     def _prepare_cache_for_generation(self, generation_config, model_kwargs: dict, *args, **kwargs) -> None:
         """An `EngramCache` for every cached generate (assisted decoding needs one from the
@@ -181,7 +176,9 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
                 return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast | tuple:
         """`attention_mask` [B, past + S] marks real tokens (0 = padding, anywhere); positions
         are counted from it by the model itself (`position_ids` is not needed and ignored).
-        `labels` [B, S]: the mean next-token loss over labels != -100 (shifted inside).
+        `labels` [B, S]: the mean next-token loss over labels != -100 (shifted inside);
+        `shift_labels` [B, S] (as trainers that shard the sequence pass them): targets already
+        aligned with the logits, used instead of `labels`.
         `output_hidden_states`: n_layers + 1 states as transformers' decoders give them: the
         embeddings, then each block's output after its hyper-connection streams are merged
         (their mean), the last one after the final norm. `output_attentions` is refused: the
@@ -196,7 +193,7 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         return_dict = self.config.return_dict if return_dict is None else return_dict
         cache = cache if cache is not None else kwargs.pop("past_key_values", None)
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if self.is_gradient_checkpointing and self.training:
+        if self.is_activation_checkpointing and self.training and torch.is_grad_enabled():
             use_cache, cache = False, None  # a rerun forward would write the cache twice
         B, S = input_ids.shape
         valid = None
@@ -221,9 +218,13 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         logits, hidden = out.logits, None
         if output_hidden_states:
             states = out.intermediates["hidden_states"]
-            hidden = (self.model.embed(input_ids), *states[:-1], self.model.norm(states[-1]))
+            hidden = (out.intermediates["embeddings"], *states[:-1], out.intermediates["final_norm"])
         loss = None
-        if labels is not None:
+        shift_labels = kwargs.pop("shift_labels", None)
+        if shift_labels is not None:  # already aligned with the logits (sequence-parallel trainers)
+            loss = F.cross_entropy(upcast(logits.flatten(0, 1)), shift_labels.flatten().to(logits.device),
+                                   ignore_index=-100)
+        elif labels is not None:
             loss = F.cross_entropy(upcast(logits[:, :-1].flatten(0, 1)), labels[:, 1:].flatten().to(logits.device),
                                    ignore_index=-100)
         if logits_to_keep:

@@ -270,8 +270,9 @@ class EngramLM(nn.Module):
                 self.blocks[layer].engram.table.prefetch(rows[layer])
 
         rope = rope_angles(positions_BS, c.attn_head_dim, c.rope_theta)  # once for every block
-        x = expand_streams(self.embed(input_ids), c.n_streams)  # [B, S, M, D]
-        inter = {"hidden_states": [], "gates": {}, "rows": rows} if return_intermediates else None
+        embedded = self.embed(input_ids)
+        x = expand_streams(embedded, c.n_streams)  # [B, S, M, D]
+        inter = {"hidden_states": [], "gates": {}, "rows": rows, "embeddings": embedded} if return_intermediates else None
         for i, block in enumerate(self.blocks):
             record = {} if (inter is not None and block.engram is not None) else None
             x = block(
@@ -284,7 +285,10 @@ class EngramLM(nn.Module):
                 inter["hidden_states"].append(merge_streams(x))
                 if record:
                     inter["gates"][i] = record["gates"]
-        logits = self.lm_head(self.norm(merge_streams(x)))
+        final = self.norm(merge_streams(x))
+        if inter is not None:
+            inter["final_norm"] = final
+        logits = self.lm_head(final)
         if state is not None:
             state.end_chunk(S, valid_BS)
         waited = sum(self.blocks[layer].engram.table.last_wait_s for layer in self.engram_layers)
