@@ -14,7 +14,7 @@ imports, `tests/generation/test_utils.py` (`GenerationTesterMixin`) and
 by empty mixins, so those two suites run only from a full checkout (TRANSFORMERS_TESTS_DIR);
 tests/unit/test_hf_api.py covers assisted decoding, caching and torch.export on our side.
 
-Run: `pytest -m hf_suite tests/hf_suite` (about N min; not in CI, which stays offline-safe).
+Run in CI (about 25 s with the download); alone: `pytest tests/hf_suite`.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ PACKAGE = "transformers_common_tests"
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "engram-torch" / f"transformers-{VERSION}-tests"
 
 
-def tests_dir() -> tuple[Path | None, str]:
-    """(the folder holding test_modeling_common.py, or None; where it came from or why not)."""
+def locate_suite() -> tuple[Path | None, str]:
+    """(the folder holding test_modeling_common.py, or None; where it is, or why not)."""
     given = os.environ.get("TRANSFORMERS_TESTS_DIR")
     if given:
         path = Path(given)
@@ -102,8 +102,10 @@ class Missing:
 
 
 def import_suite():
-    """(ModelTesterMixin, ConfigTester, ids_tensor, what was stubbed, origin), or a skip reason."""
-    folder, origin = tests_dir()
+    """((ModelTesterMixin, GenerationTesterMixin, ConfigTester, ids_tensor), None), or (None, why not)."""
+    if transformers.__version__ != VERSION:
+        return None, f"these are transformers {VERSION}'s tests; {transformers.__version__} is installed"
+    folder, origin = locate_suite()
     if folder is None:
         return None, origin
     pytest.importorskip("parameterized", reason="transformers' common tests need `pip install parameterized`")
@@ -111,7 +113,6 @@ def import_suite():
         package = types.ModuleType(PACKAGE)
         package.__path__ = [str(folder)]
         sys.modules[PACKAGE] = package
-    stubbed = []
     for module, names in MAYBE_MISSING.items():
         if not (folder / (module.replace(".", "/") + ".py")).is_file():
             parent = f"{PACKAGE}.{module.split('.')[0]}"
@@ -120,7 +121,6 @@ def import_suite():
             for name in names:  # mixins: empty classes; values: anything that uses them skips
                 setattr(stub, name, type(name, (), {}) if name.endswith("Mixin") else Missing(f"{module}.{name}"))
             sys.modules[stub.__name__] = stub
-            stubbed.append(module)
     # test_configuration_common imports transformers through tests/__init__.py, which the
     # source distribution lacks: that import yields the installed transformers anyway
     import transformers.utils as utils
@@ -135,7 +135,7 @@ def import_suite():
         utils.direct_transformers_import = direct
     generation = sys.modules[f"{PACKAGE}.generation.test_utils"]
     return (common.ModelTesterMixin, generation.GenerationTesterMixin, config_common.ConfigTester,
-            common.ids_tensor, stubbed, origin), None
+            common.ids_tensor), None
 
 
 SUITE, SKIP = import_suite()

@@ -25,6 +25,18 @@ def build_small_dataset(root):
     return prepare_dataset(root / "data", inputs=[docs], vocab_size=300, val_fraction=0.2, log=lambda *a: None)
 
 
+@pytest.fixture(scope="session")
+def trained_run(small_dataset, tmp_path_factory):
+    """A 4-step run of the default model on `small_dataset` (two checkpoints)."""
+    from engram.cli.main import main
+
+    out = tmp_path_factory.mktemp("cli") / "run"
+    code = main(["train", "--out", str(out), "--data", str(small_dataset), "--max-steps", "4", "--batch-size", "4",
+                 "--seq-len", "32", "--eval-every", "2", "--checkpoint-every", "2"])
+    assert code == 0
+    return out
+
+
 CAPITALS = [("France", "Paris"), ("Japan", "Tokyo"), ("Kenya", "Nairobi"), ("Peru", "Lima")]
 
 

@@ -14,15 +14,6 @@ def run(capsys, *argv):
     return code, out, err
 
 
-@pytest.fixture(scope="module")
-def trained_run(small_dataset, tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    code = main(["train", "--out", str(out), "--data", str(small_dataset), "--max-steps", "4", "--batch-size", "4",
-                 "--seq-len", "32", "--eval-every", "2", "--checkpoint-every", "2"])
-    assert code == 0
-    return out
-
-
 def test_train_eval_generate_info(trained_run, capsys):
     code, out, _ = run(capsys, "eval", str(trained_run), "--windows", "4")
     assert code == 0 and "step_00000004: val loss" in out and "bits/byte" in out
