@@ -18,6 +18,7 @@ restart the conv from zeros: cached generation would then differ from the full f
 from __future__ import annotations
 
 import json
+import weakref
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,7 +109,6 @@ class EngramAdapter(nn.Module):
                                layer_id=layer)
             for layer in config.layer_ids})
         self.hooks: list[Any] = []
-        self.pending: dict[str, Any] = {}  # the current call's rows, valid mask and decoding state
 
     def zero_values(self) -> None:
         """Zero the value projection (the first D rows of each fused projection): Engram adds
@@ -127,8 +127,22 @@ def _find_state(cache) -> EngramCacheLayer | None:
     return None
 
 
-def _base_pre_hook(adapter: EngramAdapter):
+class _Hooks:
+    """What the hooks share: the model (weakly) and the current call's rows, valid mask and
+    decoding state. The adapter is looked up on the model at each call, so a wrapper that
+    swaps in a trained copy (PEFT's `modules_to_save`) is the one that runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = weakref.ref(model)
+        self.pending: dict[str, Any] = {}
+
+    def adapter(self) -> "EngramAdapter":
+        return self.model().engram_adapter  # PEFT's wrapper answers with its active copy's attributes
+
+
+def _base_pre_hook(hooks: _Hooks):
     def hook(module, args, kwargs):
+        adapter = hooks.adapter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("a model with Engram looks its memory up by token ids: pass input_ids "
@@ -155,37 +169,35 @@ def _base_pre_hook(adapter: EngramAdapter):
         history = state.ngram_history if state.ngram_history is not None else \
             adapter.hasher.initial_history(B, input_ids.device)
         rows, state.ngram_history = adapter.hasher.hash_step(history, cids, check=False)
-        adapter.pending = {"rows": rows, "valid": valid, "state": state}
+        hooks.pending = {"rows": rows, "valid": valid, "state": state, "engrams": adapter.engrams}
         return args, kwargs
 
     return hook
 
 
-def _base_post_hook(adapter: EngramAdapter):
+def _base_post_hook(hooks: _Hooks):
     def hook(module, args, kwargs, output):
-        state = adapter.pending.get("state")
+        state = hooks.pending.get("state")
         cache = getattr(output, "cache", None)
         if cache is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if state is not None and cache is not None and _find_state(cache) is None:
             cache.layers.append(state)  # after the attention layers exist (DynamicCache makes them lazily)
-        adapter.pending = {}
+        hooks.pending = {}
         return output
 
     return hook
 
 
-def _layer_pre_hook(adapter: EngramAdapter, layer: int):
-    engram = adapter.engrams[str(layer)]
-
+def _layer_pre_hook(hooks: _Hooks, layer: int):
     def hook(module, args, kwargs):
-        pending = adapter.pending
+        pending = hooks.pending
         if not pending:
             raise RuntimeError("an Engram decoder layer ran without its model's forward (no row ids); call the "
                                "whole model, not a decoder layer alone")
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         conv = pending["state"].conv.setdefault(layer, ShortConvState())
-        out = engram(hidden, pending["rows"][layer], conv_state=conv, valid_BT=pending["valid"])
+        out = pending["engrams"][str(layer)](hidden, pending["rows"][layer], conv_state=conv, valid_BT=pending["valid"])
         hidden = hidden + out.to(hidden.dtype)
         if "hidden_states" in kwargs:
             kwargs["hidden_states"] = hidden
@@ -198,8 +210,10 @@ def _layer_pre_hook(adapter: EngramAdapter, layer: int):
 
 def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None, config: EngramConfig | None = None,
                rows_per_head: int | None = None, n_head_per_ngram: int = 8, n_embed_per_ngram: int = 256,
-               max_ngram_size: int = 3, mode: str = "adapter", seed: int = 0) -> EngramAdapter:
-    """Add Engram before the decoder layers `layers` (0-based) of a causal LM, in place.
+               max_ngram_size: int = 3, mode: str = "adapter", seed: int = 0) -> nn.Module:
+    """Add Engram before the decoder layers `layers` (0-based) of a causal LM, in place, and
+    return the model (`model = add_engram(model, ...)`, as with PEFT); the Engram parameters
+    are `model.engram_adapter`.
 
     `tokenizer` (a transformers or tokenizers tokenizer) gives the compression (docs/paper.md step 1);
     without it the raw ids are hashed. `config` overrides everything else; by default the
@@ -238,11 +252,44 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
         for p in model.parameters():
             p.requires_grad_(False)
     model.engram_adapter = adapter  # a submodule: moved, saved and counted with the model
-    adapter.hooks.append(base.register_forward_pre_hook(_base_pre_hook(adapter), with_kwargs=True))
-    adapter.hooks.append(base.register_forward_hook(_base_post_hook(adapter), with_kwargs=True))
+    hooks = _Hooks(model)
+    adapter.hooks.append(base.register_forward_pre_hook(_base_pre_hook(hooks), with_kwargs=True))
+    adapter.hooks.append(base.register_forward_hook(_base_post_hook(hooks), with_kwargs=True))
     for layer in config.layer_ids:
-        adapter.hooks.append(decoder_layers[layer].register_forward_pre_hook(_layer_pre_hook(adapter, layer),
+        adapter.hooks.append(decoder_layers[layer].register_forward_pre_hook(_layer_pre_hook(hooks, layer),
                                                                              with_kwargs=True))
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained = _save_pretrained_keeping_engram(model)
+    return model
+
+
+def _save_pretrained_keeping_engram(model: nn.Module):
+    """The model's `save_pretrained`, which would write the adapter's weights where the base
+    class's `from_pretrained` drops them, made to keep them: the base weights as transformers
+    writes them, the adapter beside them (`save_engram_adapter`), restored after
+    `from_pretrained` by `load_engram_adapter(model, folder)`."""
+    plain = type(model).save_pretrained
+
+    def save_pretrained(save_directory, *args, state_dict=None, **kwargs):
+        state = model.state_dict() if state_dict is None else state_dict
+        plain(model, save_directory, *args, state_dict={k: v for k, v in state.items()
+                                                        if not k.startswith("engram_adapter.")}, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_engram_adapter(model, save_directory)
+
+    return save_pretrained
+
+
+def active_adapter(model: nn.Module) -> "EngramAdapter":
+    """`model.engram_adapter`, or under PEFT's `modules_to_save` wrapper the copy it runs."""
+    adapter = getattr(model, "engram_adapter", None)
+    if adapter is None:
+        raise ValueError("this model has no Engram (add_engram was not called, or it was removed)")
+    copies = getattr(adapter, "modules_to_save", None)
+    if isinstance(copies, nn.ModuleDict):  # PEFT's ModulesToSaveWrapper
+        if adapter.disable_adapters or not adapter.active_adapters:
+            return adapter.original_module
+        return copies[adapter.active_adapters[0]]
     return adapter
 
 
@@ -252,9 +299,10 @@ def remove_engram(model: nn.Module) -> None:
     adapter = getattr(model, "engram_adapter", None)
     if adapter is None:
         raise ValueError("this model has no Engram (add_engram was not called, or it was removed)")
-    for handle in adapter.hooks:
+    for handle in active_adapter(model).hooks:
         handle.remove()
     del model.engram_adapter
+    model.__dict__.pop("save_pretrained", None)
     for p in model.parameters():
         p.requires_grad_(True)
 
@@ -263,7 +311,7 @@ def engram_param_groups(model: nn.Module, lr: float, table_lr_multiplier: float 
                         weight_decay: float = 0.1) -> list[dict]:
     """Optimizer groups for the Engram parameters on the paper's recipe: tables at lr x5 without
     weight decay, the projections and norms at lr."""
-    adapter = model.engram_adapter
+    adapter = active_adapter(model)
     tables = [p for n, p in adapter.named_parameters() if ".table." in n]
     others = [p for n, p in adapter.named_parameters() if ".table." not in n]
     return [{"params": others, "lr": lr, "weight_decay": weight_decay},
@@ -273,7 +321,7 @@ def engram_param_groups(model: nn.Module, lr: float, table_lr_multiplier: float 
 def save_engram_adapter(model: nn.Module, path: str | Path) -> Path:
     """`engram_adapter.json` (the Engram config and hash layout) + `engram_adapter.safetensors`
     (the Engram weights and the compression table)."""
-    adapter = model.engram_adapter
+    adapter = active_adapter(model)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
@@ -285,8 +333,10 @@ def save_engram_adapter(model: nn.Module, path: str | Path) -> Path:
     return path
 
 
-def load_engram_adapter(model: nn.Module, path: str | Path, *, mode: str = "adapter") -> EngramAdapter:
-    """Add a saved Engram adapter to a model of the same architecture and vocabulary."""
+def load_engram_adapter(model: nn.Module, path: str | Path, *, mode: str = "adapter") -> nn.Module:
+    """Add a saved Engram adapter to a model of the same architecture and vocabulary (a folder
+    from `save_engram_adapter`, or from `save_pretrained` of a model with Engram); returns the
+    model."""
     from ..hashing.layout import HashLayout
 
     path = Path(path)
@@ -299,10 +349,10 @@ def load_engram_adapter(model: nn.Module, path: str | Path, *, mode: str = "adap
     if width != hidden or len(compression.lookup_table) != vocab:
         raise ValueError(f"{path} was trained for width {width} and {len(compression.lookup_table)} ids; "
                          f"this model has width {hidden} and {vocab} ids")
-    adapter = add_engram(model, layers=config.layer_ids, config=config, mode=mode)
+    adapter = add_engram(model, layers=config.layer_ids, config=config, mode=mode).engram_adapter
     HashLayout.from_dict(meta["hash_layout"]).check_matches(adapter.hasher.layout, str(path / ADAPTER_CONFIG))
     missing, unexpected = adapter.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise ValueError(f"{path}: adapter weights do not match its config: missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}")
-    return adapter
+    return model

@@ -159,7 +159,7 @@ def test_the_retrofit_keeps_random_rows_and_loads_an_adapter_saved_with_old_name
     from engram import EngramConfig
 
     model = tiny("llama")
-    adapter = add_engram(model, layers=[1], rows_per_head=211, n_embed_per_ngram=16, n_head_per_ngram=2)
+    adapter = add_engram(model, layers=[1], rows_per_head=211, n_embed_per_ngram=16, n_head_per_ngram=2).engram_adapter
     assert adapter.config.table_init_std == 1.0
     assert adapter.engrams["1"].table.weight.std().item() == pytest.approx(1.0, rel=0.1)
     zero = EngramConfig(**{**adapter.config.to_dict(), "table_init_std": 0.0})
