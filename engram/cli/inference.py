@@ -23,9 +23,9 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     from engram.hf.export import export_run
 
     ckpt = export_run(args.run, args.out, warn=lambda m: print(m, file=sys.stderr))
-    print(f"wrote {args.out} (from {ckpt}); load it with: import engram.hf; "
-          f"transformers.AutoModelForCausalLM.from_pretrained({str(args.out)!r}); serve it with: "
-          f"engram serve {args.out}")
+    print(f"wrote {args.out} (from {ckpt}); load it with: transformers.AutoModelForCausalLM.from_pretrained("
+          f"{str(args.out)!r}, trust_remote_code=True) (or import engram.hf first); evaluate it with: lm_eval "
+          f"--model hf --model_args pretrained={args.out},trust_remote_code=True; serve it with: engram serve {args.out}")
 
 
 def _convert(source: Path, args: argparse.Namespace) -> dict:

@@ -92,3 +92,62 @@ def test_without_trust_remote_code_the_error_names_the_way(exported):
                                                  f"AutoModelForCausalLM.from_pretrained({str(exported)!r})"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0 and "trust_remote_code" in done.stderr
+
+
+TASK = """task: engram_local
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+"""
+DOCS = [{"context": "the river city", "choices": ["north", "music", "bridge"], "label": 0},
+        {"context": "the king and the", "choices": ["queen", "harbor", "valley"], "label": 0},
+        {"context": "science history war", "choices": ["trade", "island", "castle"], "label": 1},
+        {"context": "the army and the fleet", "choices": ["harbor", "church", "school"], "label": 0}]
+
+
+def test_lm_eval_command_line_scores_the_folder_as_engram_does(exported, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=FOLDER,trust_remote_code=True` on a local
+    multiple-choice task: every log-likelihood it reports equals engram's own for the same
+    token ids (lm-eval's split of context and continuation)."""
+    pytest.importorskip("lm_eval")
+    from transformers import AutoTokenizer
+
+    from engram.model.io import load_model
+
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(d) for d in DOCS))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "engram_local.yaml").write_text(TASK.format(data=tmp_path / "data.jsonl"))
+    env = {**__import__("os").environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+                           f"pretrained={exported},trust_remote_code=True", "--tasks", "engram_local",
+                           "--include_path", str(tmp_path / "tasks"), "--device", "cpu", "--batch_size", "2",
+                           "--output_path", str(tmp_path / "out"), "--log_samples"],
+                          capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    samples = [json.loads(line) for f in (tmp_path / "out").rglob("samples_engram_local_*.jsonl")
+               for line in f.read_text().splitlines()]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())["results"]["engram_local"]
+    assert len(samples) == len(DOCS)
+    tok, model = AutoTokenizer.from_pretrained(exported), load_model(exported).eval()
+    correct = 0
+    for sample in sorted(samples, key=lambda s: s["doc_id"]):
+        doc, ours = sample["doc"], []
+        for choice in doc["choices"]:
+            context = tok.encode(doc["context"], add_special_tokens=False)
+            whole = tok.encode(doc["context"] + " " + choice, add_special_tokens=False)
+            continuation = whole[len(context):]
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([whole[:-1]])).logits[0].double(), -1)
+            ours.append(sum(float(logp[len(context) - 1 + i, t]) for i, t in enumerate(continuation)))
+        theirs = [float(r[0]) for r in sample["filtered_resps"]]
+        assert theirs == pytest.approx(ours, abs=1e-3)
+        correct += int(max(range(len(ours)), key=ours.__getitem__) == doc["label"])
+    assert results["acc,none"] == pytest.approx(correct / len(DOCS))
