@@ -200,8 +200,10 @@ class NgramHasher:
         self._consts: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     def _constants(self, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """Multipliers, primes and the float kernel's constants on `device` (cached)."""
-        if device not in self._consts:
+        """Multipliers, primes and the float kernel's constants on `device` (cached, except
+        while torch.compile or torch.export traces: those would be its fake tensors, and every
+        later eager call would compute on them)."""
+        if device not in self._consts or torch.compiler.is_compiling():
             lay = self.layout
             mults = torch.tensor([lay.multipliers[l] for l in self.layer_ids], dtype=torch.int64)
             primes = torch.tensor([lay.primes[l] for l in self.layer_ids], dtype=torch.int64)
@@ -212,7 +214,10 @@ class NgramHasher:
                     torch.remainder(torch.full_like(primes, 1 << (2 * _LIMB)), primes).double(),
                     1.0 / primes.double(),
                 ]
-            self._consts[device] = tuple(c.to(device) for c in consts)
+            consts = tuple(c.to(device) for c in consts)
+            if torch.compiler.is_compiling():
+                return consts
+            self._consts[device] = consts
         return self._consts[device]
 
     def _check_ids(self, ids: torch.Tensor, name: str) -> torch.Tensor:

@@ -82,7 +82,10 @@ class Attention(nn.Module):
             k, v = cache.write(k, v)  # [B, G, K, E]: K columns, unwritten ones masked
         gqa = self.n_heads != self.n_kv_heads
         if mask_BTK is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=S > 1, enable_gqa=gqa)
+            # without a cache: causal; over a cache without a mask there is one query (S = 1, checked
+            # above), which sees every written column. A Python bool either way, so torch.export
+            # traces it with a symbolic S.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=cache is None, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_BTK.unsqueeze(1), enable_gqa=gqa)
         return self.wo(y.transpose(1, 2).reshape(B, S, self.n_heads * self.head_dim))

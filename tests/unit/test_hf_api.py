@@ -186,3 +186,26 @@ def test_init_weights_follows_engram_and_keeps_what_a_checkpoint_holds(tmp_path)
             assert torch.equal(again.state_dict()[name], value), name
     conv = again.model.blocks[1].engram.short_conv.weight
     assert not torch.equal(conv, weights["model.blocks.1.engram.short_conv.weight"])
+
+
+def test_torch_export_of_the_forward_with_dynamic_batch_and_length():
+    """torch.export (non-strict) of the cache-free forward: batch and sequence length dynamic
+    (lengths from 3 up to the context; a guard specializes below that), outputs bit-equal to
+    eager on shapes other than the traced one."""
+    hf = hf_model(M=2)
+
+    class Logits(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(ids, use_cache=False).logits
+
+    ids = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(0))
+    batch, length = torch.export.Dim("batch", max=8), torch.export.Dim("length", min=3, max=64)
+    program = torch.export.export(Logits(hf), (ids,), dynamic_shapes={"ids": {0: batch, 1: length}}, strict=False)
+    with torch.no_grad():
+        for shape in ((2, 9), (3, 17), (1, 3), (5, 64)):
+            x = torch.randint(1, 97, shape, generator=torch.Generator().manual_seed(sum(shape)))
+            assert torch.equal(program.module()(x), hf(x, use_cache=False).logits), shape
