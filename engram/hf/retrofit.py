@@ -210,7 +210,8 @@ def _layer_pre_hook(hooks: _Hooks, layer: int):
 
 def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None, config: EngramConfig | None = None,
                rows_per_head: int | None = None, n_head_per_ngram: int = 8, n_embed_per_ngram: int = 256,
-               max_ngram_size: int = 3, mode: str = "adapter", seed: int = 0) -> nn.Module:
+               max_ngram_size: int = 3, mode: str = "adapter", seed: int = 0,
+               table_init_std: float = 1.0) -> nn.Module:
     """Add Engram before the decoder layers `layers` (0-based) of a causal LM, in place, and
     return the model (`model = add_engram(model, ...)`, as with PEFT); the Engram parameters
     are `model.engram_adapter`.
@@ -218,9 +219,11 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
     `tokenizer` (a transformers or tokenizers tokenizer) gives the compression (docs/paper.md step 1);
     without it the raw ids are hashed. `config` overrides everything else; by default the
     tables hold `rows_per_head` rows (default 5x the vocabulary, then the next primes) per head.
-    The value projection starts at zero, so the model's outputs are unchanged until trained;
-    the table rows therefore start N(0, 1) (`table_init_std=1`): with zero rows too, neither
-    would ever get a gradient. `mode`: "adapter" freezes the base model (only Engram trains), "full" trains everything.
+    The model's outputs are unchanged until trained, either way Engram can start:
+    - `table_init_std=1` (default): rows N(0, 1) and the value projection at zero;
+    - `table_init_std=0`: zero rows (what our own training found better, docs/results.md) and
+      the projection at its usual init, so a row's first gradient is not zero.
+    `mode`: "adapter" freezes the base model (only Engram trains), "full" trains everything.
     """
     if hasattr(model, "engram_adapter"):
         raise ValueError("this model already has Engram; remove_engram(model) first")
@@ -241,13 +244,11 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
         config = EngramConfig(compressed_vocab_size=compressed, pad_id=pad, layer_ids=tuple(sorted(layers)),
                               rows_per_head=(rows,) * (max_ngram_size - 1), max_ngram_size=max_ngram_size,
                               n_head_per_ngram=n_head_per_ngram, n_embed_per_ngram=n_embed_per_ngram, seed=seed,
-                              table_init_std=1.0)
-    if config.table_init_std == 0:
-        raise ValueError("add_engram starts the value projection at zero, so zero-initialized table rows "
-                         "(table_init_std=0) would never get a gradient; use table_init_std > 0 (1: N(0, 1))")
+                              table_init_std=table_init_std)
     param = next(p for p in model.parameters() if p.is_floating_point())
     adapter = EngramAdapter(config, compression, vocab, hidden).to(param.device, param.dtype)  # the model's own dtype
-    adapter.zero_values()
+    if config.table_init_std != 0:  # zero rows already make Engram add exactly 0
+        adapter.zero_values()
     if mode == "adapter":
         for p in model.parameters():
             p.requires_grad_(False)

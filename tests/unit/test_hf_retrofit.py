@@ -150,10 +150,11 @@ def test_unsupported_models_and_embeddings_without_ids_are_clear_errors():
         add_engram(model, layers=[1])
 
 
-def test_the_retrofit_keeps_random_rows_and_loads_an_adapter_saved_with_old_names(tmp_path):
-    """The value projection starts at zero, so the rows must not (neither would get a gradient):
-    add_engram draws N(0, 1) rows and refuses zero ones. An adapter saved before the renames
-    (vocab_size_per_ngram, the width and streams inside its config) loads the same."""
+def test_the_retrofit_starts_identical_with_random_or_zero_rows_and_loads_old_adapters(tmp_path):
+    """Either the value projection or the rows start at zero, never both (neither would get a
+    gradient): N(0, 1) rows with a zero projection by default; zero rows with the projection
+    at its init. An adapter saved before the renames (vocab_size_per_ngram, the width and
+    streams inside its config) loads the same."""
     import json
 
     from engram import EngramConfig
@@ -163,8 +164,16 @@ def test_the_retrofit_keeps_random_rows_and_loads_an_adapter_saved_with_old_name
     assert adapter.config.table_init_std == 1.0
     assert adapter.engrams["1"].table.weight.std().item() == pytest.approx(1.0, rel=0.1)
     zero = EngramConfig(**{**adapter.config.to_dict(), "table_init_std": 0.0})
-    with pytest.raises(ValueError, match="zero-initialized table rows .* would never get a gradient"):
-        add_engram(tiny("llama"), layers=[1], config=zero)
+    other, x = tiny("llama"), ids(12, 3)
+    with torch.no_grad():
+        base = other(x).logits
+    add_engram(other, layers=[1], config=zero)  # zero rows, projection at its init: still bit-identical
+    rows = other.engram_adapter.engrams["1"].table.weight
+    assert not rows.any() and other.engram_adapter.engrams["1"].proj.weight.abs().sum() > 0
+    with torch.no_grad():
+        assert torch.equal(other(x).logits, base)
+    other(x, labels=x).loss.backward()
+    assert rows.grad.abs().sum() > 0  # and the rows learn from the first step
     wake(model)
     save_engram_adapter(model, tmp_path / "adapter")
     meta_path = tmp_path / "adapter" / "engram_adapter.json"
