@@ -114,11 +114,11 @@ class EngramForCausalLM(PreTrainedModel, GenerationMixin):
         """transformers' per-module initialization (a model built from a config, or the weights
         a checkpoint lacks): `EngramLM.init_weights`'s rules, module by module, leaving loaded
         tensors alone (`init_weights.init_module`)."""
-        names = self.__dict__.get("_module_names")
-        if names is None or id(module) not in names:
-            names = self.__dict__["_module_names"] = {id(m): n for n, m in self.model.named_modules()}
+        names = self.__dict__.get("_module_names")  # id -> (name, module): the module held, so no id is reused
+        if names is None or names.get(id(module), (None, None))[1] is not module:
+            names = self.__dict__["_module_names"] = {id(m): (n, m) for n, m in self.model.named_modules()}
         if id(module) in names:
-            init_module(self.model, names[id(module)], module)
+            init_module(self.model, names[id(module)][0], module)
 
     def get_input_embeddings(self):
         return self.model.embed
