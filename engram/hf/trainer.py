@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from transformers import Trainer, TrainerCallback
 
-from ..train.optim import TABLE_OPTIMIZERS, SparseRowAdam, clip_grad_norm
+from ..train.optim import TABLE_OPTIMIZERS, SparseRowAdam, clip_grad_norm, closure_loss
 
 
 def is_table(name: str) -> bool:
@@ -50,10 +50,7 @@ class OptimizerChain(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for o in self.optimizers:
             o.step()
         return loss

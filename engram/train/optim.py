@@ -32,15 +32,20 @@ def _load_keeping_dtypes(opt: torch.optim.Optimizer, state_dict: dict) -> None:
                     opt.state[p][key] = value.to(device=p.device, copy=True)
 
 
+def closure_loss(closure):
+    """An optimizer step's `closure` run with gradients on (its loss), or None without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _PerParameterOptimizer(torch.optim.Optimizer):
     """`step` runs the subclass's `_update(p, group)` on every parameter that has a gradient."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None:
