@@ -23,11 +23,10 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) ->
     ids, model.safetensors, the tokenizer, engram_run.json) from the
     run's newest checkpoint that verifies; staged, so `out` is never half-written. Returns the
     checkpoint it exported."""
+    from ..data.tokenizer import special_ids
     from ..durable import staged_dir
     from ..runs import HF_RUN_FILE, open_run, run_data
     from .modeling import EngramForCausalLM
-
-    from ..data.tokenizer import special_ids
 
     model, run_info, ckpt = open_run(run, device="cpu", warn=warn)
     tok = run_data(run_info).tokenizer if run_info.get("data_dir") else None

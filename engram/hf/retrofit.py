@@ -17,7 +17,9 @@ restart the conv from zeros: cached generation would then differ from the full f
 
 from __future__ import annotations
 
+import functools
 import json
+import types
 import weakref
 from pathlib import Path
 from typing import Any, Sequence
@@ -139,10 +141,15 @@ class _Hooks:
     def adapter(self) -> "EngramAdapter":
         return self.model().engram_adapter  # PEFT's wrapper answers with its active copy's attributes
 
+    def __deepcopy__(self, memo: dict) -> "_Hooks":
+        """A deep copy of the model gets hooks that run the copy's adapter (the model is in
+        `memo` by the time its hooks are copied)."""
+        model = self.model()
+        return _Hooks(memo.get(id(model), model))
 
-def _base_pre_hook(hooks: _Hooks):
-    def hook(module, args, kwargs):
-        adapter = hooks.adapter()
+    def base_pre(self, module, args, kwargs):
+        """Before the base model: hash this call's ids, continuing the cache's n-gram history."""
+        adapter = self.adapter()
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if input_ids is None:
             raise ValueError("a model with Engram looks its memory up by token ids: pass input_ids "
@@ -169,29 +176,23 @@ def _base_pre_hook(hooks: _Hooks):
         history = state.ngram_history if state.ngram_history is not None else \
             adapter.hasher.initial_history(B, input_ids.device)
         rows, state.ngram_history = adapter.hasher.hash_step(history, cids, check=False)
-        hooks.pending = {"rows": rows, "valid": valid, "state": state, "engrams": adapter.engrams}
+        self.pending = {"rows": rows, "valid": valid, "state": state, "engrams": adapter.engrams}
         return args, kwargs
 
-    return hook
-
-
-def _base_post_hook(hooks: _Hooks):
-    def hook(module, args, kwargs, output):
-        state = hooks.pending.get("state")
+    def base_post(self, module, args, kwargs, output):
+        """After the base model: the Engram state joins a cache the call created."""
+        state = self.pending.get("state")
         cache = getattr(output, "cache", None)
         if cache is None:
             cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if state is not None and cache is not None and _find_state(cache) is None:
             cache.layers.append(state)  # after the attention layers exist (DynamicCache makes them lazily)
-        hooks.pending = {}
+        self.pending = {}
         return output
 
-    return hook
-
-
-def _layer_pre_hook(hooks: _Hooks, layer: int):
-    def hook(module, args, kwargs):
-        pending = hooks.pending
+    def layer_pre(self, layer: int, module, args, kwargs):
+        """Before decoder layer `layer`: add its Engram output to the hidden states."""
+        pending = self.pending
         if not pending:
             raise RuntimeError("an Engram decoder layer ran without its model's forward (no row ids); call the "
                                "whole model, not a decoder layer alone")
@@ -204,8 +205,6 @@ def _layer_pre_hook(hooks: _Hooks, layer: int):
         else:
             args = (hidden, *args[1:])
         return args, kwargs
-
-    return hook
 
 
 def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None, config: EngramConfig | None = None,
@@ -254,31 +253,26 @@ def add_engram(model: nn.Module, *, layers: Sequence[int], tokenizer: Any = None
             p.requires_grad_(False)
     model.engram_adapter = adapter  # a submodule: moved, saved and counted with the model
     hooks = _Hooks(model)
-    adapter.hooks.append(base.register_forward_pre_hook(_base_pre_hook(hooks), with_kwargs=True))
-    adapter.hooks.append(base.register_forward_hook(_base_post_hook(hooks), with_kwargs=True))
-    for layer in config.layer_ids:
-        adapter.hooks.append(decoder_layers[layer].register_forward_pre_hook(_layer_pre_hook(hooks, layer),
+    adapter.hooks.append(base.register_forward_pre_hook(hooks.base_pre, with_kwargs=True))
+    adapter.hooks.append(base.register_forward_hook(hooks.base_post, with_kwargs=True))
+    for layer in config.layer_ids:  # bound methods, not closures: a deep copy of the model copies them
+        adapter.hooks.append(decoder_layers[layer].register_forward_pre_hook(functools.partial(hooks.layer_pre, layer),
                                                                              with_kwargs=True))
-    if hasattr(model, "save_pretrained"):
-        model.save_pretrained = _save_pretrained_keeping_engram(model)
+    if hasattr(model, "save_pretrained"):  # a bound method: a deep copy of the model saves itself
+        model.save_pretrained = types.MethodType(_save_pretrained_keeping_engram, model)
     return model
 
 
-def _save_pretrained_keeping_engram(model: nn.Module):
-    """The model's `save_pretrained`, which would write the adapter's weights where the base
-    class's `from_pretrained` drops them, made to keep them: the base weights as transformers
-    writes them, the adapter beside them (`save_engram_adapter`), restored after
-    `from_pretrained` by `load_engram_adapter(model, folder)`."""
-    plain = type(model).save_pretrained
-
-    def save_pretrained(save_directory, *args, state_dict=None, **kwargs):
-        state = model.state_dict() if state_dict is None else state_dict
-        plain(model, save_directory, *args, state_dict={k: v for k, v in state.items()
-                                                        if not k.startswith("engram_adapter.")}, **kwargs)
-        if kwargs.get("is_main_process", True):
-            save_engram_adapter(model, save_directory)
-
-    return save_pretrained
+def _save_pretrained_keeping_engram(model: nn.Module, save_directory, *args, state_dict=None, **kwargs):
+    """The model's `save_pretrained` (bound to it by `add_engram`), which would write the
+    adapter's weights where the base class's `from_pretrained` drops them, made to keep them:
+    the base weights as transformers writes them, the adapter beside them
+    (`save_engram_adapter`), restored after `from_pretrained` by `load_engram_adapter`."""
+    state = model.state_dict() if state_dict is None else state_dict
+    type(model).save_pretrained(model, save_directory, *args, **kwargs,
+                                state_dict={k: v for k, v in state.items() if not k.startswith("engram_adapter.")})
+    if kwargs.get("is_main_process", True):
+        save_engram_adapter(model, save_directory)
 
 
 def active_adapter(model: nn.Module) -> "EngramAdapter":

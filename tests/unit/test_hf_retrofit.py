@@ -192,3 +192,28 @@ def test_the_retrofit_starts_identical_with_random_or_zero_rows_and_loads_old_ad
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="trained for width 64"):
         load_engram_adapter(tiny("llama"), tmp_path / "adapter")
+
+
+def test_a_deep_copy_runs_its_own_adapter(tmp_path):
+    """copy.deepcopy of a retrofitted model (a reference model, an EMA) hooks and saves its own
+    adapter."""
+    import copy
+
+    model = tiny("llama")
+    add_engram(model, layers=[1], rows_per_head=211, n_embed_per_ngram=16, n_head_per_ngram=2)
+    wake(model)
+    twin = copy.deepcopy(model)
+    x = ids(10, 4)
+    with torch.no_grad():
+        before = model(x).logits
+        assert torch.equal(twin(x).logits, before)
+        for p in twin.engram_adapter.parameters():
+            p.add_(0.5)
+        assert not torch.equal(twin(x).logits, before)
+        assert torch.equal(model(x).logits, before)  # the original still runs its own
+        after = twin(x).logits
+    twin.save_pretrained(tmp_path)  # and saves its own
+    from transformers import LlamaForCausalLM
+
+    with torch.no_grad():
+        assert torch.equal(load_engram_adapter(LlamaForCausalLM.from_pretrained(tmp_path), tmp_path)(x).logits, after)
