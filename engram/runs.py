@@ -25,7 +25,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -321,11 +321,23 @@ def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None, releas
     return factory
 
 
+def checkpoint_identity(ckpt: str | os.PathLike) -> dict[str, Any]:
+    """What names a checkpoint's weights: its path and the sha256 of its weights file (from its
+    checksums.json, not recomputed; None where there is none, e.g. a transformers folder)."""
+    ckpt = Path(ckpt)
+    sums_file = ckpt / "checksums.json"
+    sums = json.loads(sums_file.read_text()) if sums_file.is_file() else {}
+    return {"checkpoint": str(ckpt), "weights_sha256": sums.get("model.safetensors")}
+
+
 def open_run(path: str | os.PathLike, *, tables: str | os.PathLike | None = None, cache_rows: int | None = None,
-             device: str | torch.device | None = "cpu", warn=print) -> OpenedRun:
+             device: str | torch.device | None = "cpu", warn=print, overlays: Sequence[str | os.PathLike] = (),
+             force_overlays: bool = False) -> OpenedRun:
     """The newest good checkpoint of a run (or a transformers folder from `engram export-hf`)
     as a model in eval mode on `device` ("auto": a GPU when there is one). With `tables` (a
-    folder from `engram offload`) the Engram tables are served from disk, never loaded."""
+    folder from `engram offload`) the Engram tables are served from disk, never loaded.
+    `overlays` (folders from `engram memory forget|write --overlay`) are stacked over the
+    tables in the order given (`engram.memory.overlay`)."""
     from .device import resolve_device
 
     path = Path(path)
@@ -339,6 +351,11 @@ def open_run(path: str | os.PathLike, *, tables: str | os.PathLike | None = None
     if not isinstance(device, torch.device):
         device = resolve_device(device or "auto")
     model = load_model(ckpt, device=device, table_factory=disk_tables(tables, cache_rows) if tables else None)
+    if overlays:
+        from .memory.overlay import Overlay, apply_overlays
+
+        apply_overlays(model, [Overlay.load(o) for o in overlays], parent=checkpoint_identity(ckpt),
+                       force=force_overlays)
     return OpenedRun(model.eval(), info, ckpt)
 
 

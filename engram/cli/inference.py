@@ -10,12 +10,18 @@ from .args import (UserError, add_device_options, existing_dir, nonneg_float, no
                    probability)
 
 
-def open_run(path: str, tables: str | None = None, cache_rows: int | None = None, device: str | None = None):
-    """`engram.runs.open_run` with skipped checkpoints reported on stderr and the bf16 warning."""
+def open_run(path: str, tables: str | None = None, cache_rows: int | None = None, device: str | None = None,
+             overlays=(), force_overlays: bool = False):
+    """`engram.runs.open_run` with skipped checkpoints reported on stderr and the bf16 warning;
+    an overlay that does not fit is a one-line error."""
+    from engram.memory.overlay import OverlayError
     from engram.runs import open_run as open_
 
-    return open_(path, tables=tables, cache_rows=cache_rows, device=device or "auto",
-                 warn=lambda m: print(m, file=sys.stderr))
+    try:
+        return open_(path, tables=tables, cache_rows=cache_rows, device=device or "auto",
+                     warn=lambda m: print(m, file=sys.stderr), overlays=overlays or (), force_overlays=force_overlays)
+    except OverlayError as e:
+        raise UserError(str(e)) from None
 
 
 def cmd_export_hf(args: argparse.Namespace) -> None:
@@ -81,7 +87,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from engram.eval import evaluate
     from engram.runs import run_data
 
-    model, run, ckpt = open_run(args.run, args.tables, args.cache_rows, args.device)
+    model, run, ckpt = open_run(args.run, args.tables, args.cache_rows, args.device, args.overlay, args.force_overlay)
     warn_if_slow(model.embed.weight.device, args.dtype or "fp32")
     seq_len = args.seq_len or run["train"].get("seq_len") or model.config.max_seq_len
     if seq_len > model.config.max_seq_len:
@@ -110,7 +116,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from engram.runs import run_data
     from engram.train.loop import sample_text
 
-    model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device)
+    model, run, _ = open_run(args.run, args.tables, args.cache_rows, args.device, args.overlay, args.force_overlay)
     warn_if_slow(model.embed.weight.device, args.dtype or "fp32")
     tok = run_data(run).tokenizer
     print(sample_text(model, tok, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -149,6 +155,11 @@ def _add_serving_options(parser) -> None:
     """Where the model runs and where its tables are served from (eval and generate)."""
     parser.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this folder (engram offload)")
     parser.add_argument("--cache-rows", type=positive_int, help="hot rows kept in memory in front of --tables")
+    parser.add_argument("--overlay", type=existing_dir, nargs="+", action="extend", metavar="DIR",
+                        help="memory overlays (engram memory forget|write --overlay) applied over the tables, in "
+                        "this order (a later one wins on a row both change)")
+    parser.add_argument("--force-overlay", action="store_true",
+                        help="apply overlays whose base rows or parent differ from the ones they were made on")
     add_device_options(parser)
 
 

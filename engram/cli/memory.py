@@ -58,8 +58,12 @@ def _report(result: dict) -> None:
     print(f"  text loss     {b['text_loss']:.4f} -> {a['text_loss']:.4f} ({a['text_loss'] - b['text_loss']:+.4f})")
     print(f"  held-out loss {b['held_out_loss']:.4f} -> {a['held_out_loss']:.4f} "
           f"({a['held_out_loss'] - b['held_out_loss']:+.4f})")
-    print(f"  edit log: {result['out']}/checkpoints/*/edit_log.json (replay it with: engram memory replay "
-          f"{result['out']})")
+    if result.get("overlay"):
+        print(f"  overlay: {result['out']} ({result['overlay_bytes']:,} bytes of rows; apply it with: engram eval|"
+              f"generate RUN --overlay {result['out']})")
+    else:
+        print(f"  edit log: {result['out']}/checkpoints/*/edit_log.json (replay it with: engram memory replay "
+              f"{result['out']})")
 
 
 def cmd_forget(args: argparse.Namespace) -> None:
@@ -67,7 +71,7 @@ def cmd_forget(args: argparse.Namespace) -> None:
     from engram.lifecycle import forget
 
     _report(forget(args.run, _texts(args), out=args.out, mode=args.mode, force=args.force,
-                   max_count=args.max_count, max_shared=args.max_shared, index=args.index))
+                   max_count=args.max_count, max_shared=args.max_shared, index=args.index, overlay=args.overlay))
 
 
 def cmd_write(args: argparse.Namespace) -> None:
@@ -75,7 +79,7 @@ def cmd_write(args: argparse.Namespace) -> None:
     from engram.lifecycle import write
 
     _report(write(args.run, _texts(args), out=args.out, steps=args.steps, lr=args.lr, force=args.force,
-                  max_count=args.max_count, max_shared=args.max_shared, index=args.index))
+                  max_count=args.max_count, max_shared=args.max_shared, index=args.index, overlay=args.overlay))
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -120,7 +124,10 @@ def add_commands(sub) -> None:
         p = msub.add_parser(name, help=func.__doc__, description=func.__doc__)
         p.add_argument("run", type=existing_dir)
         _text_options(p)
-        p.add_argument("--out", type=out_dir, required=True, help="the new run folder (must not exist)")
+        p.add_argument("--out", type=out_dir, required=True, help="the new run folder, or with --overlay the "
+                       "overlay folder (must not exist)")
+        p.add_argument("--overlay", action="store_true", help="write only the changed rows, as an overlay folder "
+                       "(apply it with engram eval|generate RUN --overlay DIR) instead of a whole new run")
         p.add_argument("--force", action="store_true", help="also change rows shared with other n-grams or common")
         _common(p)
         if name == "forget":

@@ -26,10 +26,11 @@ from ..eval import evaluate, held_out_loss
 from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRow, EditLog, PatchedTable,
                               addressed_rows, forget_rows, record_rows, replay as replay_log, row_sha256,
                               split_rows)
+from ..memory.overlay import OVERLAY_ROWS, from_edit
 from ..memory.row_index import RowIndex, RowIndexError
 from ..model.transformer import EngramLM
-from ..runs import (Checkpoints, RunError, load_checkpoint, newest_checkpoint, read_run, run_data as _run_data,
-                    write_run)
+from ..runs import (Checkpoints, RunError, checkpoint_identity, load_checkpoint, newest_checkpoint, read_run,
+                    run_data as _run_data, write_run)
 from ..data.dataset import PreparedData
 from ..train.trainer import Trainer, TrainingDiverged
 
@@ -223,11 +224,31 @@ def _save_edited(out: Path, parent: Path, parent_json: dict[str, Any], ckpt: Pat
     return out
 
 
+def _save_overlay(out: Path, parent: Path, ckpt: Path, model: EngramLM, log: EditLog,
+                  summary: dict[str, Any]) -> int:
+    """The edit as an overlay folder (`engram.memory.overlay`); returns the bytes of its rows."""
+    if out.exists():
+        raise EditError(f"{out} exists; write the overlay to a new folder")
+    log.detail = {**log.detail, "summary": summary}
+    overlay = from_edit(log, model.layout, {"run": str(parent), **checkpoint_identity(ckpt)})
+    overlay.save(out)
+    return (out / OVERLAY_ROWS).stat().st_size
+
+
+def _save(out: Path, run: Path, run_json: dict[str, Any], ckpt: Path, model: EngramLM, log: EditLog,
+          summary: dict[str, Any], overlay: bool) -> dict[str, Any]:
+    if overlay:
+        return {"overlay": True, "overlay_bytes": _save_overlay(out, run, ckpt, model, log, summary)}
+    _save_edited(out, run, run_json, ckpt, model, log, summary)
+    return {}
+
+
 def forget(run: str | Path, texts: str | Sequence[str], *, out: str | Path, mode: str = "zero",
            force: bool = False, max_count: int = DEFAULT_MAX_COUNT, max_shared: float = DEFAULT_MAX_SHARED,
-           index: str | Path | None = None, eval_windows: int = 16) -> dict[str, Any]:
-    """Reset the rows the texts own (see `engram.memory.editing`) and save the model as a new run;
-    returns what changed, what was left alone and why, and the losses before and after."""
+           index: str | Path | None = None, eval_windows: int = 16, overlay: bool = False) -> dict[str, Any]:
+    """Reset the rows the texts own (see `engram.memory.editing`) and save the model as a new run
+    (or, with `overlay`, only the changed rows as an overlay folder); returns what changed, what
+    was left alone and why, and the losses before and after."""
     run, out = Path(run), Path(out)
     model, run_json, ckpt = open_run(run)
     data, texts = run_data(run, run_json), _texts(texts)
@@ -241,9 +262,9 @@ def forget(run: str | Path, texts: str | Sequence[str], *, out: str | Path, mode
         raise EditError(str(e)) from None
     after = _measure(model, data, ids, seq_len, eval_windows)
     summary = {"texts": texts, "max_count": max_count, "max_shared": max_shared, "before": before, "after": after}
-    _save_edited(out, run, run_json, ckpt, model, log, summary)
+    saved = _save(out, run, run_json, ckpt, model, log, summary, overlay)
     return {"out": str(out), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
-            "log": log.to_dict()}
+            "log": log.to_dict(), **saved}
 
 
 def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], *, steps: int, lr: float,
@@ -285,9 +306,11 @@ def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], 
 
 def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps: int = 50, lr: float = 0.05,
           force: bool = False, max_count: int = DEFAULT_MAX_COUNT, max_shared: float = DEFAULT_MAX_SHARED,
-          index: str | Path | None = None, eval_windows: int = 16, seed: int = 0) -> dict[str, Any]:
+          index: str | Path | None = None, eval_windows: int = 16, seed: int = 0,
+          overlay: bool = False) -> dict[str, Any]:
     """Fine-tune only the rows the texts own (all they address with `force`) on the texts'
-    next-token loss, everything else frozen, and save the model as a new run."""
+    next-token loss, everything else frozen, and save the model as a new run (or, with
+    `overlay`, only the changed rows as an overlay folder)."""
     run, out = Path(run), Path(out)
     if steps < 1:
         raise EditError(f"steps must be >= 1, got {steps}")
@@ -305,9 +328,9 @@ def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps
     after = _measure(model, data, ids, seq_len, eval_windows)
     summary = {"texts": texts, "steps": steps, "lr": lr, "max_count": max_count, "max_shared": max_shared,
                "before": before, "after": after}
-    _save_edited(out, run, run_json, ckpt, model, log, summary)
+    saved = _save(out, run, run_json, ckpt, model, log, summary, overlay)
     return {"out": str(out), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
-            "log": log.to_dict()}
+            "log": log.to_dict(), **saved}
 
 
 def replay(edited: str | Path, on: str | Path | None = None) -> dict[str, Any]:

@@ -158,3 +158,32 @@ def test_an_index_of_another_run_and_a_run_without_engram_are_refused(indexed_ru
     train_with(lambda c: c.update(engram=None), small_dataset, plain, capsys)
     code, _, err = run(capsys, "memory", "index", str(plain))
     assert code == 2 and "without Engram layers" in err
+
+
+@pytest.mark.parametrize("op", ["forget", "write"])
+def test_an_overlay_is_small_and_serves_the_edited_runs_numbers(indexed_run, tmp_path, capsys, op):
+    """`--overlay` writes only the changed rows; `eval`/`generate --overlay` give the materialized
+    edit's numbers exactly; an overlay on another run's parent, or twice stacked (its base rows
+    are no longer the ones it was made on), is refused by name."""
+    text = TEXT if op == "forget" else "the queen music valley bridge castle fleet"
+    extra = ["--steps", "15"] if op == "write" else []
+    base = ["memory", op, str(indexed_run), "--text", text, "--force", *extra]
+    assert run(capsys, *base, "--out", str(tmp_path / "run"))[0] == 0
+    code, out, _ = run(capsys, *base, "--overlay", "--out", str(tmp_path / "ov"))
+    assert code == 0 and "overlay:" in out
+    manifest = json.loads((tmp_path / "ov" / "overlay.json").read_text())
+    weights = next((tmp_path / "run").glob("checkpoints/*/model.safetensors")).stat().st_size
+    rows = manifest["changed_rows"]
+    assert rows > 0 and manifest["rows_file"]["bytes"] < weights / 20  # O(rows changed), not the tables
+    assert manifest["rows_file"]["bytes"] <= rows * (8 + 4 * 64) + 1024
+    for argv in (["eval", "--windows", "4"], ["generate", "--prompt", "the river", "--max-new-tokens", "8",
+                                               "--temperature", "0"]):
+        code_run, out_run, _ = run(capsys, argv[0], str(tmp_path / "run"), *argv[1:])
+        code_ov, out_ov, _ = run(capsys, argv[0], str(indexed_run), *argv[1:], "--overlay", str(tmp_path / "ov"))
+        assert code_run == code_ov == 0
+        assert out_run.split(":", 1)[-1] == out_ov.split(":", 1)[-1]  # the same loss / text
+    code, _, err = run(capsys, "eval", str(indexed_run), "--windows", "2", "--overlay", str(tmp_path / "ov"),
+                       str(tmp_path / "ov"))
+    assert code == 2 and "differ from the rows it was made on" in err
+    code, _, err = run(capsys, "eval", str(tmp_path / "run"), "--windows", "2", "--overlay", str(tmp_path / "ov"))
+    assert code == 2 and "was made on" in err and "--force" in err
