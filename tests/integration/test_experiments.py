@@ -328,3 +328,28 @@ def test_long_context_runs_and_reports_by_task_and_length(tmp_path):
     assert {int(k.split("@")[1]) for k in cells} == {256, 512, 1024}
     assert all(0 <= c["mean"] <= 1 and c["mean_prompt_tokens"] > 0 for c in cells.values())
     assert "minus_moe" in cells["mq_niah@256"] and (tmp_path / "long_context.png").is_file()
+
+
+def test_retrofit_facts_arms_match_parameters_and_resume(tmp_path):
+    pytest.importorskip("peft")
+    from engram.data.dataset import prepare_dataset
+    from engram.experiments.retrofit_facts import run_retrofit_facts
+
+    data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=16, vocab_size=2048,
+                           log=lambda *a: None)
+    kw = dict(seeds=(0,), steps=2, base_steps=2, written=4, untouched=4, rows_per_head=211, batch_size=4,
+              seq_len=64, log=lambda *a: None)
+    res = run_retrofit_facts(tmp_path, data, **kw)
+    arms = res["arms"]
+    assert set(arms) == {"engram", "engram_2rows", "lora"}
+    engram, lora = arms["engram"]["trainable_parameters"], arms["lora"]["trainable_parameters"]
+    assert abs(lora / engram - 1) < 0.1 and arms["engram_2rows"]["trainable_parameters"] < engram  # equal params
+    for a in arms.values():
+        run = a["by_seed"][0]
+        assert 0 <= run["recall_written"] <= 1 and run["held_out"]["kl"] >= 0 and run["known"]["kl"] >= 0
+    assert res["written_texts"] == 4 * 5 and (tmp_path / "retrofit_facts.png").is_file()
+    done = tmp_path / "runs" / "retrofit_facts" / "lora_seed0.json"
+    stamp = done.stat().st_mtime_ns
+    again = run_retrofit_facts(tmp_path, data, **kw)  # resumes: the finished runs are read, not redone
+    assert done.stat().st_mtime_ns == stamp and again["arms"]["lora"]["by_seed"] == arms["lora"]["by_seed"]
+    assert "engram_minus_control" in _experiment_summary(res)
