@@ -17,7 +17,6 @@ run (or an exported transformers folder) for evaluation and serving.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ from typing import Any, Callable, Sequence
 import torch
 from safetensors.torch import load_file, save_file
 
-from .durable import atomic_write_text, replace_dir
+from .durable import atomic_write_text, file_sha256, replace_dir
 from .model.io import load_model, write_model_files
 from .model.transformer import EngramLM
 
@@ -46,14 +45,6 @@ class CheckpointError(ValueError):
 
 class RunError(ValueError):
     """A folder that is not the run asked for (no run.json, no usable checkpoint, no dataset)."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def optimizer_payload(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:
@@ -123,7 +114,7 @@ def finish_checkpoint(tmp: Path, run_dir: str | os.PathLike, step: int, keep_las
     every file and the folder, rename into place, fsync checkpoints/ (`replace_dir`); then
     delete all but the newest `keep_last`."""
     files = sorted(f for f in tmp.rglob("*") if f.is_file())
-    sums = {str(f.relative_to(tmp)): _sha256(f) for f in files}
+    sums = {str(f.relative_to(tmp)): file_sha256(f) for f in files}
     (tmp / "checksums.json").write_text(json.dumps(sums, indent=1))
     final = Path(run_dir) / "checkpoints" / f"step_{step:08d}"
     replace_dir(tmp, final)
@@ -166,7 +157,7 @@ def verify_checkpoint(path: Path) -> None:
         f = path / name
         if not f.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if _sha256(f) != digest:
+        if file_sha256(f) != digest:
             raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
 
 

@@ -1,5 +1,5 @@
-"""`engram memory index|locate|forget|write|replay`: what the memory holds for a phrase, and
-edits of it that never touch the source run (engram.lifecycle)."""
+"""`engram memory index|locate|forget|write|overlay|replay`: what the memory holds for a phrase,
+and edits of it that never touch the source run (engram.lifecycle)."""
 
 from __future__ import annotations
 
@@ -90,6 +90,26 @@ def cmd_replay(args: argparse.Namespace) -> None:
     print(f"replayed {r['rows']} rows of {r['edited']} on {r['parent']}: identical")
 
 
+def cmd_overlay(args: argparse.Namespace) -> None:
+    """Inspect, verify against a run, merge into a new run, or delete memory overlays."""
+    from engram.lifecycle import overlays as ops
+
+    if args.overlay_command == "show":
+        for folder in args.overlays:
+            print(json.dumps(ops.overlay_show(folder), indent=1))
+    elif args.overlay_command == "verify":
+        for folder in args.overlays:
+            r = ops.overlay_verify(folder, args.run)
+            print(f"{folder}: fits {r['checkpoint']} ({r['rows']} rows: layout, parent and base rows checked)")
+    elif args.overlay_command == "merge":
+        r = ops.overlay_merge(args.overlays, args.run, out=args.out, force=args.force)
+        print(f"merged {r['overlays']} overlay(s), {r['changed']} rows, into {r['out']} (replay it with: engram "
+              f"memory replay {r['out']})")
+    else:
+        for folder in args.overlays:
+            print(f"dropped {ops.overlay_drop(folder)['dropped']}")
+
+
 def _text_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", action="append", help="text to act on (repeatable)")
     p.add_argument("--text-file", type=existing_file, help="a file of texts, one per line")
@@ -137,6 +157,19 @@ def add_commands(sub) -> None:
             p.add_argument("--steps", type=positive_int, default=50)
             p.add_argument("--lr", type=positive_float, default=0.05)
         p.set_defaults(func=func)
+    p = msub.add_parser("overlay", help=cmd_overlay.__doc__, description=cmd_overlay.__doc__)
+    osub = p.add_subparsers(dest="overlay_command", required=True, parser_class=type(mem))
+    for name, help_ in (("show", "what each overlay holds"), ("verify", "check overlays fit --run"),
+                        ("merge", "write --run with the overlays applied in order as a new run --out"),
+                        ("drop", "delete overlay folders (only folders that are overlays)")):
+        q = osub.add_parser(name, help=help_, description=help_)
+        q.add_argument("overlays", type=existing_dir, nargs="+", metavar="OVERLAY")
+        if name in ("verify", "merge"):
+            q.add_argument("--run", type=existing_dir, required=True, help="the run the overlays apply to")
+        if name == "merge":
+            q.add_argument("--out", type=out_dir, required=True, help="the new run folder (must not exist)")
+            q.add_argument("--force", action="store_true", help="merge even where base rows or the parent differ")
+        q.set_defaults(func=cmd_overlay)
     p = msub.add_parser("replay", help=cmd_replay.__doc__, description=cmd_replay.__doc__)
     p.add_argument("edited", type=existing_dir, help="an edited run (from engram memory forget/write)")
     p.add_argument("--on", type=existing_dir, help="the run to replay on (default: the edited run's parent)")

@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..durable import staged_dir
+from ..durable import file_sha256, staged_dir
 from ..hashing.layout import HashLayout
 from .table import MemoryTable
 
@@ -43,14 +43,6 @@ class OverlayError(ValueError):
 
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def rows_sha256(values: torch.Tensor) -> list[str]:
@@ -89,7 +81,7 @@ class Overlay:
             manifest = {"format": FORMAT, "layout": self.layout, "parent": self.parent,
                         "before_sha256": {str(k): v for k, v in sorted(self.before_sha256.items())},
                         "changed_rows": self.changed_rows, "rows_file": {
-                            "name": OVERLAY_ROWS, "sha256": _file_sha256(tmp / OVERLAY_ROWS),
+                            "name": OVERLAY_ROWS, "sha256": file_sha256(tmp / OVERLAY_ROWS),
                             "bytes": (tmp / OVERLAY_ROWS).stat().st_size}, "log": self.log}
             (tmp / OVERLAY_JSON).write_text(json.dumps(manifest, indent=1))
         self.path = out
@@ -110,7 +102,7 @@ class Overlay:
             raise OverlayError(f"{manifest_path} is not valid JSON ({e})") from None
         if manifest.get("format") != FORMAT:
             raise OverlayError(f"{manifest_path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-        if _file_sha256(rows_path) != manifest["rows_file"]["sha256"]:
+        if file_sha256(rows_path) != manifest["rows_file"]["sha256"]:
             raise OverlayError(f"{rows_path} does not match the sha256 in {OVERLAY_JSON} (corrupt or truncated)")
         try:
             tensors = load_file(str(rows_path))

@@ -187,3 +187,30 @@ def test_an_overlay_is_small_and_serves_the_edited_runs_numbers(indexed_run, tmp
     assert code == 2 and "differ from the rows it was made on" in err
     code, _, err = run(capsys, "eval", str(tmp_path / "run"), "--windows", "2", "--overlay", str(tmp_path / "ov"))
     assert code == 2 and "was made on" in err and "--force" in err
+
+
+def test_overlay_show_verify_merge_and_drop(indexed_run, tmp_path, capsys):
+    """Two overlays merged into a run equal serving the run with both (bit for bit, and the
+    merged run replays); verify names a misfit; drop deletes only overlay folders."""
+    write = ["memory", "write", str(indexed_run), "--steps", "5", "--force", "--overlay"]
+    assert run(capsys, *write, "--text", "the queen music valley", "--out", str(tmp_path / "a"))[0] == 0
+    assert run(capsys, *write, "--text", "river castle fleet harbor", "--out", str(tmp_path / "b"))[0] == 0
+    code, out, _ = run(capsys, "memory", "overlay", "show", str(tmp_path / "a"))
+    shown = json.loads(out)
+    assert code == 0 and shown["op"] == "write" and shown["changed_rows"] > 0
+    assert shown["parent"]["weights_sha256"] and shown["texts"] == ["the queen music valley"]
+    code, out, _ = run(capsys, "memory", "overlay", "verify", str(tmp_path / "a"), "--run", str(indexed_run))
+    assert code == 0 and "fits" in out
+    code, out, _ = run(capsys, "memory", "overlay", "merge", str(tmp_path / "a"), str(tmp_path / "b"),
+                       "--run", str(indexed_run), "--out", str(tmp_path / "merged"))
+    assert code == 0 and "merged 2 overlay(s)" in out
+    argv = ["eval", "--windows", "4"]
+    served = run(capsys, argv[0], str(indexed_run), *argv[1:], "--overlay", str(tmp_path / "a"), str(tmp_path / "b"))
+    merged = run(capsys, argv[0], str(tmp_path / "merged"), *argv[1:])
+    assert served[0] == merged[0] == 0 and served[1].split(":", 1)[-1] == merged[1].split(":", 1)[-1]
+    assert run(capsys, "memory", "replay", str(tmp_path / "merged"))[0] == 0
+    code, _, err = run(capsys, "memory", "overlay", "verify", str(tmp_path / "a"), "--run", str(tmp_path / "merged"))
+    assert code == 2 and "was made on" in err
+    code, _, err = run(capsys, "memory", "overlay", "drop", str(indexed_run))
+    assert code == 2 and "is not an overlay" in err and (indexed_run / "run.json").is_file()
+    assert run(capsys, "memory", "overlay", "drop", str(tmp_path / "b"))[0] == 0 and not (tmp_path / "b").exists()
