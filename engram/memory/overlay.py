@@ -112,7 +112,8 @@ class Overlay:
         rows = {}
         for layer in before:
             r, v = tensors.get(f"layer{layer}.rows"), tensors.get(f"layer{layer}.values")
-            if r is None or v is None or r.dim() != 1 or v.dim() != 2 or r.numel() != v.shape[0] != len(before[layer]):
+            if (r is None or v is None or r.dim() != 1 or v.dim() != 2 or r.numel() != v.shape[0]
+                    or r.numel() != len(before[layer])):
                 raise OverlayError(f"{rows_path}: the rows of layer {layer} do not match {OVERLAY_JSON}")
             rows[layer] = (r, v)
         return cls(manifest["layout"], manifest["parent"], rows, before, manifest.get("log", {}), folder)

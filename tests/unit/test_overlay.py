@@ -112,6 +112,12 @@ def test_overlays_that_do_not_belong_are_refused_by_name(tmp_path):
     with pytest.raises(OverlayError, match="made on parent .*not on this model's step_9"):
         apply_overlays(model, [overlay], parent={"checkpoint": "step_9", "weights_sha256": "bb" * 32})
     overlay.save(tmp_path / "ov")
+    manifest_path = tmp_path / "ov" / OVERLAY_JSON
+    manifest = json.loads(manifest_path.read_text())
+    manifest["before_sha256"][str(LAYER)].pop()  # a manifest that no longer describes its rows
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(OverlayError, match="the rows of layer 1 do not match"):
+        Overlay.load(tmp_path / "ov")
     data = (tmp_path / "ov" / OVERLAY_ROWS).read_bytes()
     (tmp_path / "ov" / OVERLAY_ROWS).write_bytes(data[:-3])
     with pytest.raises(OverlayError, match="does not match the sha256"):
