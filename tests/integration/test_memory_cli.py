@@ -160,18 +160,23 @@ def test_an_index_of_another_run_and_a_run_without_engram_are_refused(indexed_ru
     assert code == 2 and "without Engram layers" in err
 
 
-@pytest.mark.parametrize("op", ["forget", "write"])
+@pytest.mark.parametrize("op", ["forget", "write", "write_many"])
 def test_an_overlay_is_small_and_serves_the_edited_runs_numbers(indexed_run, tmp_path, capsys, op):
     """`--overlay` writes only the changed rows; `eval`/`generate --overlay` give the materialized
     edit's numbers exactly; an overlay on another run's parent, or twice stacked (its base rows
-    are no longer the ones it was made on), is refused by name."""
-    text = TEXT if op == "forget" else "the queen music valley bridge castle fleet"
-    extra = ["--steps", "15"] if op == "write" else []
-    base = ["memory", op, str(indexed_run), "--text", text, "--force", *extra]
+    are no longer the ones it was made on), is refused by name. `write_many`: one overlay
+    trained on a set of texts at once (a user's facts, from --text-file)."""
+    texts = ["--text", TEXT] if op == "forget" else ["--text", "the queen music valley bridge castle fleet"]
+    if op == "write_many":
+        (tmp_path / "facts.txt").write_text("the queen music valley\nriver castle fleet harbor\nthe king empire north\n")
+        texts = ["--text-file", str(tmp_path / "facts.txt")]
+    extra = ["--steps", "15"] if op != "forget" else []
+    base = ["memory", op.split("_")[0], str(indexed_run), *texts, "--force", *extra]
     assert run(capsys, *base, "--out", str(tmp_path / "run"))[0] == 0
     code, out, _ = run(capsys, *base, "--overlay", "--out", str(tmp_path / "ov"))
     assert code == 0 and "overlay:" in out
     manifest = json.loads((tmp_path / "ov" / "overlay.json").read_text())
+    assert len(manifest["log"]["summary"]["texts"]) == (3 if op == "write_many" else 1)
     weights = next((tmp_path / "run").glob("checkpoints/*/model.safetensors")).stat().st_size
     rows = manifest["changed_rows"]
     assert rows > 0 and manifest["rows_file"]["bytes"] < weights / 20  # O(rows changed), not the tables
