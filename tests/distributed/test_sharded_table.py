@@ -57,3 +57,30 @@ def test_rows_and_gradients_equal_the_whole_table(world_size, sparse, sizes):
         assert r["sparse"] == sparse
         err = (r["grad"] - ref[r["start"]:r["end"]]).abs().max().item() if r["end"] > r["start"] else 0.0
         assert err < 1e-12, f"rank rows [{r['start']}, {r['end']}): gradient differs by {err}"
+
+
+def _overlay(rank, world_size):
+    from engram.distributed import ShardedTable
+    from engram.memory import InMemoryTable
+    from engram.memory.overlay import OverlayTable, read_rows, rows_sha256
+
+    torch.manual_seed(0)
+    full = InMemoryTable(SIZES, 4, dtype=torch.float64)  # the same on every rank
+    sharded = ShardedTable.from_table(full)
+    read = torch.cat([(_rows(r) + full.offsets).flatten() for r in range(world_size)]).unique()
+    rows = torch.cat([read[:3], read[-3:]])  # rows both ranks' lookups read, in both ranks' slices
+    values = torch.randn(len(rows), 4, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    before_ok = rows_sha256(read_rows(sharded, rows)) == rows_sha256(full.weight.detach()[rows])  # collective read
+    ids = _rows(rank)
+    with torch.no_grad():
+        got = OverlayTable(sharded, rows, values)(ids)
+        want = OverlayTable(full, rows, values)(ids)
+        changed = not torch.equal(want, full(ids))  # the overlay's rows are read, and differ
+    return {"before_ok": before_ok, "equal": torch.equal(got, want), "hit": changed}
+
+
+def test_an_overlay_over_a_sharded_table_equals_it_over_the_whole_table():
+    """Every rank serves the overlay's rows over its shard exactly as over the whole table, and
+    the base-row check reads the sharded rows (a collective gather) as the whole table's."""
+    results = run_ranks(_overlay, 2)
+    assert all(r["before_ok"] and r["equal"] for r in results) and all(r["hit"] for r in results)
