@@ -17,12 +17,13 @@ import tempfile
 from pathlib import Path
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in 1 MiB blocks (checksums of what was written)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """sha256 of a file's bytes, read `chunk_bytes` at a time into one reused buffer
+    (checksums of what was written: checkpoints, table files, overlays)."""
+    h, buf = hashlib.sha256(), bytearray(chunk_bytes)
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(memoryview(buf)[:n])
     return h.hexdigest()
 
 

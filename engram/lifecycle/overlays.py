@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from ..memory.editing import EditLog, editable_table, row_sha256
-from ..memory.overlay import OVERLAY_JSON, OVERLAY_ROWS, Overlay, OverlayError, apply_overlays
+from ..memory.overlay import OVERLAY_JSON, OVERLAY_ROWS, Overlay, OverlayError, apply_overlays, read_rows
 from ..runs import checkpoint_identity
 from .memory_ops import EditError, _save_edited, open_run
 
@@ -51,31 +51,28 @@ def overlay_merge(folders: Sequence[str | Path], run: str | Path, *, out: str | 
     every row: `engram memory replay` reproduces it). Bit-equal to serving `run` with them."""
     overlays = [_load(f) for f in folders]
     model, run_json, ckpt = open_run(run)
+    plain = {layer: editable_table(model.blocks[layer].engram.table, layer) for layer in model.engram_layers}
     try:  # the same checks as serving them: layout, parent, base rows (in stacking order)
         apply_overlays(model, overlays, parent=checkpoint_identity(ckpt), force=force)
     except OverlayError as e:
         raise EditError(str(e)) from None
-    model, _, _ = open_run(run)  # fresh resident tables to write the rows into
-    rows_by_layer: dict[int, set[int]] = {}
+    rows_by_layer: dict[int, list[int]] = {}
     for ov in overlays:
         for layer, (rows, _) in ov.rows.items():
-            rows_by_layer.setdefault(layer, set()).update(rows.tolist())
-    before = {layer: row_sha256(editable_table(model.blocks[layer].engram.table, layer), sorted(r))
-              for layer, r in rows_by_layer.items()}
-    with torch.no_grad():
-        for ov in overlays:  # in order: a later overlay overwrites an earlier one's rows
-            for layer, (rows, values) in ov.rows.items():
-                table = editable_table(model.blocks[layer].engram.table, layer)
-                table.weight[rows.to(table.weight.device)] = values.to(table.weight.device, table.weight.dtype)
+            rows_by_layer[layer] = sorted(set(rows_by_layer.get(layer, [])) | set(rows.tolist()))
     changed, values = [], {}
-    for layer, rows in sorted(rows_by_layer.items()):
-        table = model.blocks[layer].engram.table
-        flat = sorted(rows)
-        for row, b, a in zip(flat, before[layer], row_sha256(table, flat)):
-            changed.append({"layer": layer, "flat_row": row, "reason": "merged overlay", "before_sha256": b,
-                            "after_sha256": a})
-        index = torch.tensor(flat, dtype=torch.int64)
-        values[layer] = (index, table.weight.detach()[index.to(table.weight.device)].clone())
+    with torch.no_grad():
+        for layer, flat in sorted(rows_by_layer.items()):
+            index = torch.tensor(flat, dtype=torch.int64)
+            served = read_rows(model.blocks[layer].engram.table, index)  # what the stacked overlays serve
+            table = plain[layer]
+            before = row_sha256(table, flat)
+            table.weight[index.to(table.weight.device)] = served.to(table.weight.device, table.weight.dtype)
+            model.set_table(layer, table)  # the plain table again, the rows written in
+            for row, b, a in zip(flat, before, row_sha256(table, flat)):
+                changed.append({"layer": layer, "flat_row": row, "reason": "merged overlay", "before_sha256": b,
+                                "after_sha256": a})
+            values[layer] = (index, table.weight.detach()[index.to(table.weight.device)].clone())
     log = EditLog("merge", {"overlays": [str(f) for f in folders], "force": force}, changed, [], values)
     summary = {"overlays": [str(f) for f in folders]}
     _save_edited(Path(out), Path(run), run_json, ckpt, model, log, summary)

@@ -45,7 +45,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..durable import fsync_dir
+from ..durable import file_sha256, fsync_dir
 from .checkpoint_rows import CHUNK_BYTES, checkpoint_chunks
 from .host import gather_rows
 from .table import MemoryTable
@@ -67,11 +67,7 @@ def table_paths(path_stem: str | os.PathLike) -> tuple[Path, Path]:
 
 
 def _sha256_file(path: Path, chunk_bytes: int = CHUNK_BYTES) -> str:
-    h, buf = hashlib.sha256(), bytearray(chunk_bytes)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(memoryview(buf)[:n])
-    return h.hexdigest()
+    return file_sha256(path, chunk_bytes)
 
 
 class TableCorruptError(ValueError):
