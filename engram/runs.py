@@ -314,8 +314,13 @@ def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None, releas
 
 def checkpoint_identity(ckpt: str | os.PathLike) -> dict[str, Any]:
     """What names a checkpoint's weights: its path and the sha256 of its weights file (from its
-    checksums.json, not recomputed; None where there is none, e.g. a transformers folder)."""
+    checksums.json, not recomputed). A folder from `engram export-hf` names the checkpoint it
+    was exported from (engram_run.json); None where nothing is recorded."""
     ckpt = Path(ckpt)
+    if is_hf_folder(ckpt):
+        info_file = ckpt / HF_RUN_FILE
+        info = json.loads(info_file.read_text()) if info_file.is_file() else {}
+        return {"checkpoint": info.get("source", str(ckpt)), "weights_sha256": info.get("source_weights_sha256")}
     sums_file = ckpt / "checksums.json"
     sums = json.loads(sums_file.read_text()) if sums_file.is_file() else {}
     return {"checkpoint": str(ckpt), "weights_sha256": sums.get("model.safetensors")}

@@ -23,6 +23,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
                         f"{INSTALL_HINT}")
     if args.cache_rows and not args.tables:
         raise UserError("--cache-rows needs --tables (a folder made by engram offload)")
+    names = [n for n, _ in args.overlay]
+    if len(set(names)) != len(names):
+        raise UserError(f"--overlay gives a name twice ({sorted(n for n in set(names) if names.count(n) > 1)[0]!r}); "
+                        "each served overlay needs its own name")
     name = args.name or Path(args.run).resolve().name
     with tempfile.TemporaryDirectory(prefix="engram-serve-") as scratch:
         folder = Path(args.run)
@@ -33,11 +37,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
             ckpt = export_run(args.run, folder, warn=lambda m: print(m, file=sys.stderr))
             print(f"engram serve: exported {ckpt} for vLLM", file=sys.stderr)
         cmd = server_command(folder, name=name, host=args.host, port=args.port, dtype=args.dtype,
-                             tables=args.tables, cache_rows=args.cache_rows, extra=args.vllm_args)
+                             tables=args.tables, cache_rows=args.cache_rows, overlays=dict(args.overlay),
+                             extra=args.vllm_args)
         print(f"engram serve: {' '.join(cmd)}", file=sys.stderr)
         code = subprocess.call(cmd)
     if code:
         raise SystemExit(code)
+
+
+def named_overlay(value: str) -> tuple[str, str]:
+    """NAME=DIR: an overlay folder served under a name requests select it by."""
+    from engram.memory.overlay import OVERLAY_JSON
+    from engram.memory.overlay_mix import NAME
+
+    name, sep, folder = value.partition("=")
+    if not sep or not NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"{value!r}: give NAME=DIR, NAME of letters, digits, '_', '.', '-'")
+    if not (Path(folder) / OVERLAY_JSON).is_file():
+        raise argparse.ArgumentTypeError(f"{folder!r} is not an overlay folder (no {OVERLAY_JSON}; make one with "
+                                         "engram memory forget|write ... --overlay DIR)")
+    return name, folder
 
 
 def add_commands(sub) -> None:
@@ -49,5 +68,8 @@ def add_commands(sub) -> None:
     p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     p.add_argument("--tables", type=existing_dir, help="serve the Engram tables from this engram offload folder")
     p.add_argument("--cache-rows", type=positive_int, help="with --tables: hot rows kept in memory")
+    p.add_argument("--overlay", type=named_overlay, action="append", default=[], metavar="NAME=DIR",
+                   help="load this overlay (engram memory ... --overlay) under NAME; a request selects it with "
+                        '"vllm_xargs": {"engram_overlays": "NAME"} (repeatable)')
     p.set_defaults(vllm_args=[])  # every option engram does not know, passed to vLLM
     p.set_defaults(func=cmd_serve)

@@ -34,6 +34,12 @@ def _mirror(name: str, field: str) -> property:
     return property(get, set, doc=f"`engram_model['{field}']`")
 
 
+# Overlay names declared by any config in this process. vLLM validates a request's extra
+# arguments in its front-end process, which holds the served config but no model: the
+# plugin's overlay selector refuses an unknown name there (HTTP 400), not in a worker.
+DECLARED_OVERLAY_NAMES: set[str] = set()
+
+
 class EngramLMConfig(PretrainedConfig):
     """`engram_model`: `ModelConfig.to_dict()`; `hash_layout`: `HashLayout.to_dict()` (saved
     with the weights and checked against the model config on load). The usual transformers
@@ -57,8 +63,25 @@ class EngramLMConfig(PretrainedConfig):
         for name, value in mirrored.items():  # given explicitly: they win over engram_model
             setattr(self, name, value)
 
+    @property
+    def engram_overlays(self) -> dict[str, str]:
+        """Named overlays a server loads at start ({name: folder}; `--hf-overrides`), which
+        each request may select (docs/serving.md)."""
+        return dict(self.__dict__.get("_engram_overlays") or {})
+
+    @engram_overlays.setter
+    def engram_overlays(self, value) -> None:
+        from ..memory.overlay_mix import check_overlay_names
+
+        named = check_overlay_names(value or {})
+        self.__dict__["_engram_overlays"] = named
+        DECLARED_OVERLAY_NAMES.update(named)
+
     def to_dict(self) -> dict[str, Any]:
         out = super().to_dict()
+        out.pop("_engram_overlays", None)
+        if self.engram_overlays:
+            out["engram_overlays"] = self.engram_overlays
         for name in MIRRORS:
             out.pop(f"_{name}", None)
             out[name] = getattr(self, name)

@@ -25,7 +25,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) ->
     checkpoint it exported."""
     from ..data.tokenizer import special_ids
     from ..durable import staged_dir
-    from ..runs import HF_RUN_FILE, open_run, run_data
+    from ..runs import HF_RUN_FILE, checkpoint_identity, open_run, run_data
     from .modeling import EngramForCausalLM
 
     model, run_info, ckpt = open_run(run, device="cpu", warn=warn)
@@ -35,5 +35,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) ->
         if tok is not None:
             transformers_tokenizer(tok).save_pretrained(tmp)
         (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run_info.get("train", {}), "data_dir": run_info.get("data_dir"),
-                                                   "source": str(ckpt)}, indent=1))
+                                                   "source": str(ckpt),
+                                                   "source_weights_sha256": checkpoint_identity(ckpt)["weights_sha256"]},
+                                                  indent=1))
     return Path(ckpt)

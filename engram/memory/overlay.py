@@ -180,37 +180,44 @@ def read_rows(table: MemoryTable, flat_rows: torch.Tensor) -> torch.Tensor:
         return table.gather(flat_rows.to(table.offsets.device)).to(stored_dtype(table))
 
 
+def check_overlay(ov: Overlay, layout: HashLayout, tables: dict[int, MemoryTable], *,
+                  parent: dict[str, Any] | None = None, force: bool = False) -> None:
+    """Refuse, by name, an overlay that does not fit these tables ({layer: table}): another
+    hash layout (always), another parent (`parent`: the model's checkpoint identity), or base
+    rows that differ from their recorded sha256 (both unless `force`)."""
+    where = str(ov.path) if ov.path else "the overlay"
+    try:
+        HashLayout.from_dict(ov.layout).check_matches(layout, "the model's")
+    except ValueError as e:
+        raise OverlayError(f"{where} was made for another hash layout: {e}") from None
+    if parent is not None and not force:
+        mine, theirs = parent.get("weights_sha256"), ov.parent.get("weights_sha256")
+        if mine and theirs and mine != theirs:
+            raise OverlayError(f"{where} was made on {ov.parent.get('checkpoint')} (weights sha256 "
+                               f"{theirs[:12]}), not on this model's {parent.get('checkpoint')} ({mine[:12]}); "
+                               "apply it to its parent, or pass --force")
+    for layer, (rows, _) in ov.rows.items():
+        if layer not in tables:
+            raise OverlayError(f"{where} changes Engram layer {layer}, which this model does not have")
+        if not force:
+            have = rows_sha256(read_rows(tables[layer], rows))
+            bad = [int(r) for r, a, b in zip(rows.tolist(), have, ov.before_sha256[layer]) if a != b]
+            if bad:
+                raise OverlayError(f"{where}: {len(bad)} of its {rows.numel()} base rows in layer {layer} differ "
+                                   f"from the rows it was made on (first: flat row {bad[0]}); apply it to its "
+                                   "parent, or pass --force to apply it anyway")
+
+
 def apply_overlays(model, overlays: Sequence[Overlay], *, parent: dict[str, Any] | None = None,
                    force: bool = False) -> list[Overlay]:
-    """Stack `overlays` (in order; a later one wins) over `model`'s tables, in place. Refused
-    by name: an overlay for another hash layout (always), for another parent (`parent`: the
-    model's checkpoint identity), or whose base rows differ from their recorded sha256 (both
-    unless `force`)."""
-    layout = model.layout
-    if layout is None:
+    """Stack `overlays` (in order; a later one wins) over `model`'s tables, in place, each
+    checked by `check_overlay` against the tables as stacked so far."""
+    if model.layout is None:
         raise OverlayError("this model has no Engram tables to overlay")
     for ov in overlays:
-        where = str(ov.path) if ov.path else "the overlay"
-        try:
-            HashLayout.from_dict(ov.layout).check_matches(layout, "the model's")
-        except ValueError as e:
-            raise OverlayError(f"{where} was made for another hash layout: {e}") from None
-        if parent is not None and not force:
-            mine, theirs = parent.get("weights_sha256"), ov.parent.get("weights_sha256")
-            if mine and theirs and mine != theirs:
-                raise OverlayError(f"{where} was made on {ov.parent.get('checkpoint')} (weights sha256 "
-                                   f"{theirs[:12]}), not on this model's {parent.get('checkpoint')} ({mine[:12]}); "
-                                   "apply it to its parent, or pass --force")
+        tables = {layer: model.blocks[layer].engram.table for layer in model.engram_layers}
+        check_overlay(ov, model.layout, tables, parent=parent, force=force)
         for layer, (rows, values) in ov.rows.items():
-            if layer not in model.engram_layers:
-                raise OverlayError(f"{where} changes Engram layer {layer}, which this model does not have")
-            table = model.blocks[layer].engram.table
-            if not force:
-                have = rows_sha256(read_rows(table, rows))
-                bad = [int(r) for r, a, b in zip(rows.tolist(), have, ov.before_sha256[layer]) if a != b]
-                if bad:
-                    raise OverlayError(f"{where}: {len(bad)} of its {rows.numel()} base rows in layer {layer} differ "
-                                       f"from the rows it was made on (first: flat row {bad[0]}); apply it to its "
-                                       "parent, or pass --force to apply it anyway")
+            table = tables[layer]
             model.set_table(layer, OverlayTable(table, rows, values.to(stored_dtype(table))))
     return list(overlays)

@@ -20,6 +20,8 @@ from `engram.EngramLM` is only what a paged, continuously batched engine needs:
     block's checksum is checked at start (`"engram_verify_tables": false` defers that to each
     block's first touch), so a corrupt file is refused before it serves.
   Rows are prefetched right after hashing, before the blocks.
+- named memory overlays (`{"engram_overlays": {NAME: DIR}}`) load at start over whichever
+  tables these are, and each request selects its own (overlays.py).
 
 Under tensor parallelism the attention and dense MLP are sharded by vLLM's linears; the
 Engram tables, the Engram projections, the MoE and the hyper-connections are replicated on
@@ -28,6 +30,7 @@ every rank (each rank computes the same values from the same full hidden state).
 
 from __future__ import annotations
 
+import logging
 from typing import Iterable
 
 import torch
@@ -55,6 +58,9 @@ from ..model.hyper import HyperConnection, expand_streams, merge_streams
 from ..model.moe import MoE
 from ..runs import disk_tables
 from .history import PagedBatch, PagedHistory
+from .overlays import ServedOverlays, selector_for
+
+logger = logging.getLogger(__name__)
 
 # engram's weight names -> (vLLM module name, shard of a merged linear)
 _STACKED = ((".attn.wq.", ".attn.qkv_proj.", "q"), (".attn.wk.", ".attn.qkv_proj.", "k"),
@@ -161,6 +167,7 @@ class PagedEngramLM(nn.Module):
                  table_factory=None) -> None:
         super().__init__()
         self.config = c
+        self.layout = layout
         self.hasher = None if layout is None else NgramHasher.from_layout(layout)
         sizes: dict[int, list[int]] = {}
         if self.hasher is not None:
@@ -237,6 +244,15 @@ class EngramForVLLM(nn.Module):
         pad = 0 if self.model.hasher is None else self.model.hasher.pad_id
         self.history = PagedHistory(self.token_lookback_depth, pad, conv)
         self._checked_slots = False
+        self.vllm_config = vllm_config
+        self.overlay_folders = dict(getattr(hf_config, "engram_overlays", None) or {})
+        self.served_overlays = None  # set after the weights load (the overlays' base rows are checked)
+        if self.overlay_folders:
+            if layout is None:
+                raise ValueError("engram_overlays: this model has no Engram tables to overlay")
+            if vllm_config.speculative_config is not None:
+                raise ValueError("engram_overlays cannot be served with speculative decoding on vLLM 0.32: it drops "
+                                 "the logits processors that carry each request's overlay choice")
         self.eval()  # serving: no MoE load counting
 
     # ------------------------------------------------------------------ vLLM's interface
@@ -273,6 +289,13 @@ class EngramForVLLM(nn.Module):
         if input_ids is None:
             raise ValueError("Engram looks its memory up by token ids; it cannot serve prompt embeddings")
         batch = self._paged_batch(positions)
+        if self.served_overlays is not None and batch is not None:
+            selector = selector_for(self.vllm_config)
+            if selector is None:
+                raise RuntimeError("engram_overlays are loaded but no OverlaySelector runs in this worker: install "
+                                   "engram-torch into vLLM's venv (its vllm.logits_processors entry point), or pass "
+                                   "--logits-processors engram.vllm_plugin.overlays:OverlaySelector")
+            self.served_overlays.choose(selector, batch.request, input_ids.shape[0])
         rows = self._rows(input_ids, batch, lookback_token_ids)
         x = expand_streams(m.embed(input_ids)[None], c.n_streams)  # [1, T, M, D]
         for block in m.blocks:
@@ -335,4 +358,33 @@ class EngramForVLLM(nn.Module):
             else:
                 loader(param, weight, shard)
             loaded.add(target)
+        if self.overlay_folders:
+            self._load_overlays()  # each table now sits under its overlays: table.weight -> table.base.weight
+            loaded = {n.replace(".engram.table.", ".engram.table.base.") for n in loaded}
         return loaded
+
+    def _load_overlays(self) -> None:
+        """Check each named overlay against the served tables (layout, parent, base rows) and
+        put every Engram table under a `MixedOverlayTable` of them all."""
+        from ..memory.overlay import Overlay, check_overlay
+        from ..memory.overlay_mix import MixedOverlayTable
+        from ..runs import checkpoint_identity
+
+        blocks = {b.layer: b for b in self.model.blocks if b.engram is not None}
+        tables = {layer: b.engram.table for layer, b in blocks.items()}
+        parent = checkpoint_identity(self.vllm_config.model_config.model)
+        names, loaded = list(self.overlay_folders), []
+        for name in names:
+            ov = Overlay.load(self.overlay_folders[name])
+            check_overlay(ov, self.model.layout, tables, parent=parent)
+            loaded.append(ov)
+            logger.info("Engram overlay %r: %d rows from %s", name, ov.changed_rows, ov.path)
+        mixed = []
+        for layer, block in blocks.items():
+            E = tables[layer].embedding_dim
+            none = (torch.empty(0, dtype=torch.long), torch.empty(0, E))
+            table = MixedOverlayTable(tables[layer], [ov.rows.get(layer, none) for ov in loaded])
+            table.validate_rows = False
+            block.engram.table = table
+            mixed.append(table)
+        self.served_overlays = ServedOverlays(names, mixed)

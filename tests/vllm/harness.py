@@ -118,10 +118,13 @@ class Engine:
         del self.llm
         gc.collect()
 
-    def generate(self, prompts, n: int = NEW_TOKENS):
+    def generate(self, prompts, n: int = NEW_TOKENS, overlays=None):
+        """Greedy outputs; `overlays`: each request's `engram_overlays` extra argument (None: none)."""
         import vllm
 
-        params = vllm.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0)
+        params = [vllm.SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, logprobs=0,
+                                      extra_args=None if o is None else {"engram_overlays": o})
+                  for o in (overlays or [None] * len(prompts))]
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
         return outs
 
@@ -139,3 +142,35 @@ def assert_same(outs, expected) -> float:
             worst = max(worst, abs(got.logprobs[step][token].logprob - ref))
     assert worst < LOGPROB_TOL, f"log-probabilities differ by {worst:.2e}"
     return worst
+
+
+def write_overlay(folder: Path, prompt: list[int], out: Path, materialized: Path, seed: int) -> Path:
+    """An overlay that rewrites the rows `prompt`'s last 12 tokens read in every Engram layer
+    (new values, large enough to change greedy tokens), and the folder of the same model with
+    those rows written into its tables (the materialized edit)."""
+    from tokenizers import Tokenizer
+
+    from engram.data.tokenizer import special_ids
+    from engram.hf import EngramForCausalLM
+    from engram.hf.export import transformers_tokenizer
+    from engram.memory.overlay import Overlay, read_rows, rows_sha256
+    from engram.runs import checkpoint_identity
+
+    model = open_run(folder).model
+    flat = model.hasher.hash(model.compress(torch.tensor([prompt])), check=False)
+    gen = torch.Generator().manual_seed(seed)
+    rows, before = {}, {}
+    for layer in model.engram_layers:
+        table = model.blocks[layer].engram.table
+        r = (flat[layer][0, -12:] + table.offsets).flatten().unique()
+        rows[layer] = (r, 3 * torch.randn(r.numel(), table.embedding_dim, generator=gen))
+        before[layer] = rows_sha256(read_rows(table, r))
+    overlay = Overlay(model.layout.to_dict(), checkpoint_identity(folder), rows, before)
+    overlay.save(out)
+    with torch.no_grad():
+        for layer, (r, values) in rows.items():
+            model.blocks[layer].engram.table.weight[r] = values
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    EngramForCausalLM.from_engram(model, special_ids(tok)).save_pretrained(materialized)
+    transformers_tokenizer(tok).save_pretrained(materialized)
+    return out
