@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .durable import atomic_write_text, file_sha256, replace_dir
+from .hashing.layout import HashLayout
 from .model.io import load_model, write_model_files
 from .model.transformer import EngramLM
 
@@ -243,6 +244,51 @@ def is_hf_folder(path: str | os.PathLike) -> bool:
         return False
 
 
+class OutputError(RunError):
+    """An output path that would destroy what the command did not create."""
+
+
+def check_output(out: str | os.PathLike, *, sources: Sequence[str | os.PathLike] = (), what: str = "output",
+                 own=None, overwrite: bool = False, resume: bool = False, may_hold: Sequence[str] = ()) -> Path:
+    """Refuse, before anything is written, an output folder that would destroy what this
+    command did not create (every command that writes calls this first):
+    - the source itself, a folder inside a source, or one that contains a source;
+    - an existing run (run.json), unless `resume`;
+    - a non-empty folder: allowed only when `own(out)` says it is this command's own earlier
+      output and `overwrite` is given, or it holds nothing but `may_hold` entries.
+    Output is then staged and renamed (`durable.staged_dir`), so a failed command leaves no
+    half-written folder. Returns the resolved path."""
+    path = Path(out)
+    real = path.resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if real == src:
+            raise OutputError(f"--out {path} is the source {source}; writing there would replace it: give another --out")
+        if src in real.parents:
+            raise OutputError(f"--out {path} is inside the source {source}; writing there would change it: give "
+                              "a folder outside it")
+        if real in src.parents:
+            raise OutputError(f"--out {path} contains the source {source}; replacing it would delete the source: "
+                              "give another --out")
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"--out {path} is a file; give a folder")
+    if not path.is_dir() or resume:
+        return real
+    if is_run(path):
+        raise OutputError(f"--out {path} is an existing run ({RUN_JSON}); give --resume to continue it, or another --out")
+    entries = [e.name for e in path.iterdir() if e.name not in may_hold]
+    if entries:
+        if own is None:
+            raise OutputError(f"--out {path} is not empty ({entries[0]!r} among its {len(entries)} entries); the "
+                              f"{what} goes to a new or empty folder")
+        if not own(path):
+            raise OutputError(f"--out {path} is a non-empty folder that is not an earlier {what} ({entries[0]!r} among "
+                              f"its {len(entries)} entries); give a new or empty folder")
+        if not overwrite:
+            raise OutputError(f"--out {path} holds an earlier {what}; give --overwrite to replace it, or another --out")
+    return real
+
+
 def read_run(path: str | os.PathLike) -> dict[str, Any]:
     """run.json of a run folder (RunError when the folder is not a run)."""
     path = Path(path)
@@ -312,6 +358,46 @@ def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None, releas
     return factory
 
 
+def offload_manifest(source: str | os.PathLike, dtype: str) -> dict[str, Any]:
+    """What `engram offload` records of the model its tables came from: its identity and hash
+    layout (every field, multipliers and primes included)."""
+    source = Path(source)
+    layout = None
+    if (source / "hash_layout.json").is_file():
+        layout = json.loads((source / "hash_layout.json").read_text())
+    elif (source / "config.json").is_file():
+        layout = json.loads((source / "config.json").read_text()).get("hash_layout")
+    return {"format": "engram-offload/1", **checkpoint_identity(source), "hash_layout": layout, "dtype": dtype}
+
+
+def check_tables_belong(tables: str | os.PathLike, ckpt: str | os.PathLike, layout: HashLayout | None,
+                        warn=print) -> None:
+    """Refuse, by name, tables offloaded from another model: another checkpoint's weights, or
+    another hash layout. A folder without offload.json (written before it existed) is warned of."""
+    from .memory.convert import OFFLOAD_JSON
+
+    path = Path(tables) / OFFLOAD_JSON
+    if not path.is_file():
+        warn(f"{tables} does not say which model its tables came from (no {OFFLOAD_JSON}; offload them again to "
+             "have it checked)")
+        return
+    try:
+        theirs = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path} is not valid JSON ({e}); offload the tables again") from None
+    mine = checkpoint_identity(ckpt)
+    a, b = theirs.get("weights_sha256"), mine.get("weights_sha256")
+    if a and b and a != b:
+        raise RunError(f"{tables} holds tables offloaded from {theirs.get('checkpoint')} (weights sha256 {a[:12]}), "
+                       f"not from this model's {mine['checkpoint']} ({b[:12]}); offload this model's tables "
+                       "(engram offload), or serve the model they came from")
+    if layout is not None and theirs.get("hash_layout"):
+        try:
+            HashLayout.from_dict(theirs["hash_layout"]).check_matches(layout, "the model's")
+        except ValueError as e:
+            raise RunError(f"{tables} was offloaded for another hash layout: {e}") from None
+
+
 def checkpoint_identity(ckpt: str | os.PathLike) -> dict[str, Any]:
     """What names a checkpoint's weights: its path and the sha256 of its weights file (from its
     checksums.json, not recomputed). A folder from `engram export-hf` names the checkpoint it
@@ -347,6 +433,8 @@ def open_run(path: str | os.PathLike, *, tables: str | os.PathLike | None = None
     if not isinstance(device, torch.device):
         device = resolve_device(device or "auto")
     model = load_model(ckpt, device=device, table_factory=disk_tables(tables, cache_rows) if tables else None)
+    if tables:
+        check_tables_belong(tables, ckpt, model.layout, warn=warn)
     if overlays:
         from .memory.overlay import Overlay, apply_overlays
 

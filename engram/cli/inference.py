@@ -28,13 +28,13 @@ def cmd_export_hf(args: argparse.Namespace) -> None:
     """Write a run's newest checkpoint as a transformers folder (EngramForCausalLM + tokenizer)."""
     from engram.hf.export import export_run
 
-    ckpt = export_run(args.run, args.out, warn=lambda m: print(m, file=sys.stderr))
+    ckpt = export_run(args.run, args.out, warn=lambda m: print(m, file=sys.stderr), overwrite=args.overwrite)
     print(f"wrote {args.out} (from {ckpt}); load it with: transformers.AutoModelForCausalLM.from_pretrained("
           f"{str(args.out)!r}, trust_remote_code=True) (or import engram.hf first); evaluate it with: lm_eval "
           f"--model hf --model_args pretrained={args.out},trust_remote_code=True; serve it with: engram serve {args.out}")
 
 
-def _convert(source: Path, args: argparse.Namespace) -> dict:
+def _convert(source: Path, args: argparse.Namespace, manifest: dict) -> dict:
     import torch
 
     from engram.memory import convert_checkpoint_tables
@@ -42,19 +42,23 @@ def _convert(source: Path, args: argparse.Namespace) -> dict:
 
     if args.dtype in ("int8", "fp8"):
         return convert_checkpoint_tables(source, args.out, convert=QuantizedTable.from_checkpoint, kind=args.dtype,
-                                         group=None if args.group == "row" else 32)
+                                         group=None if args.group == "row" else 32, manifest=manifest)
     if args.group != "row":
         raise UserError("--group applies to --dtype int8 or fp8 only")
-    return convert_checkpoint_tables(source, args.out, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    return convert_checkpoint_tables(source, args.out, dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+                                     manifest=manifest)
 
 
 def cmd_offload(args: argparse.Namespace) -> None:
     """Write a run's (or model folder's) Engram tables as memory-mapped files for serving from disk."""
-    from engram.runs import is_hf_folder, is_run, newest_checkpoint
+    from engram.runs import check_output, is_hf_folder, is_run, newest_checkpoint, offload_manifest
 
     path = Path(args.path)
+    check_output(args.out, sources=[path], what="offload folder", overwrite=args.overwrite,
+                 own=lambda p: any(p.glob("layer*.json")))
     source = newest_checkpoint(path, warn=lambda m: print(m, file=sys.stderr)) if is_run(path) else path
     sharded = (source / "dcp" / ".metadata").is_file()
+    manifest = offload_manifest(source, args.dtype)
     if sharded or is_hf_folder(source):  # a distributed checkpoint or a transformers folder: consolidate first
         import shutil
         import tempfile
@@ -66,11 +70,11 @@ def cmd_offload(args: argparse.Namespace) -> None:
         tmp = Path(tempfile.mkdtemp(dir=Path(args.out).parent if Path(args.out).parent.is_dir() else None))
         try:
             save_model(load_model(source), tmp / "model")
-            stems = _convert(tmp / "model", args)
+            stems = _convert(tmp / "model", args, manifest)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     else:
-        stems = _convert(source, args)
+        stems = _convert(source, args, manifest)
     if not stems:
         raise UserError(f"{source} has no Engram tables")
     for layer, stem in stems.items():
@@ -188,6 +192,7 @@ def add_commands(sub) -> None:
     off = sub.add_parser("offload", help=cmd_offload.__doc__, description=cmd_offload.__doc__)
     off.add_argument("path", type=existing_dir, help="run folder (its newest checkpoint) or model folder")
     off.add_argument("--out", required=True, type=out_dir, help="folder for the table files (layerN.json + layerN.bin)")
+    off.add_argument("--overwrite", action="store_true", help="replace an earlier offload folder at --out")
     off.add_argument("--dtype", choices=["fp32", "bf16", "int8", "fp8"], default="fp32",
                      help="how rows are stored: as trained (fp32), bf16, or quantized with absmax scales: int8 or "
                      "fp8 (e4m3)")
@@ -198,6 +203,7 @@ def add_commands(sub) -> None:
     ex = sub.add_parser("export-hf", help=cmd_export_hf.__doc__, description=cmd_export_hf.__doc__)
     ex.add_argument("run", type=existing_dir, help="run folder (its newest good checkpoint)")
     ex.add_argument("--out", required=True, type=out_dir, help="the transformers folder to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace an earlier export-hf folder at --out")
     ex.set_defaults(func=cmd_export_hf)
 
     info = sub.add_parser("info", help=cmd_info.__doc__, description=cmd_info.__doc__)

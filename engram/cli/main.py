@@ -26,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     from engram.train.trainer import TrainingDiverged
 
     try:
@@ -42,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"engram: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, TrainingDiverged) else 2
+    except (OSError, SafetensorError) as e:  # a full disk, a missing permission: the system's words, no traceback
+        if os.environ.get("ENGRAM_DEBUG"):
+            raise
+        what = getattr(e, "strerror", None) or str(e)
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"engram: error: {what}{where} (nothing half-written is kept; free space or fix the permission and run "
+              "it again)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -50,7 +50,8 @@ def cmd_locate(args: argparse.Namespace) -> None:
 
 def _report(result: dict) -> None:
     b, a = result["before"], result["after"]
-    print(f"changed {result['changed']} rows, left {result['skipped']} alone -> {result['out']}")
+    print(f"edited {result['checkpoint']}: changed {result['changed']} rows, left {result['skipped']} alone -> "
+          f"{result['out']}")
     from engram.memory.editing import count_reasons
 
     for kind, n in count_reasons(s["reason"] for s in result["log"]["skipped"]).items():
@@ -71,7 +72,8 @@ def cmd_forget(args: argparse.Namespace) -> None:
     from engram.lifecycle import forget
 
     _report(forget(args.run, _texts(args), out=args.out, mode=args.mode, force=args.force,
-                   max_count=args.max_count, max_shared=args.max_shared, index=args.index, overlay=args.overlay))
+                   max_count=args.max_count, max_shared=args.max_shared, index=args.index, overlay=args.overlay,
+                   fallback=args.fall_back))
 
 
 def cmd_write(args: argparse.Namespace) -> None:
@@ -79,7 +81,8 @@ def cmd_write(args: argparse.Namespace) -> None:
     from engram.lifecycle import write
 
     _report(write(args.run, _texts(args), out=args.out, steps=args.steps, lr=args.lr, force=args.force,
-                  max_count=args.max_count, max_shared=args.max_shared, index=args.index, overlay=args.overlay))
+                  max_count=args.max_count, max_shared=args.max_shared, index=args.index, overlay=args.overlay,
+                  fallback=args.fall_back))
 
 
 def cmd_replay(args: argparse.Namespace) -> None:
@@ -145,10 +148,12 @@ def add_commands(sub) -> None:
         p.add_argument("run", type=existing_dir)
         _text_options(p)
         p.add_argument("--out", type=out_dir, required=True, help="the new run folder, or with --overlay the "
-                       "overlay folder (must not exist)")
+                       "overlay folder (new or empty, outside the run)")
         p.add_argument("--overlay", action="store_true", help="write only the changed rows, as an overlay folder "
                        "(apply it with engram eval|generate RUN --overlay DIR) instead of a whole new run")
         p.add_argument("--force", action="store_true", help="also change rows shared with other n-grams or common")
+        p.add_argument("--fall-back", action="store_true", help="when the run's newest checkpoint is corrupt, edit "
+                       "the newest good one (otherwise refused)")
         _common(p)
         if name == "forget":
             p.add_argument("--mode", choices=["zero", "mean"], default="zero",

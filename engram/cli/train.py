@@ -193,7 +193,8 @@ EXPERIMENT_OPTIONS = {
 
 def cmd_experiment(args: argparse.Namespace) -> None:
     """Run a small-scale experiment (resumable): engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size,
-    knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits, retrofit_facts."""
+    knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits, retrofit_facts,
+    overlay_capacity."""
     from engram import experiments
     from engram.data.dataset import prepare_dataset
     from engram.train.system import tune_malloc
@@ -305,16 +306,18 @@ def add_commands(sub) -> None:
 
     ex = sub.add_parser("experiment", help=cmd_experiment.__doc__, description=cmd_experiment.__doc__)
     ex.add_argument("name", help="one of: engram_vs_moe, rho_sweep, ablations, boundary_reset, table_size, "
-                    "knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits, retrofit_facts")
+                    "knowledge_probes, entity_gates, knowledge_capacity, long_context, memory_edits, retrofit_facts, "
+                    "overlay_capacity")
     ex.add_argument("--out", type=out_dir, default="docs/results", help="results folder (default docs/results)")
     ex.add_argument("--data", type=out_dir, help="dataset folder (default: build wiki-en in OUT/data; "
-                    "knowledge_capacity, memory_edits, retrofit_facts: synthetic-bios with 500 people; long_context: "
+                    "knowledge_capacity, memory_edits, retrofit_facts, overlay_capacity: synthetic-bios with 500 people; "
+                    "long_context: "
                     "long-context with 3,000 examples)")
     ex.add_argument("--seeds", type=positive_int, default=3)
     ex.add_argument("--steps", type=positive_int, default=None,
                     help="training steps per run (default: 400; 1000 for knowledge_probes, entity_gates, "
                     "knowledge_capacity and memory_edits (which edits knowledge_capacity's runs); 600 for "
-                    "long_context; 300 per adapter for retrofit_facts)")
+                    "long_context; 300 per adapter for retrofit_facts; 150 per write for overlay_capacity)")
     ex.add_argument("--rho", type=probability, help="engram_vs_moe, knowledge_capacity: share of the inactive "
                     "budget kept in experts (default 0.75)")
     ex.add_argument("--rhos", type=each(probability), nargs="+", action="extend", metavar="RHO",

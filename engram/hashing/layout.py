@@ -109,6 +109,11 @@ def _first_difference(mine: Any, theirs: Any) -> str:
     return f"layout has {mine!r}, other has {theirs!r}"
 
 
+def _fields_sha256(fields: dict[str, Any]) -> str:
+    body = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
 @dataclass(frozen=True, kw_only=True)
 class HashLayout:
     """Everything needed to turn compressed ids into row ids, with no random generator.
@@ -264,6 +269,13 @@ class HashLayout:
 
     # -- JSON --
     def to_dict(self) -> dict[str, Any]:
+        """Every field, and `fields_sha256` over them: `from_dict` refuses a layout whose fields
+        (the multipliers and primes included, which no config can check) were changed since."""
+        out = self._fields()
+        out["fields_sha256"] = _fields_sha256(out)
+        return out
+
+    def _fields(self) -> dict[str, Any]:
         return {
             "version": self.version, "layer_ids": list(self.layer_ids),
             "max_ngram_size": self.max_ngram_size, "n_head_per_ngram": self.n_head_per_ngram,
@@ -285,11 +297,18 @@ class HashLayout:
                 f"version {LAYOUT_VERSION}); upgrade engram-torch or re-export the layout"
             )
         data = dict(data)
+        stated = data.pop("fields_sha256", None)  # layouts saved before it existed have none
+        checked = dict(data)
         rename_old_field(data, "vocab_size_per_ngram", "rows_per_head", "hash layout ")  # saved before the rename
         try:
-            return cls(**data)
+            layout = cls(**data)  # each field's own checks first: they say what is wrong
         except TypeError as e:
             raise ValueError(f"hash layout JSON has missing or unknown fields: {e}") from None
+        if stated is not None and stated != _fields_sha256(checked):
+            raise ValueError("hash layout fields were changed after it was saved (they no longer match its "
+                             "fields_sha256; a changed multiplier or prime addresses other rows than the weights "
+                             "were trained with): restore the layout saved with the weights")
+        return layout
 
     def save(self, path: str | os.PathLike) -> None:
         """Write JSON atomically (temp file in the same folder, then rename)."""

@@ -18,16 +18,17 @@ def transformers_tokenizer(tok):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **names)
 
 
-def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print) -> Path:
+def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print, overwrite: bool = False) -> Path:
     """Write `out` (config.json and generation_config.json with the tokenizer's bos/eos/pad
     ids, model.safetensors, the tokenizer, engram_run.json) from the
     run's newest checkpoint that verifies; staged, so `out` is never half-written. Returns the
-    checkpoint it exported."""
+    checkpoint it exported. An existing `out` must be an earlier export (and `overwrite` given)."""
     from ..data.tokenizer import special_ids
     from ..durable import staged_dir
-    from ..runs import HF_RUN_FILE, checkpoint_identity, open_run, run_data
+    from ..runs import HF_RUN_FILE, check_output, checkpoint_identity, is_hf_folder, open_run, run_data
     from .modeling import EngramForCausalLM
 
+    check_output(out, sources=[run], what="export-hf folder", own=is_hf_folder, overwrite=overwrite)
     model, run_info, ckpt = open_run(run, device="cpu", warn=warn)
     tok = run_data(run_info).tokenizer if run_info.get("data_dir") else None
     with staged_dir(out) as tmp:

@@ -29,7 +29,7 @@ from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRo
 from ..memory.overlay import OVERLAY_ROWS, from_edit
 from ..memory.row_index import RowIndex, RowIndexError
 from ..model.transformer import EngramLM
-from ..runs import (Checkpoints, RunError, checkpoint_identity, load_checkpoint, newest_checkpoint, read_run,
+from ..runs import (Checkpoints, RunError, check_output, checkpoint_identity, load_checkpoint, newest_checkpoint, read_run,
                     run_data as _run_data, write_run)
 from ..data.dataset import PreparedData
 from ..train.trainer import Trainer, TrainingDiverged
@@ -43,14 +43,19 @@ class EditError(ValueError):
 
 
 # ---------------------------------------------------------------------------- runs
-def open_run(run: str | Path) -> tuple[EngramLM, dict[str, Any], Path]:
+def open_run(run: str | Path, fallback: bool = True) -> tuple[EngramLM, dict[str, Any], Path]:
     """(model, run.json, checkpoint) of a run's newest good checkpoint, checked to have a
-    memory that rows of a text can belong to."""
+    memory that rows of a text can belong to. When a newer checkpoint is corrupt, an edit
+    (`fallback=False`) refuses, naming it and the one it would use instead."""
     run = Path(run)
+    bad: list[str] = []
     try:
-        run_json, ckpt = read_run(run), newest_checkpoint(run, warn=lambda m: None)
+        run_json, ckpt = read_run(run), newest_checkpoint(run, warn=bad.append)
     except RunError as e:
         raise EditError(str(e)) from None
+    if bad and not fallback:
+        raise EditError(f"{bad[0]}; the newest good checkpoint is {ckpt}: pass --fall-back to edit that one, "
+                        "or repair the run")
     model = load_checkpoint(ckpt)[0].eval()
     if model.hasher is None:
         raise EditError(f"{run} is a model without Engram layers: it has no memory to locate or edit")
@@ -205,10 +210,7 @@ def _save_edited(out: Path, parent: Path, parent_json: dict[str, Any], ckpt: Pat
                  summary: dict[str, Any]) -> Path:
     """A new run folder: run.json (the parent's, with `parent` and the edit history) and one
     checkpoint holding the model, edit_log.json and edits.safetensors; atomic."""
-    if out.exists():
-        raise EditError(f"{out} exists; write the edited run to a new folder")
-    if out.resolve() == parent.resolve():
-        raise EditError("the edited run must go to a new folder, not over its source")
+    check_output(out, sources=[parent], what="edited run")
     step = int(ckpt.name.split("_")[-1])
 
     def edit_files(folder: Path) -> None:
@@ -227,8 +229,7 @@ def _save_edited(out: Path, parent: Path, parent_json: dict[str, Any], ckpt: Pat
 def _save_overlay(out: Path, parent: Path, ckpt: Path, model: EngramLM, log: EditLog,
                   summary: dict[str, Any]) -> int:
     """The edit as an overlay folder (`engram.memory.overlay`); returns the bytes of its rows."""
-    if out.exists():
-        raise EditError(f"{out} exists; write the overlay to a new folder")
+    check_output(out, sources=[parent], what="overlay")
     log.detail = {**log.detail, "summary": summary}
     overlay = from_edit(log, model.layout, {"run": str(parent), **checkpoint_identity(ckpt)})
     overlay.save(out)
@@ -245,12 +246,15 @@ def _save(out: Path, run: Path, run_json: dict[str, Any], ckpt: Path, model: Eng
 
 def forget(run: str | Path, texts: str | Sequence[str], *, out: str | Path, mode: str = "zero",
            force: bool = False, max_count: int = DEFAULT_MAX_COUNT, max_shared: float = DEFAULT_MAX_SHARED,
-           index: str | Path | None = None, eval_windows: int = 16, overlay: bool = False) -> dict[str, Any]:
+           index: str | Path | None = None, eval_windows: int = 16, overlay: bool = False,
+           fallback: bool = False) -> dict[str, Any]:
     """Reset the rows the texts own (see `engram.memory.editing`) and save the model as a new run
     (or, with `overlay`, only the changed rows as an overlay folder); returns what changed, what
-    was left alone and why, and the losses before and after."""
+    was left alone and why, and the losses before and after. `fallback`: edit the newest good
+    checkpoint when a newer one is corrupt (otherwise refused)."""
     run, out = Path(run), Path(out)
-    model, run_json, ckpt = open_run(run)
+    check_output(out, sources=[run], what="overlay" if overlay else "edited run")
+    model, run_json, ckpt = open_run(run, fallback)
     data, texts = run_data(run, run_json), _texts(texts)
     row_index = load_index(run, run_json, model, index)
     rows, ids = rows_for_texts(model, data, row_index, texts, max_count, max_shared)
@@ -263,7 +267,7 @@ def forget(run: str | Path, texts: str | Sequence[str], *, out: str | Path, mode
     after = _measure(model, data, ids, seq_len, eval_windows)
     summary = {"texts": texts, "max_count": max_count, "max_shared": max_shared, "before": before, "after": after}
     saved = _save(out, run, run_json, ckpt, model, log, summary, overlay)
-    return {"out": str(out), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
+    return {"out": str(out), "checkpoint": str(ckpt), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
             "log": log.to_dict(), **saved}
 
 
@@ -307,14 +311,16 @@ def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], 
 def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps: int = 50, lr: float = 0.05,
           force: bool = False, max_count: int = DEFAULT_MAX_COUNT, max_shared: float = DEFAULT_MAX_SHARED,
           index: str | Path | None = None, eval_windows: int = 16, seed: int = 0,
-          overlay: bool = False) -> dict[str, Any]:
+          overlay: bool = False, fallback: bool = False) -> dict[str, Any]:
     """Fine-tune only the rows the texts own (all they address with `force`) on the texts'
     next-token loss, everything else frozen, and save the model as a new run (or, with
-    `overlay`, only the changed rows as an overlay folder)."""
+    `overlay`, only the changed rows as an overlay folder). Refused: rows the training made
+    non-finite; a corrupt newest checkpoint unless `fallback`."""
     run, out = Path(run), Path(out)
     if steps < 1:
         raise EditError(f"steps must be >= 1, got {steps}")
-    model, run_json, ckpt = open_run(run)
+    check_output(out, sources=[run], what="overlay" if overlay else "edited run")
+    model, run_json, ckpt = open_run(run, fallback)
     data, texts = run_data(run, run_json), _texts(texts)
     rows, ids = rows_for_texts(model, data, load_index(run, run_json, model, index), texts, max_count, max_shared,
                                inputs_only=True)
@@ -325,11 +331,15 @@ def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps
     before = _measure(model, data, ids, seq_len, eval_windows)
     log = train_rows(model, ids, chosen, steps=steps, lr=lr, seed=seed, decode=decoder(data, model),
                      skipped=left, detail={"force": force})
+    bad = sum(int((~torch.isfinite(values)).any(-1).sum()) for _, values in log.values.values())
+    if bad:
+        raise EditError(f"the write made {bad} of its {len(log.changed)} rows non-finite (lr {lr} is too high for "
+                        "these rows); nothing was written: lower --lr or --steps")
     after = _measure(model, data, ids, seq_len, eval_windows)
     summary = {"texts": texts, "steps": steps, "lr": lr, "max_count": max_count, "max_shared": max_shared,
                "before": before, "after": after}
     saved = _save(out, run, run_json, ckpt, model, log, summary, overlay)
-    return {"out": str(out), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
+    return {"out": str(out), "checkpoint": str(ckpt), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
             "log": log.to_dict(), **saved}
 
 

@@ -17,7 +17,7 @@ import torch
 
 from ..memory.editing import EditLog, editable_table, row_sha256
 from ..memory.overlay import OVERLAY_JSON, OVERLAY_ROWS, Overlay, OverlayError, apply_overlays, read_rows
-from ..runs import checkpoint_identity
+from ..runs import check_output, checkpoint_identity
 from .memory_ops import EditError, _save_edited, open_run
 
 
@@ -49,6 +49,7 @@ def overlay_merge(folders: Sequence[str | Path], run: str | Path, *, out: str | 
                   force: bool = False) -> dict[str, Any]:
     """Write `run` with the overlays applied in order as a new edited run (its edit log lists
     every row: `engram memory replay` reproduces it). Bit-equal to serving `run` with them."""
+    check_output(out, sources=[run, *folders], what="edited run")
     overlays = [_load(f) for f in folders]
     model, run_json, ckpt = open_run(run)
     plain = {layer: editable_table(model.blocks[layer].engram.table, layer) for layer in model.engram_layers}

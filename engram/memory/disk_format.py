@@ -11,8 +11,11 @@ Disk format (version 2): a pair of files per table, `NAME.json` and `NAME.bin`.
                 "sha256": hex digest of NAME.bin,
                 "block_rows": int, "block_crc32": 8 hex digits (big endian) per block of
                 block_rows rows, in order (the last block may be shorter),
-                "quantization": only for the packed rows of a quantized table (engram.memory.quantized)}
-Version 1 is the same without the block fields.
+                "quantization": only for the packed rows of a quantized table (engram.memory.quantized),
+                "header_sha256": sha256 of this header's other fields (canonical JSON)}
+Version 1 is the same without the block fields. A header whose fields were changed after it was
+written (a quantized kind edited by hand, say) no longer matches its header_sha256 and is
+refused: the .bin's checksums cover the rows, this covers how they are read.
 
 A served table checks each block's crc32 the first time a gather touches it, so a flipped byte
 is an error, not a silent wrong row, and opening needs no full scan. Blocks are ~256 KiB
@@ -49,6 +52,12 @@ from ..durable import file_sha256, fsync_dir
 from .checkpoint_rows import CHUNK_BYTES, checkpoint_chunks
 from .host import gather_rows
 from .table import MemoryTable
+
+def header_sha256(head: dict) -> str:
+    """sha256 of a table header's fields other than header_sha256 (sorted keys, compact JSON)."""
+    body = {k: v for k, v in head.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
 
 FORMAT = "engram-disk-table"
 FORMAT_VERSION = 2
@@ -179,6 +188,7 @@ class DiskTable(MemoryTable):
                       "dtype": str(dtype).removeprefix("torch."), "table_sizes": table_sizes,
                       "byte_order": "little", "data_bytes": rows * dim * dtype.itemsize,
                       "sha256": h.hexdigest(), "block_rows": block_rows, "block_crc32": crc.hex(), **(extra or {})}
+            header["header_sha256"] = header_sha256(header)
             fd, tmp_json = tempfile.mkstemp(dir=json_path.parent, prefix=f".{json_path.name}.", suffix=".tmp")
             tmps.append(tmp_json)
             with os.fdopen(fd, "w") as f:
@@ -238,6 +248,9 @@ class DiskTable(MemoryTable):
             raise ValueError(f"{json_path}: unknown dtype {head.get('dtype')!r} (known: {sorted(DTYPES)}); {fix}")
         if head.get("byte_order", "little") != sys.byteorder:
             raise ValueError(f"{json_path}: rows are {head.get('byte_order')} endian, this machine is {sys.byteorder}")
+        if "header_sha256" in head and head["header_sha256"] != header_sha256(head):
+            raise ValueError(f"{json_path}: its header was changed after it was written (its fields no longer match "
+                             f"header_sha256); the rows would be read wrongly: {fix}")
         dtype, rows, dim = DTYPES[head["dtype"]], int(head["rows"]), int(head["dim"])
         table_sizes = [int(s) for s in head["table_sizes"]]
         expect = rows * dim * dtype.itemsize

@@ -33,7 +33,7 @@ from ..eval import evaluate
 from ..hashing.compression import CompressedTokenizer
 from ..model.generate import generate
 from ..model.transformer import EngramLM
-from ..runs import Checkpoints, check_same_run, load_checkpoint, write_run
+from ..runs import Checkpoints, check_output, check_same_run, load_checkpoint, write_run
 from . import engine
 from .metrics import MetricsLogger, plot_losses
 from .optim import build_optimizers
@@ -248,6 +248,9 @@ def train(out_dir: str | os.PathLike, cfg: TrainConfig, *, data_dir: str | os.Pa
     main = rank == 0  # the one rank that prints and writes files (all ranks write checkpoints)
     log = log if main else (lambda *a, **k: None)
     out = Path(out_dir)
+    inside = Path(data_dir).resolve().parent == out.resolve()  # the default: the corpus built in OUT/data
+    check_output(out, sources=() if inside else [data_dir], what="run", resume=resume, may_hold=[Path(data_dir).name]
+                 if inside else ())
     out.mkdir(parents=True, exist_ok=True)
     data = PreparedData.open(data_dir)
     compression = CompressedTokenizer.from_tokenizer(data.tokenizer)

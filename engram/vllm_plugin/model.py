@@ -56,7 +56,7 @@ from ..memory.engram import Engram
 from ..memory.host import HostTable
 from ..model.hyper import HyperConnection, expand_streams, merge_streams
 from ..model.moe import MoE
-from ..runs import disk_tables
+from ..runs import check_tables_belong, disk_tables
 from .history import PagedBatch, PagedHistory
 from .overlays import ServedOverlays, selector_for
 
@@ -227,6 +227,8 @@ class EngramForVLLM(nn.Module):
         self.config = c
         self.model = PagedEngramLM(c, layout, vllm_config, "model", _table_factory(hf_config))
         self.tables_offloaded = bool(getattr(hf_config, "engram_tables", None))
+        if self.tables_offloaded:  # tables from another model would serve plausible, wrong numbers
+            check_tables_belong(hf_config.engram_tables, vllm_config.model_config.model, layout, warn=logger.warning)
         if self.tables_offloaded and getattr(hf_config, "engram_verify_tables", True):
             for module in self.modules():
                 if isinstance(module, DiskTable):

@@ -124,14 +124,14 @@ def test_write_trains_only_the_text_rows(indexed_run, tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["forget", "{run}", "--text", " ", "--out", "{tmp}/x"], "the text is empty"),
     (["forget", "{run}", "--out", "{tmp}/x"], "give the text to act on"),
-    (["forget", "{run}", "--text", TEXT, "--out", "{run}"], "exists; write the edited run to a new folder"),
+    (["forget", "{run}", "--text", TEXT, "--out", "{run}"], "is the source {run}"),
     (["locate", "{tmp}", "--text", TEXT], "not a training run folder"),
     (["forget", "{run}", "--text", "river " * 300, "--out", "{tmp}/x"], "longer than the model's max_seq_len"),
     (["locate", "{run}", "--text", TEXT, "--index", "{tmp}"], "holds no row index"),
     (["replay", "{run}"], "is not an edited run"),
 ])
 def test_bad_input_is_one_line(indexed_run, tmp_path, capsys, argv, message):
-    argv = [a.format(run=indexed_run, tmp=tmp_path) for a in argv]
+    argv, message = [a.format(run=indexed_run, tmp=tmp_path) for a in argv], message.format(run=indexed_run)
     code, _, err = run(capsys, "memory", *argv)
     assert code == 2 and message in err and err.count("\n") == 1
 

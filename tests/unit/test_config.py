@@ -184,7 +184,7 @@ def test_a_file_with_both_a_name_and_its_old_name_is_refused():
 
 def test_an_old_hash_layout_loads(old_field_log, tmp_path):
     layout = HashLayout.from_config(new_names_config().engram)
-    old = layout.to_dict()
+    old = layout._fields()  # as saved then: before the rename, before fields_sha256
     old["vocab_size_per_ngram"] = old.pop("rows_per_head")
     (tmp_path / "hash_layout.json").write_text(json.dumps(old))
     assert HashLayout.load(tmp_path / "hash_layout.json", expect=new_names_config().engram) == layout
@@ -196,7 +196,7 @@ def test_the_hf_config_reads_old_names_and_keeps_todays(old_field_log):
     from engram.hf.config import EngramLMConfig
 
     old = old_run()["model"]
-    layout = HashLayout.from_config(new_names_config().engram).to_dict()
+    layout = HashLayout.from_config(new_names_config().engram)._fields()
     layout["vocab_size_per_ngram"] = layout.pop("rows_per_head")
     hf = EngramLMConfig(engram_model=old, hash_layout=layout)
     assert hf.model_config == new_names_config()

@@ -148,8 +148,15 @@ def test_mismatched_layout_is_a_clear_error(tmp_path):
     data["primes"]["1"][3] += 2
     while not all(data["primes"]["1"][3] % d for d in range(2, int(data["primes"]["1"][3] ** 0.5) + 1)):
         data["primes"]["1"][3] += 2
+    with pytest.raises(ValueError, match="fields were changed after it was saved"):  # its checksum
+        HashLayout.from_dict(data)
+    del data["fields_sha256"]  # a layout saved before the checksum: the comparison still names the prime
     with pytest.raises(ValueError, match=r"primes: layer 1: first differs at index 3: layout has \d+, other has"):
         layout.check_matches(HashLayout.from_dict(data))
+    data = layout.to_dict()
+    data["multipliers"]["1"][0] += 2  # what no config can check: only the checksum catches it
+    with pytest.raises(ValueError, match="fields were changed after it was saved"):
+        HashLayout.from_dict(data)
 
 
 def test_layout_checks_the_tokenizer_fingerprint():

@@ -98,3 +98,19 @@ def test_a_model_moves_and_casts_around_its_quantized_codes():
     before = q(ids)
     q.to(torch.bfloat16).float()
     assert q.packed.dtype == torch.uint8 and torch.equal(q(ids), before)
+
+
+def test_an_edited_header_and_an_unknown_kind_are_refused(tmp_path):
+    """A header edited to another kind would read int8 codes as fp8 (a wrong loss, no error):
+    its header checksum no longer matches. The constructor checks its kind and group."""
+    QuantizedTable.write(tmp_path / "t", rows(), SIZES, "int8")
+    head = json.loads((tmp_path / "t.json").read_text())
+    head["quantization"]["kind"] = "fp8"
+    (tmp_path / "t.json").write_text(json.dumps(head))
+    with pytest.raises(ValueError, match="header was changed after it was written"):
+        QuantizedTable.open(tmp_path / "t")
+    packed = QuantizedTable.quantize(rows(), SIZES, "int8").packed
+    with pytest.raises(ValueError, match="quantized kind must be one of"):
+        QuantizedTable(SIZES, 64, packed, "int4", None)
+    with pytest.raises(ValueError, match="group 48 must divide"):
+        QuantizedTable(SIZES, 64, packed, "int8", 48)
