@@ -24,6 +24,36 @@ def _require(ok: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _fits(value: Any, annotation: str) -> bool:
+    """Does a JSON value fit a dataclass field's annotation (int, float, bool, str,
+    tuple[int, ...], a nested config, each optionally `| None`)? bool is never a number."""
+    for option in (o.strip() for o in annotation.split("|")):
+        number = not isinstance(value, bool)
+        if (option == "None" and value is None) or (option == "bool" and isinstance(value, bool)) \
+                or (option == "int" and number and isinstance(value, int)) \
+                or (option == "float" and number and isinstance(value, (int, float))) \
+                or (option == "str" and isinstance(value, str)) \
+                or (option == "tuple[int, ...]" and isinstance(value, (list, tuple))
+                    and all(isinstance(v, int) and not isinstance(v, bool) for v in value)) \
+                or (option.endswith("Config") and (isinstance(value, dict) or type(value).__name__ == option)):
+            return True
+    return False
+
+
+def check_field_types(cls, data: dict[str, Any], where: str) -> None:
+    """A config file's fields, one by one, types included: an error names the field, what it
+    must be and what it is (no traceback from deep inside the model)."""
+    if not isinstance(data, dict):
+        raise ValueError(f"{where} holds a JSON {type(data).__name__}, not an object of {cls.__name__} fields")
+    types = {f.name: f.type for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(types))
+    if unknown:
+        raise ValueError(f"{where}: unknown {cls.__name__} field(s) {unknown}; known fields: {sorted(types)}")
+    for name, value in data.items():
+        if not _fits(value, types[name]):
+            raise ValueError(f"{where}: field {name!r} must be {types[name]}, got {value!r} ({type(value).__name__})")
+
+
 def note_old_field(note: str) -> None:
     """Log how an old field of a stored file was read, once per process (a checkpoint's config
     is read several times on load)."""
@@ -197,12 +227,7 @@ class EngramConfig:
         """From `to_dict` output, or from a stored file with old field names (docs/names.md).
         `hidden_size` / `n_streams`: the model's, to check an old file's copies against."""
         data = _upgrade_engram_dict(data, hidden_size=hidden_size, n_streams=n_streams)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(
-            not unknown,
-            f"unknown EngramConfig fields {unknown}; known fields: {sorted(known)}",
-        )
+        check_field_types(cls, data, "the engram config")
         return cls(**data)
 
 
@@ -325,7 +350,7 @@ class ModelConfig:
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """From `to_dict` output, or from a stored file with old field names (docs/names.md)."""
         data = _upgrade_model_dict(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        _require(not unknown, f"unknown ModelConfig fields {unknown}; known fields: {sorted(known)}")
+        check_field_types(cls, data, "the model config")
+        if isinstance(data.get("moe"), dict):
+            check_field_types(MoEConfig, data["moe"], "the moe config")
         return cls(**data)

@@ -116,3 +116,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str, encoding: str = "utf-8") -> Path:
     """`atomic_write_bytes` for text."""
     return atomic_write_bytes(path, text.encode(encoding))
+
+
+def read_safetensors(path: str | os.PathLike, numpy: bool = False) -> dict:
+    """The tensors (or with `numpy`, arrays) of a safetensors file; a missing, truncated or
+    corrupt one is a ValueError that names it (safetensors raises its own error types)."""
+    from safetensors import SafetensorError
+
+    if numpy:
+        from safetensors.numpy import load_file
+    else:
+        from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); the file is missing, truncated or corrupt") from None

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .durable import atomic_write_text, file_sha256, replace_dir
+from .durable import atomic_write_text, file_sha256, read_safetensors, replace_dir
 from .hashing.layout import HashLayout
 from .model.io import load_model, write_model_files
 from .model.transformer import EngramLM
@@ -182,7 +182,7 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[EngramLM, dict[str
 def restore_optimizers(path: Path, optimizers: list[torch.optim.Optimizer]) -> None:
     """Load the optimizer state (and the torch RNG, when saved) of a checkpoint into optimizers
     built for the model `load_checkpoint` returned, in the same order as when it was saved."""
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = read_safetensors(path / "optimizer.safetensors")
     if "rng.torch" in tensors:
         torch.set_rng_state(tensors.pop("rng.torch"))
     restore_optimizer_payload(optimizers, tensors, json.loads((path / "optimizer.json").read_text()))

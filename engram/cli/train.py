@@ -25,7 +25,7 @@ def load_model_config(path: str):
         raise UserError(f"{path} holds a JSON {type(data).__name__}, not an object of ModelConfig fields")
     try:
         return ModelConfig.from_dict(data)
-    except TypeError as e:  # a required field is missing
+    except (TypeError, ValueError) as e:  # a required field missing, a field of the wrong type or value
         raise UserError(f"{path}: {e}; start from: engram config --preset tiny > model.json") from None
 
 
@@ -41,6 +41,13 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UserError("give either --preset NAME or --config FILE, not both")
     cfg = train_config(args)  # every setting checked before any work
     if args.nproc > 1 and not launched_by_torchrun():
+        if cfg.batch_size % args.nproc or (cfg.batch_size // args.nproc) % cfg.grad_accum:
+            raise UserError(f"--batch-size {cfg.batch_size} does not split into {args.nproc} processes x "
+                            f"--grad-accum {cfg.grad_accum} equal micro-batches; use a multiple of "
+                            f"{args.nproc * cfg.grad_accum}")
+        from engram.runs import check_output
+
+        check_output(args.out, what="run", resume=args.resume, may_hold=["data"])  # once, not per rank
         _relaunch_under_torchrun(args.nproc, args.argv)
         return
     if launched_by_torchrun():
@@ -93,7 +100,23 @@ def _relaunch_under_torchrun(nproc: int, argv: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "engram", *rest]
     print("running: torchrun " + " ".join(cmd[3:]), file=sys.stderr)
-    code = subprocess.call(cmd)
+    # The ranks' output passes through as it comes (progress bars included) until a rank
+    # reports an engram error: that one line is the parent's error, and torchrun's report of
+    # the failed ranks (dozens of lines) is not shown. Anything else (a crash) passes whole.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE)
+    seen, failed = b"", None
+    while chunk := proc.stderr.read1(1 << 16):
+        seen += chunk
+        if failed is None and b"engram: error: " in seen:
+            failed = seen.split(b"engram: error: ", 1)[1].split(b"\n", 1)[0].decode(errors="replace")
+            sys.stderr.buffer.write(chunk.split(b"engram: error: ", 1)[0])
+        elif failed is None:
+            sys.stderr.buffer.write(chunk)
+            sys.stderr.buffer.flush()
+        seen = seen[-4096:]
+    code = proc.wait()
+    if failed is not None:
+        raise UserError(f"{failed} (in the training processes)")
     if code:
         raise UserError(f"the {nproc} training processes stopped with exit code {code} (their errors are above)")
 

@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..config import EngramConfig
-from ..durable import atomic_write_text
+from ..durable import atomic_write_text, read_safetensors
 from ..hashing.compression import CompressedTokenizer
 from ..hashing.ngram import NgramHasher
 from ..memory.engram import Engram, ShortConvState
@@ -338,7 +338,7 @@ def load_engram_adapter(model: nn.Module, path: str | Path, *, mode: str = "adap
     meta = json.loads((path / ADAPTER_CONFIG).read_text())
     width = meta.get("hidden_size", meta["config"].get("hidden_size"))  # older files: inside the config
     config = EngramConfig.from_dict(meta["config"])
-    tensors = load_file(str(path / ADAPTER_WEIGHTS))
+    tensors = read_safetensors(path / ADAPTER_WEIGHTS)
     compression = CompressedTokenizer(tensors["compression"].numpy())
     _, _, hidden, vocab = _decoder_layers(model)
     if width != hidden or len(compression.lookup_table) != vocab:

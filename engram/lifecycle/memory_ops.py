@@ -19,9 +19,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..durable import staged_dir
+from ..durable import read_safetensors, staged_dir
 from ..eval import evaluate, held_out_loss
 from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRow, EditLog, PatchedTable,
                               addressed_rows, forget_rows, record_rows, replay as replay_log, row_sha256,
@@ -354,7 +354,7 @@ def replay(edited: str | Path, on: str | Path | None = None) -> dict[str, Any]:
     model, _, _ = open_run(parent)
     log = json.loads((child_ckpt / EDIT_LOG).read_text())
     try:
-        n = replay_log(_tables(model), log, load_file(str(child_ckpt / EDIT_VALUES)))
+        n = replay_log(_tables(model), log, read_safetensors(child_ckpt / EDIT_VALUES))
     except ValueError as e:
         raise EditError(str(e)) from None
     mine, theirs = model.state_dict(), child.state_dict()

@@ -29,9 +29,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from ..durable import staged_dir
+from ..durable import read_safetensors, staged_dir
 from ..hashing.layout import HashLayout
 from ..hashing.ngram import NgramHasher, _reset_windows
 
@@ -197,7 +197,7 @@ class RowIndex:
         raw = (folder / "index.safetensors").read_bytes()
         if hashlib.sha256(raw).hexdigest() != meta["tensors_sha256"]:
             raise RowIndexError(f"{folder / 'index.safetensors'} does not match its checksum (corrupt); {fix}")
-        t = load_file(str(folder / "index.safetensors"))
+        t = read_safetensors(folder / "index.safetensors", numpy=True)
         pick = lambda prefix: {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)}  # noqa: E731
         index = cls(meta["layout_sha256"], meta["source"], int(meta["min_count"]), tuple(meta["orders"]),
                     {int(k): v for k, v in pick("reads.").items()}, {int(k): v for k, v in pick("grams.").items()},

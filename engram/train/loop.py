@@ -25,7 +25,7 @@ import torch
 from .. import device as device_
 from .. import distributed as dist_
 from .. import presets
-from ..config import ModelConfig
+from ..config import ModelConfig, check_field_types
 from ..data.dataset import PreparedData
 from ..data.tokenizer import special_ids
 from ..durable import atomic_write_text
@@ -103,17 +103,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "the training config") -> "TrainConfig":
         """Fields checked one by one, types included; an error names the field and `where`."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{where} holds a JSON {type(data).__name__}, not an object of TrainConfig fields")
-        types = {f.name: f.type for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(types))
-        if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown}; TrainConfig has {sorted(types)}")
-        for name, value in data.items():
-            kind = {"int": int, "float": (int, float), "str": str, "bool": bool}[types[name]]
-            if not isinstance(value, kind) or (isinstance(value, bool) and types[name] != "bool"):
-                raise ValueError(f"{where}: field {name!r} must be {types[name]}, got {value!r} "
-                                 f"({type(value).__name__})")
+        check_field_types(cls, data, where)
         try:
             return cls(**data)
         except ValueError as e:

@@ -66,7 +66,15 @@ def test_cli_nproc_runs_torchrun_and_rejects_a_batch_it_cannot_split(tmp_path, s
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     bad = subprocess.run(base + ["--out", str(tmp_path / "bad"), "--batch-size", "3"], capture_output=True,
                          text=True, timeout=300, env=env)
-    assert bad.returncode == 2 and "must split into 2 ranks" in bad.stderr, bad.stderr[-2000:]
+    assert bad.returncode == 2 and "does not split into 2 processes" in bad.stderr, bad.stderr[-2000:]
+    assert bad.stderr.strip().count("\n") == 0 and "torchrun" not in bad.stderr  # one line, refused before launching
+    (tmp_path / "empty").mkdir()  # an error the ranks meet: one line from the parent, not torchrun's report
+    ranks = subprocess.run([a if a != str(small_dataset) else str(tmp_path / "empty") for a in base]
+                           + ["--out", str(tmp_path / "r"), "--batch-size", "4"], capture_output=True, text=True,
+                           timeout=300, env=env)
+    lines = [line for line in ranks.stderr.splitlines() if not line.startswith("running: torchrun")]
+    assert ranks.returncode == 2 and len(lines) == 1 and lines[0].startswith("engram: error: "), ranks.stderr[-3000:]
+    assert "in the training processes" in lines[0] and "Traceback" not in ranks.stderr
     ok = subprocess.run(base + ["--out", str(tmp_path / "ok"), "--batch-size", "4", "--fsdp"], capture_output=True,
                         text=True, timeout=300, env=env)
     assert ok.returncode == 0, ok.stderr[-3000:]

@@ -61,7 +61,7 @@ def test_missing_tokenizer_is_one_line_exit_2(capsys, tmp_path):
     (["experiment", "engram_vs_moe", "--rho", "0"], "argument --rho: needs a number in (0, 1]"),
     (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/typed.json"],
      "{tmp}/typed.json: field 'lr' must be float, got 'fast' (str)"),
-    (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/unknown.json"], "unknown field(s) ['learning_rate']"),
+    (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/unknown.json"], "unknown TrainConfig field(s) ['learning_rate']"),
     (["train", "--out", "{tmp}/r", "--train-config", "{tmp}/file.txt"], "file.txt is not valid JSON"),
     (["train", "--out", "{tmp}/r", "--min-lr-ratio", "2"], "argument --min-lr-ratio: needs a number in [0, 1]"),
     (["retrofit", "x", "--out", "{tmp}/r", "--layers", "1,14"], "argument --layers: takes its values as separate"),

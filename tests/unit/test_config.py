@@ -55,8 +55,18 @@ def test_invalid_stream_count_names_the_fix():
 
 
 def test_unknown_fields_are_listed():
-    with pytest.raises(ValueError, match=r"unknown EngramConfig fields \['hc_mult'\]"):
+    with pytest.raises(ValueError, match=r"unknown EngramConfig field\(s\) \['hc_mult'\]"):
         EngramConfig.from_dict({**BASE, "hc_mult": 4})
+
+
+@pytest.mark.parametrize("field, value, need", [("hidden_size", "big", "int"), ("n_layers", 2.5, "int"),
+                                                ("tie_embeddings", 1, "bool"), ("n_kv_heads", True, "int | None")])
+def test_wrongly_typed_fields_are_named(field, value, need):
+    data = ModelConfig(vocab_size=64, hidden_size=32, n_layers=2, n_heads=2, mlp_hidden_size=64).to_dict()
+    with pytest.raises(ValueError, match=f"field '{field}' must be {need.replace('|', '[|]')}, got"):
+        ModelConfig.from_dict({**data, field: value})
+    with pytest.raises(ValueError, match=r"field 'layer_ids' must be tuple\[int, ...\], got '1,2'"):
+        EngramConfig.from_dict({**BASE, "layer_ids": "1,2"})
 
 
 def test_frozen():

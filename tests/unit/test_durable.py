@@ -55,3 +55,18 @@ def test_replace_dir_fsyncs_every_file_and_folder_before_the_rename(tmp_path, fs
     assert fsync_log[cut - 1][1] == str(tmp.resolve())
     assert fsync_log[cut + 1:] == [("fsync", str(tmp_path.resolve()))]
     assert (final / "sub" / "c.txt").is_file() and not tmp.exists()
+
+
+def test_a_truncated_safetensors_file_is_a_value_error_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    from engram.durable import read_safetensors
+
+    path = tmp_path / "t.safetensors"
+    save_file({"x": torch.arange(100.0)}, str(path))
+    assert torch.equal(read_safetensors(path)["x"], torch.arange(100.0))
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match=f"{path} cannot be read.*truncated"):
+        read_safetensors(path)
+    with pytest.raises(ValueError, match="missing"):
+        read_safetensors(tmp_path / "absent.safetensors")
