@@ -18,15 +18,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from engram.runs import is_hf_folder
     from engram.vllm_plugin.launch import INSTALL_HINT, server_command, vllm_installed
 
+    names = [n for n, _ in args.overlay]
+    if len(set(names)) != len(names):
+        raise UserError(f"--overlay gives a name twice ({sorted(n for n in set(names) if names.count(n) > 1)[0]!r}); "
+                        "each served overlay needs its own name")
     if not vllm_installed():
         raise UserError(f"engram serve runs vLLM, which is not installed in this Python ({sys.executable}): "
                         f"{INSTALL_HINT}")
     if args.cache_rows and not args.tables:
         raise UserError("--cache-rows needs --tables (a folder made by engram offload)")
-    names = [n for n, _ in args.overlay]
-    if len(set(names)) != len(names):
-        raise UserError(f"--overlay gives a name twice ({sorted(n for n in set(names) if names.count(n) > 1)[0]!r}); "
-                        "each served overlay needs its own name")
     name = args.name or Path(args.run).resolve().name
     with tempfile.TemporaryDirectory(prefix="engram-serve-") as scratch:
         folder = Path(args.run)

@@ -23,7 +23,7 @@ import torch
 
 from ..durable import atomic_write_text
 from ..eval import held_out_loss
-from ..runs import Checkpoints, check_same_run, list_checkpoints, write_run
+from ..runs import Checkpoints, check_output, check_same_run, list_checkpoints, write_run
 from ..train.metrics import MetricsLogger, plot_losses
 from ..train.trainer import Trainer, cosine_schedule
 from .retrofit import (ADAPTER_WEIGHTS, add_engram, engram_param_groups, load_engram_adapter,
@@ -108,6 +108,9 @@ def retrofit(out_dir: str | Path, base: str | Path, data_dir: str | Path, cfg: R
              resume: bool = False, progress: bool = True, log=print) -> dict[str, Any]:
     """Train an Engram adapter on `base` (adapter mode: the base stays frozen). Returns the summary."""
     out, data_dir = Path(out_dir), Path(data_dir)
+    inside = data_dir.resolve().parent == out.resolve()  # the default: the corpus built in OUT/data
+    check_output(out, sources=[base] if inside else [base, data_dir], what="run", resume=resume,
+                 may_hold=[data_dir.name] if inside else ())
     out.mkdir(parents=True, exist_ok=True)
     settings = json.loads(json.dumps(dataclasses.asdict(cfg)))
     same = {"base": str(Path(base).resolve()), "data_dir": str(data_dir.resolve())}

@@ -255,6 +255,10 @@ class EngramForVLLM(nn.Module):
             if vllm_config.speculative_config is not None:
                 raise ValueError("engram_overlays cannot be served with speculative decoding on vLLM 0.32: it drops "
                                  "the logits processors that carry each request's overlay choice")
+            if vllm_config.cache_config.enable_prefix_caching:
+                raise ValueError("engram_overlays change a request's keys and values, which vLLM's prefix cache does "
+                                 "not key by (it would hand one overlay's cached blocks to another's request): start "
+                                 "the engine with --no-enable-prefix-caching (engram serve --overlay does)")
         self.eval()  # serving: no MoE load counting
 
     # ------------------------------------------------------------------ vLLM's interface

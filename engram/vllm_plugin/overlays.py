@@ -14,8 +14,10 @@ vLLM gives a model no per-request parameters, but it gives them to logits proces
 by the request's row in the persistent batch: the same rows the model's tokens are laid out
 by. `OverlaySelector` is such a processor (it leaves the logits alone); it tracks which rows
 chose which overlays, and the model reads that before each forward. It is loaded in every
-engine through the `vllm.logits_processors` entry point. vLLM 0.32 drops custom logits
-processors under speculative decoding, so an engine with named overlays refuses that pairing.
+engine through the `vllm.logits_processors` entry point. An engine with named overlays
+refuses two pairings it cannot keep exact in vLLM 0.32: speculative decoding (it drops custom
+logits processors) and prefix caching (its block hashes cover tokens, LoRA and cache_salt, not
+an overlay, so one overlay's cached keys and values would serve another's request).
 """
 
 from __future__ import annotations

@@ -353,3 +353,31 @@ def test_retrofit_facts_arms_match_parameters_and_resume(tmp_path):
     again = run_retrofit_facts(tmp_path, data, **kw)  # resumes: the finished runs are read, not redone
     assert done.stat().st_mtime_ns == stamp and again["arms"]["lora"]["by_seed"] == arms["lora"]["by_seed"]
     assert "engram_minus_control" in _experiment_summary(res)
+
+
+def test_overlay_capacity_writes_measures_and_resumes(tmp_path):
+    """Each write is a saved overlay folder (its bytes grow with K), measured on a fresh
+    parent with that folder applied; LoRA is compared at equal bytes and recall; resumes."""
+    pytest.importorskip("peft")
+    from engram.data.dataset import prepare_dataset
+    from engram.experiments.overlay_capacity import run_overlay_capacity, summary
+    from engram.memory.overlay import Overlay
+
+    data = prepare_dataset(tmp_path / "bios", corpus="synthetic-bios", people=24, vocab_size=2048,
+                           log=lambda *a: None)
+    kw = dict(seeds=(0,), ks=(2, 6), ranks=(1, 4), overlay_lrs=(1e-1,), steps=3, base_steps=2, parent_steps=2,
+              rows_per_head=211, untouched=4, batch_size=4, seq_len=64, population_b=4, log=lambda *a: None)
+    res = run_overlay_capacity(tmp_path, data, **kw)
+    assert set(res["cells"]) == {"overlay_lr0.1", "lora_r1", "lora_r4"}
+    small, large = (res["cells"]["overlay_lr0.1"][k]["by_seed"][0] for k in ("2", "6"))
+    assert 0 < small["changed_rows"] < large["changed_rows"] and small["bytes"] < large["bytes"]
+    folder = tmp_path / "runs" / "overlay_capacity" / "overlays" / "overlay_lr0.1_k6_seed0"
+    assert Overlay.load(folder).changed_rows == large["changed_rows"]
+    lora = res["cells"]["lora_r4"]["6"]["by_seed"][0]
+    assert lora["bytes"] == 4 * lora["trainable_parameters"] and 0 <= lora["answered"] <= 1
+    assert set(res["compare"]) == {"overlay_lr0.1 K=2", "overlay_lr0.1 K=6"}
+    assert (tmp_path / "overlay_capacity.png").is_file() and any("kB/fact" in line for line in summary(res))
+    done = tmp_path / "runs" / "overlay_capacity" / "lora_r1_k2_seed0.json"
+    stamp = done.stat().st_mtime_ns
+    again = run_overlay_capacity(tmp_path, data, **kw)
+    assert done.stat().st_mtime_ns == stamp and again["cells"] == res["cells"]
