@@ -21,5 +21,8 @@ def register() -> None:
     from ..hf.config import EngramLMConfig
 
     AutoConfig.register(EngramLMConfig.model_type, EngramLMConfig, exist_ok=True)
+    from .overlays import salt_prefix_cache_by_overlay
+
+    salt_prefix_cache_by_overlay()  # the engine core builds requests: their cache salt names their overlays
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, "engram.vllm_plugin.model:EngramForVLLM")

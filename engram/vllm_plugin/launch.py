@@ -40,6 +40,4 @@ def server_command(folder: str | os.PathLike, *, name: str | None = None, host: 
         overrides["engram_overlays"] = {name: str(Path(d).resolve()) for name, d in overlays.items()}
     if overrides:
         cmd += ["--hf-overrides", json.dumps(overrides)]
-    if overlays and "--enable-prefix-caching" not in extra:  # vLLM's prefix cache does not key by overlay
-        cmd += ["--no-enable-prefix-caching"]
     return cmd + list(extra)

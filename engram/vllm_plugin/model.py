@@ -58,7 +58,7 @@ from ..model.hyper import HyperConnection, expand_streams, merge_streams
 from ..model.moe import MoE
 from ..runs import check_tables_belong, disk_tables
 from .history import PagedBatch, PagedHistory
-from .overlays import ServedOverlays, selector_for
+from .overlays import ServedOverlays, prefix_cache_salted, selector_for
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +255,10 @@ class EngramForVLLM(nn.Module):
             if vllm_config.speculative_config is not None:
                 raise ValueError("engram_overlays cannot be served with speculative decoding on vLLM 0.32: it drops "
                                  "the logits processors that carry each request's overlay choice")
-            if vllm_config.cache_config.enable_prefix_caching:
-                raise ValueError("engram_overlays change a request's keys and values, which vLLM's prefix cache does "
-                                 "not key by (it would hand one overlay's cached blocks to another's request): start "
-                                 "the engine with --no-enable-prefix-caching (engram serve --overlay does)")
+            if vllm_config.cache_config.enable_prefix_caching and not prefix_cache_salted():
+                raise ValueError("engram_overlays change a request's keys and values, and this vLLM offers no way to "
+                                 "key its prefix cache by them (it would hand one overlay's cached blocks to another's "
+                                 "request): start the engine with --no-enable-prefix-caching")
         self.eval()  # serving: no MoE load counting
 
     # ------------------------------------------------------------------ vLLM's interface

@@ -14,13 +14,20 @@ vLLM gives a model no per-request parameters, but it gives them to logits proces
 by the request's row in the persistent batch: the same rows the model's tokens are laid out
 by. `OverlaySelector` is such a processor (it leaves the logits alone); it tracks which rows
 chose which overlays, and the model reads that before each forward. It is loaded in every
-engine through the `vllm.logits_processors` entry point. An engine with named overlays
-refuses two pairings it cannot keep exact in vLLM 0.32: speculative decoding (it drops custom
-logits processors) and prefix caching (its block hashes cover tokens, LoRA and cache_salt, not
-an overlay, so one overlay's cached keys and values would serve another's request).
+engine through the `vllm.logits_processors` entry point. vLLM 0.32 drops custom logits
+processors under speculative decoding, so an engine with named overlays refuses that pairing.
+
+vLLM's prefix cache keys a block by its tokens, LoRA and `cache_salt`; an overlay changes the
+block's keys and values without vLLM knowing. `salt_prefix_cache_by_overlay` (run by the
+plugin's `register()` in every vLLM process, the engine core's included) folds each request's
+overlay choice into its cache salt where vLLM builds the request, so requests with the same
+overlays share cached blocks and no other request does. Where that hook is missing (another
+vLLM), the engine refuses prefix caching with overlays instead.
 """
 
 from __future__ import annotations
+
+import inspect
 
 import torch
 
@@ -78,6 +85,40 @@ class OverlaySelector(LogitsProcessor):
 
     def update_state(self, batch_update: BatchUpdate | None) -> None:
         process_dict_updates(self.rows, batch_update, lambda params, _p, _o: requested(params) or None)
+
+
+def _salted_init(init):
+    signature = inspect.signature(init)
+
+    def init_with_overlay_salt(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        names = requested(bound.arguments.get("sampling_params"))
+        if names:  # the salt enters the first block's hash, so every later block differs too
+            salt = bound.arguments.get("cache_salt") or ""
+            bound.arguments["cache_salt"] = f"{salt}\x00{EXTRA_ARG}={','.join(names)}"
+        return init(*bound.args, **bound.kwargs)
+
+    init_with_overlay_salt.engram_overlay_salt = True
+    return init_with_overlay_salt
+
+
+def prefix_cache_salted() -> bool:
+    """Whether this vLLM builds requests where the overlay salt can be folded in."""
+    from vllm.v1.request import Request
+
+    params = inspect.signature(getattr(Request.__init__, "__wrapped_init__", Request.__init__)).parameters
+    return "cache_salt" in params and "sampling_params" in params
+
+
+def salt_prefix_cache_by_overlay() -> None:
+    """Make vLLM's prefix cache tell overlays apart (idempotent; see the module docstring)."""
+    from vllm.v1.request import Request
+
+    if getattr(Request.__init__, "engram_overlay_salt", False) or not prefix_cache_salted():
+        return
+    original = Request.__init__
+    Request.__init__ = _salted_init(original)
+    Request.__init__.__wrapped_init__ = original
 
 
 def selector_for(vllm_config) -> OverlaySelector | None:

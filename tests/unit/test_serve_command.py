@@ -1,6 +1,5 @@
 """`engram serve`'s command line for vLLM (no vLLM needed): tables and named overlays become
-the plugin's hf-overrides, overlays turn vLLM's prefix cache off (it does not key by overlay),
-and bad overlay arguments are one line, exit 2."""
+the plugin's hf-overrides, and bad overlay arguments are one line, exit 2."""
 
 import json
 
@@ -10,13 +9,11 @@ from engram.cli.main import main
 from engram.vllm_plugin.launch import server_command
 
 
-def test_tables_and_overlays_become_hf_overrides_and_overlays_turn_prefix_caching_off(tmp_path):
+def test_tables_and_overlays_become_hf_overrides(tmp_path):
     cmd = server_command(tmp_path / "m", tables=tmp_path / "t", cache_rows=64, overlays={"alice": "ov/a"})
     overrides = json.loads(cmd[cmd.index("--hf-overrides") + 1])
     assert overrides == {"engram_tables": str((tmp_path / "t").resolve()), "engram_cache_rows": 64,
                          "engram_overlays": {"alice": str((tmp_path.cwd() / "ov" / "a").resolve())}}
-    assert "--no-enable-prefix-caching" in cmd
-    assert "--no-enable-prefix-caching" not in server_command(tmp_path / "m")
 
 
 @pytest.mark.parametrize("flag, message", [("bad name=x", "give NAME=DIR"), ("a={tmp}", "is not an overlay folder"),
