@@ -87,7 +87,8 @@ def run_engine(folder: Path, overlays: dict | None, prompts, arms: dict, args) -
 
     llm = vllm.LLM(str(folder), dtype="float32", seed=0, enforce_eager=True, skip_tokenizer_init=True,
                    max_model_len=args.max_prompt + args.output, max_num_seqs=len(prompts),
-                   enable_prefix_caching=False, hf_overrides={"engram_overlays": overlays} if overlays else None)
+                   enable_prefix_caching=False,  # every round repeats the prompts: no cache hits, only work
+                   hf_overrides={"engram_overlays": overlays} if overlays else None)
     try:
         def run(choices, batch=prompts):
             params = [vllm.SamplingParams(temperature=0, max_tokens=args.output, ignore_eos=True,
@@ -106,7 +107,6 @@ def run_engine(folder: Path, overlays: dict | None, prompts, arms: dict, args) -
         return out
     finally:
         llm.llm_engine.engine_core.shutdown()
-        del llm
         gc.collect()
 
 
@@ -140,7 +140,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder, overlays, model = write_model_and_overlays(Path(tmp), args.overlays, args.rows)
         vocab = model.config.vocab_size
-        prompts = [rng.integers(0, vocab, int(n)).tolist() for n in rng.integers(100, args.max_prompt + 1, args.requests)]
+        lengths = rng.integers(100, args.max_prompt + 1, args.requests)
+        prompts = [rng.integers(0, vocab, int(n)).tolist() for n in lengths]
         gather = gather_cost(model, overlays, tokens=args.requests * 8, repeats=30)
         names = list(overlays)
         arms = {"none": [None] * len(prompts),
@@ -152,7 +153,8 @@ def main() -> None:
     ratios = {n: statistics.median([a / b for a, b in zip(rates[n], rates["none"])]) for n in rates}
 
     print(f"# bench_serve_overlays  {machine()}")
-    print(f"# {args.overlays} overlays x {args.rows} rows/layer; {args.requests} requests, prompts 100..{args.max_prompt}, "
+    print(f"# {args.overlays} overlays x {args.rows} rows/layer; {args.requests} requests, "
+          f"prompts 100..{args.max_prompt}, "
           f"{args.output} new tokens; {args.rounds} interleaved rounds")
     print(f"{'arm':>12} {'tok/s (median)':>15} {'/ none (median of rounds)':>26}")
     for name, value in medians.items():

@@ -263,7 +263,8 @@ def check_output(out: str | os.PathLike, *, sources: Sequence[str | os.PathLike]
     for source in sources:
         src = Path(source).resolve()
         if real == src:
-            raise OutputError(f"--out {path} is the source {source}; writing there would replace it: give another --out")
+            raise OutputError(f"--out {path} is the source {source}; writing there would replace it: "
+                              "give another --out")
         if src in real.parents:
             raise OutputError(f"--out {path} is inside the source {source}; writing there would change it: give "
                               "a folder outside it")
@@ -275,7 +276,8 @@ def check_output(out: str | os.PathLike, *, sources: Sequence[str | os.PathLike]
     if not path.is_dir() or resume:
         return real
     if is_run(path):
-        raise OutputError(f"--out {path} is an existing run ({RUN_JSON}); give --resume to continue it, or another --out")
+        raise OutputError(f"--out {path} is an existing run ({RUN_JSON}); give --resume to continue it, "
+                          "or another --out")
     entries = [e.name for e in path.iterdir() if e.name not in may_hold]
     if entries:
         if own is None:

@@ -333,9 +333,8 @@ def add_commands(sub) -> None:
                     "overlay_capacity")
     ex.add_argument("--out", type=out_dir, default="docs/results", help="results folder (default docs/results)")
     ex.add_argument("--data", type=out_dir, help="dataset folder (default: build wiki-en in OUT/data; "
-                    "knowledge_capacity, memory_edits, retrofit_facts, overlay_capacity: synthetic-bios with 500 people; "
-                    "long_context: "
-                    "long-context with 3,000 examples)")
+                    "knowledge_capacity, memory_edits, retrofit_facts, overlay_capacity: synthetic-bios with 500 "
+                    "people; long_context: long-context with 3,000 examples)")
     ex.add_argument("--seeds", type=positive_int, default=3)
     ex.add_argument("--steps", type=positive_int, default=None,
                     help="training steps per run (default: 400; 1000 for knowledge_probes, entity_gates, "

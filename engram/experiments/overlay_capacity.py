@@ -61,7 +61,8 @@ def _texts(facts) -> list[str]:
 
 
 def _answered(model, tokenizer, facts) -> float:
-    prompts = [p for person, _ in facts for p in (completion_prompt(person, "birth_city"), qa_prompt(person, "birth_city"))]
+    prompts = [p for person, _ in facts
+               for p in (completion_prompt(person, "birth_city"), qa_prompt(person, "birth_city"))]
     answers = [city for _, city in facts for _ in range(2)]
     return float(answer_scores(model, tokenizer, prompts, answers)[1].mean())
 
@@ -158,7 +159,8 @@ def _one_run(path: Path, base: Path, parent: Path, arm: str, data: PreparedData,
 
         torch.manual_seed(seed)
         model = peft.get_peft_model(LlamaForCausalLM.from_pretrained(base),
-                                    peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0))
+                                    peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS,
+                                                    lora_dropout=0.0))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     start = time.perf_counter()
     texts = _texts(facts)
@@ -172,7 +174,8 @@ def _one_run(path: Path, base: Path, parent: Path, arm: str, data: PreparedData,
         trainer.train()
     seconds = time.perf_counter() - start
     model.eval()
-    result: dict[str, Any] = {"arm": arm, "lr": lr, "rank": rank, "k": len(facts), "seed": seed, "trainable_parameters": trainable,
+    result: dict[str, Any] = {"arm": arm, "lr": lr, "rank": rank, "k": len(facts), "seed": seed,
+                              "trainable_parameters": trainable,
                               "train_seconds": seconds, "write_texts": 2 * len(facts), "train_blocks": len(train)}
     if arm == "overlay":
         folder = path.parent / "overlays" / path.stem
@@ -181,11 +184,13 @@ def _one_run(path: Path, base: Path, parent: Path, arm: str, data: PreparedData,
         result["bytes"] = result["folder_bytes"]
     else:
         result["bytes"] = 4 * trainable
-    base_model = (LlamaForCausalLM.from_pretrained(base) if arm == "lora" else _load_parent(base, data, rows, parent)).eval()
+    base_model = (LlamaForCausalLM.from_pretrained(base) if arm == "lora"
+                  else _load_parent(base, data, rows, parent)).eval()
     result.update({"answered": _answered(model, tok, facts),
                    "recall_untouched": _recall(model, tok, people, probes, split["untouched"]),
                    "held_out": _held_out(model, base_model, tok, split["held_out_texts"], seq_len, eos)})
-    log(f"  {arm}{'' if arm == 'overlay' else f' r{rank}'} K={len(facts)} seed {seed}: answered {result['answered']:.3f}, "
+    log(f"  {arm}{'' if arm == 'overlay' else f' r{rank}'} K={len(facts)} seed {seed}: "
+        f"answered {result['answered']:.3f}, "
         f"untouched {result['recall_untouched']:.3f}, KL {result['held_out']['kl']:.4f}, "
         f"{result['bytes'] / 1e3:,.0f} kB ({seconds:.0f} s)")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +235,8 @@ def run_overlay_capacity(out_dir: str | Path, data_dir: str | Path, *, seeds=(0,
     all_facts = _counterfactuals(people, order[:max(ks)])
     results: dict[str, Any] = {
         "experiment": "overlay_capacity", "data": str(data_dir), "seeds": list(seeds), "ks": list(ks),
-        "ranks": list(ranks), "overlay_lrs": list(overlay_lrs), "steps": steps, "parent_steps": parent_steps, "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
+        "ranks": list(ranks), "overlay_lrs": list(overlay_lrs), "steps": steps, "parent_steps": parent_steps,
+        "lr": lr, "batch_size": batch_size, "seq_len": seq_len,
         "rows_per_head": rows_per_head, "layers": LAYERS, "untouched_people": untouched,
         "base": {"answered_counterfactual": _answered(base_model, data.tokenizer, all_facts),
                  "recall_untouched": _recall(base_model, data.tokenizer, people, probes, split["untouched"])},
@@ -320,7 +326,8 @@ def summary(result: dict[str, Any]) -> list[str]:
     for key, c in result["compare"].items():
         eq_b = c["lora_answered_at_equal_bytes"]
         eq_r, kl_r = c["lora_bytes_at_equal_answered"], c["lora_kl_at_equal_answered"]
-        lines.append(f"{key}: overlay {c['overlay_bytes'] / 1e3:,.0f} kB ({c['overlay_bytes_per_fact'] / 1e3:.1f} kB/fact), "
+        lines.append(f"{key}: overlay {c['overlay_bytes'] / 1e3:,.0f} kB "
+                     f"({c['overlay_bytes_per_fact'] / 1e3:.1f} kB/fact), "
                      f"answered {c['overlay_answered']:.3f}; LoRA at equal bytes "
                      f"{'outside its ranks' if eq_b is None else f'{eq_b:.3f}'}; LoRA bytes for equal recall "
                      f"{'outside its ranks' if eq_r is None else f'{eq_r / 1e3:,.0f} kB'}"

@@ -35,8 +35,7 @@ def export_run(run: str | os.PathLike, out: str | os.PathLike, *, warn=print, ov
         EngramForCausalLM.from_engram(model, None if tok is None else special_ids(tok)).save_pretrained(tmp)
         if tok is not None:
             transformers_tokenizer(tok).save_pretrained(tmp)
-        (tmp / HF_RUN_FILE).write_text(json.dumps({"train": run_info.get("train", {}), "data_dir": run_info.get("data_dir"),
-                                                   "source": str(ckpt),
-                                                   "source_weights_sha256": checkpoint_identity(ckpt)["weights_sha256"]},
-                                                  indent=1))
+        info = {"train": run_info.get("train", {}), "data_dir": run_info.get("data_dir"), "source": str(ckpt),
+                "source_weights_sha256": checkpoint_identity(ckpt)["weights_sha256"]}
+        (tmp / HF_RUN_FILE).write_text(json.dumps(info, indent=1))
     return Path(ckpt)

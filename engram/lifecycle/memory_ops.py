@@ -29,8 +29,8 @@ from ..memory.editing import (DEFAULT_MAX_COUNT, DEFAULT_MAX_SHARED, AddressedRo
 from ..memory.overlay import OVERLAY_ROWS, from_edit
 from ..memory.row_index import RowIndex, RowIndexError
 from ..model.transformer import EngramLM
-from ..runs import (Checkpoints, RunError, check_output, checkpoint_identity, load_checkpoint, newest_checkpoint, read_run,
-                    run_data as _run_data, write_run)
+from ..runs import (Checkpoints, RunError, check_output, checkpoint_identity, load_checkpoint, newest_checkpoint,
+                    read_run, run_data as _run_data, write_run)
 from ..data.dataset import PreparedData
 from ..train.trainer import Trainer, TrainingDiverged
 
@@ -267,8 +267,8 @@ def forget(run: str | Path, texts: str | Sequence[str], *, out: str | Path, mode
     after = _measure(model, data, ids, seq_len, eval_windows)
     summary = {"texts": texts, "max_count": max_count, "max_shared": max_shared, "before": before, "after": after}
     saved = _save(out, run, run_json, ckpt, model, log, summary, overlay)
-    return {"out": str(out), "checkpoint": str(ckpt), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
-            "log": log.to_dict(), **saved}
+    return {"out": str(out), "checkpoint": str(ckpt), "changed": len(log.changed), "skipped": len(log.skipped),
+            **summary, "log": log.to_dict(), **saved}
 
 
 def train_rows(model: EngramLM, ids: list[list[int]], rows: list[AddressedRow], *, steps: int, lr: float,
@@ -339,8 +339,8 @@ def write(run: str | Path, texts: str | Sequence[str], *, out: str | Path, steps
     summary = {"texts": texts, "steps": steps, "lr": lr, "max_count": max_count, "max_shared": max_shared,
                "before": before, "after": after}
     saved = _save(out, run, run_json, ckpt, model, log, summary, overlay)
-    return {"out": str(out), "checkpoint": str(ckpt), "changed": len(log.changed), "skipped": len(log.skipped), **summary,
-            "log": log.to_dict(), **saved}
+    return {"out": str(out), "checkpoint": str(ckpt), "changed": len(log.changed), "skipped": len(log.skipped),
+            **summary, "log": log.to_dict(), **saved}
 
 
 def replay(edited: str | Path, on: str | Path | None = None) -> dict[str, Any]:

@@ -103,7 +103,8 @@ class QuantizedTable(MemoryTable):
         if kind not in CODES:
             raise ValueError(f"quantized kind must be one of {sorted(CODES)}, got {kind!r}")
         if group is not None and (int(group) < 1 or embedding_dim % int(group)):
-            raise ValueError(f"group {group} must divide the embedding dim {embedding_dim} (or be None: one scale a row)")
+            raise ValueError(f"group {group} must divide the embedding dim {embedding_dim} "
+                             "(or be None: one scale a row)")
         width = embedding_dim + 4 * (embedding_dim // (group or embedding_dim))
         shape = (packed.num_rows, packed.embedding_dim) if isinstance(packed, DiskTable) else tuple(packed.shape)
         if shape != (self.num_rows, width):

@@ -91,7 +91,8 @@ def test_offload_and_edits_stay_out_of_their_source(trained_run, tmp_path, capsy
                      str(trained_run.parent)], "contains the source")
     assert tree(trained_run) == before
     assert main(["offload", str(trained_run), "--out", str(tmp_path / "t")]) == 0
-    refused(capsys, ["offload", str(trained_run), "--out", str(tmp_path / "t")], "earlier offload folder", "--overwrite")
+    refused(capsys, ["offload", str(trained_run), "--out", str(tmp_path / "t")], "earlier offload folder",
+            "--overwrite")
 
 
 def test_a_write_that_makes_rows_non_finite_writes_nothing(indexed_run, tmp_path, capsys):

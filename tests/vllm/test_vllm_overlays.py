@@ -58,4 +58,5 @@ def test_a_batch_of_requests_with_different_overlays_equals_each_materialized_ed
         assert list(plain[k].outputs[0].token_ids) != list(mixed[k].outputs[0].token_ids), name  # it matters
     assert_same(mixed[3:], expected(base_alone[3:]))
     assert_same(swapped, expected(alone["bob"][1:]))
-    assert again[0].num_cached_tokens == 64 and list(again[0].outputs[0].token_ids) == list(mixed[1].outputs[0].token_ids)
+    assert again[0].num_cached_tokens == 64
+    assert list(again[0].outputs[0].token_ids) == list(mixed[1].outputs[0].token_ids)
