@@ -115,9 +115,12 @@ def test_an_edit_names_a_corrupt_newest_checkpoint_and_falls_back_only_when_told
     assert f"edited {older}" in capsys.readouterr().out
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_output(trained_run, tmp_path, capsys):
-    with small_disk(tmp_path / "disk", kib=256) as (disk, how):
-        refused(capsys, ["export-hf", str(trained_run), "--out", str(disk / "hf")], "No space left on device", code=1)
+@pytest.mark.parametrize("command", ["export-hf", "offload", "forget"])
+def test_a_full_disk_is_one_line_and_leaves_no_partial_output(indexed_run, tmp_path, capsys, command):
+    argv = {"export-hf": ["export-hf", str(indexed_run)], "offload": ["offload", str(indexed_run)],
+            "forget": ["memory", "forget", str(indexed_run), "--text", "the river city", "--force"]}[command]
+    with small_disk(tmp_path / "disk", kib=128) as (disk, how):
+        refused(capsys, argv + ["--out", str(disk / "out")], "No space left on device", code=1)
         assert list(disk.iterdir()) == [], how  # neither the folder nor its staging copy
 
 

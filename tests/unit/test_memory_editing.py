@@ -1,6 +1,7 @@
 """The row index against a brute-force count of the hasher's own rows, and row edits that touch
 exactly the rows they say (checked bit for bit), replay on their parent and refuse anything else."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,7 +21,7 @@ def make_hasher(reset_id=None, seed=0, sizes=(31, 37)):
     layout = HashLayout.build(layer_ids=(1, 3), max_ngram_size=3, n_head_per_ngram=2, rows_per_head=sizes,
                               compressed_vocab_size=V, pad_id=0, seed=seed)
     if reset_id is not None:
-        layout = HashLayout.from_dict({**layout.to_dict(), "reset_id": reset_id})
+        layout = dataclasses.replace(layout, reset_id=reset_id)
     return NgramHasher.from_layout(layout, kernel="eager")
 
 
