@@ -301,7 +301,7 @@ class EngramForVLLM(nn.Module):
                 raise RuntimeError("engram_overlays are loaded but no OverlaySelector runs in this worker: install "
                                    "engram-torch into vLLM's venv (its vllm.logits_processors entry point), or pass "
                                    "--logits-processors engram.vllm_plugin.overlays:OverlaySelector")
-            self.served_overlays.choose(selector, batch.request, input_ids.shape[0])
+            self.served_overlays.choose(selector, batch.request)
         rows = self._rows(input_ids, batch, lookback_token_ids)
         x = expand_streams(m.embed(input_ids)[None], c.n_streams)  # [1, T, M, D]
         for block in m.blocks:

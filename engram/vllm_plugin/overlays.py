@@ -132,18 +132,20 @@ class ServedOverlays:
         self.index = {name: k for k, name in enumerate(names)}
         self.tables = tables  # every Engram layer's MixedOverlayTable
 
-    def choose(self, selector: OverlaySelector | None, request_T: torch.Tensor | None, num_tokens: int) -> None:
+    def choose(self, selector: OverlaySelector | None, request_T: torch.Tensor | None) -> None:
         """Give every table this forward's per-token stacks (the base where none is chosen)."""
         choice = None
         if selector is not None and selector.rows and request_T is not None:
             depth = max(len(v) for v in selector.rows.values())
-            by_row = torch.full((int(request_T.max()) + 1 if num_tokens else 1, depth), -1, dtype=torch.long)
+            size = max(selector.rows) + 1  # sized by the selector, not by request_T: no device sync
+            by_row = torch.full((size, depth), -1, dtype=torch.long)
             for row, names in selector.rows.items():
-                if row < by_row.shape[0]:
-                    unknown = [n for n in names if n not in self.index]
-                    if unknown:  # the front end checks names; this engine may serve fewer
-                        raise ValueError(f"{EXTRA_ARG}: this engine serves no overlay named {unknown[0]!r}")
-                    by_row[row, :len(names)] = torch.tensor([self.index[n] for n in names])
-            choice = by_row.to(request_T.device)[request_T]
+                unknown = [n for n in names if n not in self.index]
+                if unknown:  # the front end checks names; this engine may serve fewer
+                    raise ValueError(f"{EXTRA_ARG}: this engine serves no overlay named {unknown[0]!r}")
+                by_row[row, :len(names)] = torch.tensor([self.index[n] for n in names])
+            by_row = by_row.to(request_T.device)
+            inside = (request_T < size).unsqueeze(-1)  # rows that chose nothing lie past the table
+            choice = torch.where(inside, by_row[request_T.clamp(max=size - 1)], -1)
         for table in self.tables:
             table.choose(choice)
