@@ -1,7 +1,9 @@
 """`engram serve` behind the official `openai` client: completions, chat, streaming, stop,
 logprobs and seed work unchanged and give engram's numbers; 64 concurrent streams with some
 clients gone mid-stream leave nothing running; bad requests get 4xx in the OpenAI error format
-and the server keeps serving. One server start (~35 s) for the module."""
+and the server keeps serving. A named overlay (`engram serve --overlay`) is selected per request
+through `vllm_xargs` and gives the materialized edit's numbers; an unknown one is an HTTP 400.
+One server start (~35 s) for the module."""
 
 import asyncio
 import os
@@ -20,7 +22,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed: these tests run in th
                     "(pip install -e '.[vllm]', docs/serving.md)")
 openai = pytest.importorskip("openai")
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.vllm.harness import LOGPROB_TOL, bios_prompts, reference, write_folder  # noqa: E402
+from tests.vllm.harness import LOGPROB_TOL, bios_prompts, reference, write_folder, write_overlay  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 CONTEXT = 256
@@ -45,13 +47,17 @@ def metrics(base: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    folder = write_folder(tmp_path_factory.mktemp("served") / "tiny-engram", train_steps=150)
+    root = tmp_path_factory.mktemp("served")
+    folder = write_folder(root / "tiny-engram", train_steps=150)
+    overlay_prompt = bios_prompts(folder, [40])[0]
+    write_overlay(folder, overlay_prompt, root / "ov_alice", root / "edited_alice", seed=0)
     port = free_port()
     log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     proc = subprocess.Popen([sys.executable, "-m", "engram", "serve", str(folder), "--host", "127.0.0.1",
                              "--port", str(port), "--dtype", "float32", "--max-model-len", str(CONTEXT),
-                             "--enforce-eager", "--max-num-seqs", "64", "--block-size", "32"],
+                             "--enforce-eager", "--max-num-seqs", "64", "--block-size", "32",
+                             "--overlay", f"alice={root / 'ov_alice'}"],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -66,7 +72,7 @@ def server(tmp_path_factory):
                     pytest.fail(f"server did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
                 time.sleep(1)
         yield {"base": base, "folder": folder, "client": openai.OpenAI(base_url=f"{base}/v1", api_key="none"),
-               "model": "tiny-engram"}
+               "model": "tiny-engram", "overlay_prompt": overlay_prompt, "edited": root / "edited_alice"}
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -151,6 +157,21 @@ def test_concurrent_streams_with_disconnects_leave_nothing_running(server):
             break
         assert time.time() < deadline, f"requests or blocks left after the clients finished: {m}"
         time.sleep(0.5)
+
+
+def test_a_request_selects_its_overlay_and_an_unknown_one_is_a_400(server):
+    prompt = server["overlay_prompt"]
+    (tokens, logps), = reference(server["edited"], [prompt], n=16)
+    (plain, _), = reference(server["folder"], [prompt], n=16)
+    assert tokens != plain  # the overlay changes this prompt's tokens
+    body = {"return_token_ids": True, "ignore_eos": True}
+    out = complete(server, prompt, max_tokens=16, temperature=0, logprobs=0,
+                   extra_body={**body, "vllm_xargs": {"engram_overlays": "alice"}}).choices[0]
+    assert out.token_ids == tokens
+    assert max(abs(a - b) for a, b in zip(out.logprobs.token_logprobs, logps)) < LOGPROB_TOL
+    assert complete(server, prompt, max_tokens=16, temperature=0, extra_body=body).choices[0].token_ids == plain
+    with pytest.raises(openai.BadRequestError, match="no overlay named 'bob' is served"):
+        complete(server, prompt, max_tokens=4, extra_body={"vllm_xargs": {"engram_overlays": "bob"}})
 
 
 @pytest.mark.parametrize("bad", [
