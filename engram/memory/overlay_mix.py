@@ -59,15 +59,16 @@ class MixedOverlayTable(MemoryTable):
         if choice_TS is not None:
             if choice_TS.dim() != 2:
                 raise ValueError(f"an overlay choice is [tokens, stack], got shape {tuple(choice_TS.shape)}")
-            if choice_TS.numel() and int(choice_TS.max()) >= self.n_overlays:
+            if choice_TS.device.type == "cpu" and choice_TS.numel() and int(choice_TS.max()) >= self.n_overlays:
+                # checked where it costs no device sync (a server builds its choices itself)
                 raise ValueError(f"overlay index {int(choice_TS.max())} chosen; this table has {self.n_overlays}")
         self.choice = choice_TS
 
     def gather(self, flat_ids: torch.Tensor) -> torch.Tensor:
         out = self.base.gather(flat_ids)
         choice = self.choice
-        if choice is None or self.keys.numel() == 0 or not bool((choice >= 0).any()):
-            return out
+        if choice is None or self.keys.numel() == 0 or (choice.device.type == "cpu" and not bool((choice >= 0).any())):
+            return out  # nothing chosen (on an accelerator the search runs rather than sync to find out)
         T = flat_ids.shape[-2]
         if choice.shape[0] != T:
             raise ValueError(f"the overlay choice covers {choice.shape[0]} tokens; this gather has {T}")
