@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,12 @@ def file_sha256(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
         while n := f.readinto(buf):
             h.update(memoryview(buf)[:n])
     return h.hexdigest()
+
+
+def json_sha256(fields: dict) -> str:
+    """sha256 of a JSON object's canonical text (sorted keys, no spaces): what a header or a
+    layout stores of its own fields, so an edit made after writing is caught."""
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def fsync_file(path: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ from safetensors.torch import save_file
 
 from .durable import atomic_write_text, file_sha256, read_safetensors, replace_dir
 from .hashing.layout import HashLayout
-from .model.io import load_model, write_model_files
+from .model.io import load_model, read_model_meta, write_model_files
 from .model.transformer import EngramLM
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
@@ -363,13 +363,9 @@ def disk_tables(folder: str | os.PathLike, cache_rows: int | None = None, releas
 def offload_manifest(source: str | os.PathLike, dtype: str) -> dict[str, Any]:
     """What `engram offload` records of the model its tables came from: its identity and hash
     layout (every field, multipliers and primes included)."""
-    source = Path(source)
-    layout = None
-    if (source / "hash_layout.json").is_file():
-        layout = json.loads((source / "hash_layout.json").read_text())
-    elif (source / "config.json").is_file():
-        layout = json.loads((source / "config.json").read_text()).get("hash_layout")
-    return {"format": "engram-offload/1", **checkpoint_identity(source), "hash_layout": layout, "dtype": dtype}
+    layout = read_model_meta(source)[1]
+    return {"format": "engram-offload/1", **checkpoint_identity(source),
+            "hash_layout": None if layout is None else layout.to_dict(), "dtype": dtype}
 
 
 def check_tables_belong(tables: str | os.PathLike, ckpt: str | os.PathLike, layout: HashLayout | None,

@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..config import rename_old_field
+from ..durable import json_sha256
 
 LAYOUT_VERSION = 1
 _LAYER_SEED_STRIDE = 10007  # seed + 10007 * layer_id, as in the reference
@@ -107,11 +108,6 @@ def _first_difference(mine: Any, theirs: Any) -> str:
         i = next(i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b)
         return f"first differs at index {i}: layout has {mine[i]!r}, other has {theirs[i]!r}"
     return f"layout has {mine!r}, other has {theirs!r}"
-
-
-def _fields_sha256(fields: dict[str, Any]) -> str:
-    body = json.dumps(fields, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(body.encode()).hexdigest()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -272,7 +268,7 @@ class HashLayout:
         """Every field, and `fields_sha256` over them: `from_dict` refuses a layout whose fields
         (the multipliers and primes included, which no config can check) were changed since."""
         out = self._fields()
-        out["fields_sha256"] = _fields_sha256(out)
+        out["fields_sha256"] = json_sha256(out)
         return out
 
     def _fields(self) -> dict[str, Any]:
@@ -304,7 +300,7 @@ class HashLayout:
             layout = cls(**data)  # each field's own checks first: they say what is wrong
         except TypeError as e:
             raise ValueError(f"hash layout JSON has missing or unknown fields: {e}") from None
-        if stated is not None and stated != _fields_sha256(checked):
+        if stated is not None and stated != json_sha256(checked):
             raise ValueError("hash layout fields were changed after it was saved (they no longer match its "
                              "fields_sha256; a changed multiplier or prime addresses other rows than the weights "
                              "were trained with): restore the layout saved with the weights")

@@ -48,15 +48,14 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from ..durable import file_sha256, fsync_dir
+from ..durable import file_sha256, fsync_dir, json_sha256
 from .checkpoint_rows import CHUNK_BYTES, checkpoint_chunks
 from .host import gather_rows
 from .table import MemoryTable
 
 def header_sha256(head: dict) -> str:
-    """sha256 of a table header's fields other than header_sha256 (sorted keys, compact JSON)."""
-    body = {k: v for k, v in head.items() if k != "header_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """sha256 of a table header's fields other than header_sha256."""
+    return json_sha256({k: v for k, v in head.items() if k != "header_sha256"})
 
 
 FORMAT = "engram-disk-table"

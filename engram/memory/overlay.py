@@ -133,19 +133,25 @@ def from_edit(log, layout: HashLayout, parent: dict[str, Any], before: dict[int,
     return Overlay(layout.to_dict(), parent, rows, before, log.to_dict())
 
 
+def check_overlay_rows(base: MemoryTable, rows: torch.Tensor, values: torch.Tensor, where: str) -> None:
+    """An overlay's rows must be flat ids of `base`, sorted and unique, one value row each."""
+    if rows.dim() != 1 or values.shape != (rows.numel(), base.embedding_dim):
+        raise OverlayError(f"{where}: rows {tuple(rows.shape)} and values {tuple(values.shape)} do not fit a "
+                           f"table of {base.num_rows} rows x {base.embedding_dim}")
+    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= base.num_rows):
+        raise OverlayError(f"{where}: rows reach {int(rows.max())}, outside the table's {base.num_rows} rows")
+    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        raise OverlayError(f"{where}: rows must be sorted and unique (a gather finds them by binary search over "
+                           "sorted, unique ids)")
+
+
 class OverlayTable(MemoryTable):
     """`base` with some flat rows replaced: gathers read the base, then put `values` where the
     id is one of `rows` (sorted, unique). Neither the base nor its storage is copied or changed."""
 
     def __init__(self, base: MemoryTable, rows: torch.Tensor, values: torch.Tensor) -> None:
         super().__init__(base.table_sizes, base.embedding_dim, device=base.offsets.device)
-        if rows.dim() != 1 or values.shape != (rows.numel(), base.embedding_dim):
-            raise OverlayError(f"overlay rows {tuple(rows.shape)} and values {tuple(values.shape)} do not fit a "
-                               f"table of {base.num_rows} rows x {base.embedding_dim}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= base.num_rows):
-            raise OverlayError(f"overlay rows reach {int(rows.max())}, outside the table's {base.num_rows} rows")
-        if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
-            raise OverlayError("overlay rows must be sorted and unique")
+        check_overlay_rows(base, rows, values, "overlay")
         self.base = base
         self.validate_rows = base.validate_rows
         self.asynchronous = base.asynchronous

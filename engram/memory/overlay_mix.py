@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from .overlay import OverlayError, stored_dtype
+from .overlay import OverlayError, check_overlay_rows, stored_dtype
 from .table import MemoryTable
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -41,11 +41,7 @@ class MixedOverlayTable(MemoryTable):
         device, dtype, n = base.offsets.device, stored_dtype(base), base.num_rows
         keys, values = [torch.empty(0, dtype=torch.long)], [torch.empty(0, base.embedding_dim, dtype=dtype)]
         for k, (rows, vals) in enumerate(overlays):
-            if rows.dim() != 1 or vals.shape != (rows.numel(), base.embedding_dim):
-                raise OverlayError(f"overlay {k}: rows {tuple(rows.shape)} and values {tuple(vals.shape)} do not "
-                                   f"fit a table of {n} rows x {base.embedding_dim}")
-            if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n or not bool((rows[1:] > rows[:-1]).all())):
-                raise OverlayError(f"overlay {k}: rows must be sorted, unique and within the table's {n} rows")
+            check_overlay_rows(base, rows, vals, f"overlay {k}")
             keys.append(k * n + rows.long().cpu())
             values.append(vals.detach().cpu().to(dtype))
         self.base, self.n_overlays = base, len(overlays)

@@ -53,24 +53,10 @@ def save_model(model: EngramLM, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None,
-               table_factory: Callable[[int, tuple[int, ...], int], nn.Module] | None = None) -> EngramLM:
-    """Rebuild the model from its folder (ours, a distributed checkpoint's, or a transformers
-    folder of `EngramForCausalLM`); the saved hash layout is checked against the config.
-
-    With `table_factory(layer_id, table_sizes, embedding_dim) -> MemoryTable`, the Engram tables
-    are not read from model.safetensors at all (only the other tensors are): each layer is
-    served by the table the factory returns (e.g. a disk table), so memory stays bounded.
-    """
+def read_model_meta(path: str | os.PathLike) -> tuple[ModelConfig, HashLayout | None, bool]:
+    """(config, hash layout checked against it, whether it is a transformers folder) of a model
+    folder: ours (config.json + hash_layout.json) or `EngramForCausalLM`'s (both in config.json)."""
     path = Path(path)
-    old = path.with_name(f".{path.name}.old")
-    if not path.exists() and old.is_dir():
-        raise FileNotFoundError(f"{path} is missing but {old} is there: a save was cut between its two renames; "
-                                f"rename {old.name} back to {path.name}")
-    sharded = (path / "dcp" / ".metadata").is_file()  # a distributed run's checkpoint
-    for name in ("config.json",) if sharded else ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not an engram-torch model folder: {name} is missing")
     try:
         meta = json.loads((path / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -92,6 +78,28 @@ def load_model(path: str | os.PathLike, *, device: torch.device | str | None = N
             raise FileNotFoundError(f"{path}: hash_layout.json is missing; without it the table rows "
                                     "cannot be addressed as they were in training")
         layout = HashLayout.load(path / "hash_layout.json", expect=config.engram)
+    return config, layout, hf
+
+
+def load_model(path: str | os.PathLike, *, device: torch.device | str | None = None,
+               table_factory: Callable[[int, tuple[int, ...], int], nn.Module] | None = None) -> EngramLM:
+    """Rebuild the model from its folder (ours, a distributed checkpoint's, or a transformers
+    folder of `EngramForCausalLM`); the saved hash layout is checked against the config.
+
+    With `table_factory(layer_id, table_sizes, embedding_dim) -> MemoryTable`, the Engram tables
+    are not read from model.safetensors at all (only the other tensors are): each layer is
+    served by the table the factory returns (e.g. a disk table), so memory stays bounded.
+    """
+    path = Path(path)
+    old = path.with_name(f".{path.name}.old")
+    if not path.exists() and old.is_dir():
+        raise FileNotFoundError(f"{path} is missing but {old} is there: a save was cut between its two renames; "
+                                f"rename {old.name} back to {path.name}")
+    sharded = (path / "dcp" / ".metadata").is_file()  # a distributed run's checkpoint
+    for name in ("config.json",) if sharded else ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not an engram-torch model folder: {name} is missing")
+    config, layout, hf = read_model_meta(path)
     device = torch.device(device if device is not None else "cpu")
     keep = (lambda k: True) if table_factory is None else (lambda k: not _TABLE_KEY.search(k))
     if sharded:

@@ -56,7 +56,7 @@ from ..memory.engram import Engram
 from ..memory.host import HostTable
 from ..model.hyper import HyperConnection, expand_streams, merge_streams
 from ..model.moe import MoE
-from ..runs import check_tables_belong, disk_tables
+from ..runs import check_tables_belong, checkpoint_identity, disk_tables
 from .history import PagedBatch, PagedHistory
 from .overlays import ServedOverlays, prefix_cache_salted, selector_for
 
@@ -374,7 +374,6 @@ class EngramForVLLM(nn.Module):
         put every Engram table under a `MixedOverlayTable` of them all."""
         from ..memory.overlay import Overlay, check_overlay
         from ..memory.overlay_mix import MixedOverlayTable
-        from ..runs import checkpoint_identity
 
         blocks = {b.layer: b for b in self.model.blocks if b.engram is not None}
         tables = {layer: b.engram.table for layer, b in blocks.items()}
